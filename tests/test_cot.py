@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from softtokens import cot
+from softtokens.config import CoTConfig, RolloutConfig
+
+
+def test_gaussian_log_density_matches_torch_normal():
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    h = mu + 0.3 * torch.randn(5, 16, generator=g, dtype=torch.float64)
+    ours = cot.gaussian_log_density(h, mu, 0.3)
+    ref = torch.distributions.Normal(mu, 0.3).log_prob(h).sum(-1)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+
+
+def test_noise_scale_is_gamma_times_per_coordinate_rms():
+    E = torch.full((10, 4), 2.0)
+    assert cot.noise_scale(E, 0.33) == pytest.approx(0.66)
+    E = torch.randn(100, 64)
+    assert cot.noise_scale(E, 1.0) == pytest.approx(float(E.pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_fuzzy_mixture_is_the_argmax_embedding(llama):
+    E = llama.embedding_matrix().detach()
+    z = llama.logits(torch.randn(8, E.shape[1]))
+    mu = cot.mixture(cot.cot_probs(z, 1e-4), E)
+    torch.testing.assert_close(mu, E[z.argmax(-1)], rtol=0, atol=1e-5)
+
+
+def test_soft_input_adds_scaled_noise_only_when_asked():
+    mu, eps = torch.zeros(3, 4), torch.ones(3, 4)
+    assert torch.equal(cot.soft_input(mu, None, 0.5), mu)
+    assert torch.equal(cot.soft_input(mu, eps, 0.5), torch.full((3, 4), 0.5))
+
+
+def test_token_log_probs_and_entropy():
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    assert cot.token_log_probs(z, torch.tensor([1]), 1.0).item() == pytest.approx(math.log(0.75))
+    assert cot.token_log_probs(z, torch.tensor([1]), 0.0).item() == pytest.approx(math.log(0.75))
+    assert cot.entropy(z).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_sample_categorical_follows_p():
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    x = cot.sample_categorical(p, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(x, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, p[0], rtol=0, atol=0.015)
+    assert freq[1] == 0
+
+
+def test_mode_defaults_and_bad_configs():
+    assert CoTConfig("hard").temperature == 1.0
+    assert CoTConfig("soft").temperature == 0.5
+    assert CoTConfig("fuzzy").temperature == 1e-4
+    assert not CoTConfig("soft", noise=False).sampled and not CoTConfig("hard", temperature=0).sampled
+    with pytest.raises(ValueError, match="unknown CoT mode 'sofft'"):
+        CoTConfig("sofft")
+    with pytest.raises(ValueError, match="temperature must be > 0 for soft"):
+        CoTConfig("soft", temperature=0)
+    with pytest.raises(ValueError, match="temperature must be > 0 for fuzzy"):
+        CoTConfig("fuzzy", temperature=-1)
+    with pytest.raises(ValueError, match="max_cot_length"):
+        RolloutConfig(max_cot_length=0)
+    with pytest.raises(ValueError, match="question"):
+        RolloutConfig(prompt_template="no slot")
