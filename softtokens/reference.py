@@ -1,22 +1,22 @@
 """The slow, obvious rollout the engine must match: one row, no KV cache, a full forward per step.
 
 The phases run one after another (CoT, then prefill, then answer) instead of
-in lockstep, and every step re-reads the whole sequence. Tests hold
-``rollout.decode_batch`` to this, token for token and within float tolerance.
+in lockstep, and every step re-reads the whole sequence; the maths of a step
+(``cot_step``, ``answer_step``) is shared. Tests hold ``rollout.decode_batch``
+to this, token for token and within float tolerance.
 """
 
 from __future__ import annotations
 
 import torch
 
-from softtokens import cot
-from softtokens.rollout import RolloutSetup, RowDraws, cot_stop
+from softtokens.rollout import RolloutSetup, RowDraws, answer_step, cot_step, cot_stop
 
 
 @torch.no_grad()
 def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -> dict:
     """One row's rollout; returns the fields the engine's Rollout records, as plain values."""
-    lm, cot_cfg, cfg, E, sigma = setup.lm, setup.cot_cfg, setup.cfg, setup.E, setup.sigma
+    lm, cfg = setup.lm, setup.cfg
     dev = lm.device
     seq = lm.embed(torch.tensor(prompt_ids, device=dev))  # (S, d), grows by one row per step
 
@@ -28,23 +28,14 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
     cot_ids, cot_lp, cot_ent, cot_in = [], [], [], []
     reason = None
     for t in range(cfg.max_cot_length):
-        z = next_logits()
-        cot_ent.append(float(cot.entropy(z)))
-        if cot_cfg.mode == "hard":
-            if cot_cfg.temperature > 0:
-                x = cot.sample_categorical(cot.cot_probs(z, cot_cfg.temperature)[None], draws.u_cot[t : t + 1])[0]
-            else:
-                x = z.argmax()
-            cot_lp.append(float(cot.token_log_probs(z, x, cot_cfg.temperature)))
-            h, shadow = lm.embed(x), int(x)
-        else:
-            mu = cot.mixture(cot.cot_probs(z, cot_cfg.temperature), E)
-            h = cot.soft_input(mu, None if draws.eps is None else draws.eps[t], sigma).to(lm.dtype)
-            cot_lp.append(float(cot.gaussian_log_density(h, mu, sigma)) if sigma > 0 else 0.0)
-            cot_in.append(h)
-            shadow = int(z.argmax())
-        seq = torch.cat([seq, h[None]])
-        cot_ids.append(shadow)
+        eps = None if draws.eps is None else draws.eps[t : t + 1]
+        u = None if draws.u_cot is None else draws.u_cot[t : t + 1]
+        st = cot_step(setup, next_logits()[None], eps, u)  # a batch of one row
+        seq = torch.cat([seq, st.inputs])
+        cot_ids.append(int(st.ids[0]))
+        cot_lp.append(float(st.logprob[0]))
+        cot_ent.append(float(st.entropy[0]))
+        cot_in.append(st.inputs[0])
         reason = cot_stop(setup, cot_ids, t)
         if reason:
             break
@@ -54,16 +45,12 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
 
     answer_ids, answer_lp = [], []
     for k in range(cfg.max_answer_length):
-        z = next_logits()
-        if cfg.answer_temperature > 0:
-            a = cot.sample_categorical(cot.cot_probs(z, cfg.answer_temperature)[None], draws.u_answer[k : k + 1])[0]
-        else:
-            a = z.argmax()
-        answer_lp.append(float(cot.token_log_probs(z, a, cfg.answer_temperature)))
-        answer_ids.append(int(a))
-        if int(a) in setup.eos_ids:
+        a, lp = answer_step(setup, next_logits()[None], None if draws.u_answer is None else draws.u_answer[k : k + 1])
+        answer_ids.append(int(a[0]))
+        answer_lp.append(float(lp[0]))
+        if answer_ids[-1] in setup.eos_ids:
             break
-        seq = torch.cat([seq, lm.embed(a)[None]])
+        seq = torch.cat([seq, lm.embed(a)])
 
     return {
         "cot_ids": cot_ids,
@@ -73,5 +60,5 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
         "cot_logprobs": torch.tensor(cot_lp),
         "answer_logprobs": torch.tensor(answer_lp),
         "cot_entropy": torch.tensor(cot_ent),
-        "cot_embeds": torch.stack(cot_in).cpu() if cot_in else None,
+        "cot_embeds": torch.stack(cot_in).cpu() if setup.cot_cfg.mode != "hard" else None,
     }

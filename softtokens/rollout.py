@@ -209,17 +209,60 @@ def generate_rollouts(
     return out
 
 
-def _stack_draw(draws: list[RowDraws], name: str) -> torch.Tensor | None:
-    vals = [getattr(d, name) for d in draws]
-    return None if vals[0] is None else torch.stack(vals)
+@dataclass
+class CoTStep:
+    """One CoT step for a batch of rows: what is fed, and what is recorded."""
+
+    inputs: torch.Tensor  # (R, d) in the model dtype
+    ids: torch.Tensor  # (R,) the token fed (hard) or the greedy shadow (soft / fuzzy)
+    logprob: torch.Tensor  # (R,) Gaussian log-density or token log-prob; 0 for noise-free soft
+    entropy: torch.Tensor  # (R,) of softmax(z), tau = 1
+    mu: torch.Tensor | None  # (R, d) soft / fuzzy mean
+    top: tuple | None  # (probs, ids) each (R, k), with record_top_k
+
+
+def cot_step(setup: RolloutSetup, z: torch.Tensor, eps: torch.Tensor | None, u: torch.Tensor | None) -> CoTStep:
+    """The next CoT input from logits z (R, V): a sampled / argmax token, or p E + sigma eps (METHOD.md §2)."""
+    lm, c, cfg = setup.lm, setup.cot_cfg, setup.cfg
+    top = None
+    if cfg.record_top_k:
+        top = tuple(cot.cot_probs(z, c.temperature or 1.0).topk(min(cfg.record_top_k, z.shape[-1])))
+    if c.mode == "hard":
+        x = cot.sample_categorical(cot.cot_probs(z, c.temperature), u) if c.temperature > 0 else z.argmax(-1)
+        return CoTStep(lm.embed(x), x, cot.token_log_probs(z, x, c.temperature), cot.entropy(z), None, top)
+    mu = cot.mixture(cot.cot_probs(z, c.temperature), setup.E)  # (R, d)
+    h = cot.soft_input(mu, eps, setup.sigma).to(lm.dtype)
+    lp = cot.gaussian_log_density(h, mu, setup.sigma) if setup.sigma > 0 else torch.zeros_like(mu[:, 0])
+    return CoTStep(h, z.argmax(-1), lp, cot.entropy(z), mu, top)
+
+
+def answer_step(setup: RolloutSetup, z: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next answer token (sampled at answer_temperature, or greedy) and its log-prob."""
+    tau = setup.cfg.answer_temperature
+    a = cot.sample_categorical(cot.cot_probs(z, tau), u) if tau > 0 else z.argmax(-1)
+    return a, cot.token_log_probs(z, a, tau)
+
+
+@dataclass
+class _Row:
+    """Host-side state of one row: its phase and what it has produced so far."""
+
+    phase: int = COT
+    cot_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+    prefill: list[int] = field(default_factory=list)
+    ptr: int = 0
+    answer_ids: list[int] = field(default_factory=list)
+    answer_lp: list[torch.Tensor] = field(default_factory=list)
 
 
 @torch.no_grad()
 def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[RowDraws], keys) -> list[Rollout]:
     """Decode one batch of rows in lockstep; rows change phase independently."""
-    lm, cot_cfg, cfg, E, sigma = setup.lm, setup.cot_cfg, setup.cfg, setup.E, setup.sigma
-    R, dev, dtype = len(prompt_ids), lm.device, lm.dtype
-    eps, u_cot, u_ans = (_stack_draw(draws, n) for n in ("eps", "u_cot", "u_answer"))
+    lm, cfg = setup.lm, setup.cfg
+    R, dev = len(prompt_ids), lm.device
+    eps, u_cot, u_ans = (None if getattr(draws[0], n) is None else torch.stack([getattr(d, n) for d in draws])
+                         for n in ("eps", "u_cot", "u_answer"))
 
     P = max(len(p) for p in prompt_ids)
     ids = torch.full((R, P), lm.tokenizer.pad_token_id, dtype=torch.long)
@@ -233,115 +276,77 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
     z = lm.logits(lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1])  # (R, V)
     next_pos = pos[:, -1:] + 1
 
-    phase = [COT] * R
-    cot_ids: list[list[int]] = [[] for _ in range(R)]
-    stop_reason = [""] * R
-    prefill: list[list[int]] = [[] for _ in range(R)]
-    ptr = [0] * R
-    ans_ids: list[list[int]] = [[] for _ in range(R)]
-    steps_in, steps_mu, steps_lp, steps_ent, steps_alp, steps_top = [], [], [], [], [], []
+    rows = [_Row() for _ in range(R)]
+    steps: list[CoTStep] = []  # CoT step t of every row is global step t: the CoT comes first
     ans_step = torch.zeros(R, dtype=torch.long, device=dev)
+    arange = torch.arange(R, device=dev)
     max_steps = cfg.max_cot_length + max(len(v) for v in setup.prefills.values()) + cfg.max_answer_length
-    rows = torch.arange(R, device=dev)
-
     for step in range(max_steps + 1):
-        if all(ph == DONE for ph in phase):
-            break
         assert step < max_steps, "rollout did not finish within its step bound"
-        active = torch.tensor([ph != DONE for ph in phase], device=dev)
-        if not torch.isfinite(z[active]).all():
-            bad = [r for r in range(R) if phase[r] != DONE and not torch.isfinite(z[r]).all()]
+        phases = torch.tensor([row.phase for row in rows], device=dev)
+        if not torch.isfinite(z[phases != DONE]).all():
+            bad = [r for r in range(R) if rows[r].phase != DONE and not torch.isfinite(z[r]).all()]
             raise FloatingPointError(
                 f"non-finite logits at decode step {step} in rows {bad}: the model overflowed "
                 "(try dtype float32, or check the weights)"
             )
-        in_cot = any(ph == COT for ph in phase)
-        tok = torch.tensor([prefill[r][ptr[r]] if phase[r] == PREFILL else 0 for r in range(R)], device=dev)
-
-        if in_cot:  # the CoT input of every row (only CoT rows keep it)
-            steps_ent.append(cot.entropy(z))
-            if cot_cfg.mode == "hard":
-                if cot_cfg.temperature > 0:
-                    x = cot.sample_categorical(cot.cot_probs(z, cot_cfg.temperature), u_cot[:, step])
-                else:
-                    x = z.argmax(-1)
-                steps_lp.append(cot.token_log_probs(z, x, cot_cfg.temperature))
-                cot_in, shadow = lm.embed(x), x
-            else:
-                mu = cot.mixture(cot.cot_probs(z, cot_cfg.temperature), E)  # (R, d)
-                h = cot.soft_input(mu, None if eps is None else eps[:, step], sigma)
-                cot_in, shadow = h.to(dtype), z.argmax(-1)
-                lp = cot.gaussian_log_density(cot_in, mu, sigma) if sigma > 0 else torch.zeros(R, device=dev)
-                steps_lp.append(lp)
-                steps_in.append(cot_in)
-                if cfg.record_means:
-                    steps_mu.append(mu)
-            shadow_list = shadow.tolist()
-            if cfg.record_top_k:
-                probs = cot.cot_probs(z, cot_cfg.temperature or 1.0).topk(min(cfg.record_top_k, z.shape[-1]))
-                steps_top.append(probs)
-
-        if any(ph == ANSWER for ph in phase):
-            if cfg.answer_temperature > 0:
-                u = u_ans[rows, ans_step.clamp(max=cfg.max_answer_length - 1)]
-                a = cot.sample_categorical(cot.cot_probs(z, cfg.answer_temperature), u)
-            else:
-                a = z.argmax(-1)
-            steps_alp.append(cot.token_log_probs(z, a, cfg.answer_temperature))
-            is_ans = torch.tensor([ph == ANSWER for ph in phase], device=dev)
-            tok = torch.where(is_ans, a, tok)
-            ans_step += is_ans.long()
+        tok = torch.tensor([row.prefill[row.ptr] if row.phase == PREFILL else 0 for row in rows], device=dev)
+        if (phases == ANSWER).any():
+            u = None if u_ans is None else u_ans[arange, ans_step.clamp(max=cfg.max_answer_length - 1)]
+            a, a_lp = answer_step(setup, z, u)
+            tok = torch.where(phases == ANSWER, a, tok)
+            ans_step += (phases == ANSWER).long()
             a_list = a.tolist()
-        else:
-            steps_alp.append(None)
+        inp = lm.embed(tok)  # (R, d): prefill and answer tokens
+        if (phases == COT).any():
+            st = cot_step(setup, z, None if eps is None else eps[:, step], None if u_cot is None else u_cot[:, step])
+            steps.append(st)
+            inp = torch.where((phases == COT)[:, None], st.inputs, inp)
+            shadow = st.ids.tolist()
 
-        inp = lm.embed(tok)  # (R, d): prefill / answer tokens
-        if in_cot:
-            is_cot = torch.tensor([ph == COT for ph in phase], device=dev)
-            inp = torch.where(is_cot[:, None], cot_in, inp)
-
-        for r in range(R):  # host-side bookkeeping: each row's phase moves on its own
-            if phase[r] == COT:
-                cot_ids[r].append(shadow_list[r])
-                reason = cot_stop(setup, cot_ids[r], step)
+        for r, row in enumerate(rows):  # host-side bookkeeping: each row's phase moves on its own
+            if row.phase == COT:
+                row.cot_ids.append(shadow[r])
+                reason = cot_stop(setup, row.cot_ids, step)
                 if reason:
-                    stop_reason[r], prefill[r], phase[r] = reason, setup.prefills[reason], PREFILL
-            elif phase[r] == PREFILL:
-                ptr[r] += 1
-                if ptr[r] == len(prefill[r]):
-                    phase[r] = ANSWER
-            elif phase[r] == ANSWER:
-                ans_ids[r].append(a_list[r])
-                if a_list[r] in setup.eos_ids or len(ans_ids[r]) == cfg.max_answer_length:
-                    phase[r] = DONE
-        if all(ph == DONE for ph in phase):
+                    row.stop_reason, row.prefill, row.phase = reason, setup.prefills[reason], PREFILL
+            elif row.phase == PREFILL:
+                row.ptr += 1
+                if row.ptr == len(row.prefill):
+                    row.phase = ANSWER
+            elif row.phase == ANSWER:
+                row.answer_ids.append(a_list[r])
+                row.answer_lp.append(a_lp[r])
+                if a_list[r] in setup.eos_ids or len(row.answer_ids) == cfg.max_answer_length:
+                    row.phase = DONE
+        if all(row.phase == DONE for row in rows):
             break
 
         mask = torch.cat([mask, torch.ones(R, 1, dtype=mask.dtype, device=dev)], dim=1)
         z = lm.logits(lm.hidden(inp[:, None], mask, next_pos, cache)[:, -1])
         next_pos = next_pos + 1
-
-    return _records(setup, prompt_ids, keys, cot_ids, stop_reason, prefill, ans_ids,
-                    steps_in, steps_mu, steps_lp, steps_ent, steps_alp, steps_top)
+    return _records(setup, prompt_ids, keys, rows, steps)
 
 
-def _records(setup, prompt_ids, keys, cot_ids, stop_reason, prefill, ans_ids,
-             steps_in, steps_mu, steps_lp, steps_ent, steps_alp, steps_top) -> list[Rollout]:
-    """Cut each row's steps out of the per-step batch tensors."""
+def _records(setup: RolloutSetup, prompt_ids, keys, rows: list[_Row], steps: list[CoTStep]) -> list[Rollout]:
+    """Cut each row's CoT steps out of the per-step batch tensors."""
     lm, cot_cfg, cfg = setup.lm, setup.cot_cfg, setup.cfg
-    lp = torch.stack(steps_lp).cpu()  # (T_max, R)
-    ent = torch.stack(steps_ent).cpu()
-    soft = cot_cfg.mode != "hard"
-    emb = torch.stack(steps_in).cpu() if soft else None  # (T_max, R, d)
-    mus = torch.stack(steps_mu).cpu() if steps_mu else None
-    top_ids = torch.stack([t.indices for t in steps_top]).cpu() if steps_top else None  # (T_max, R, k)
-    top_p = torch.stack([t.values for t in steps_top]).cpu() if steps_top else None
+    tok = lm.tokenizer
+
+    def stacked(get):  # (T_max, R, ...) on CPU, or None when the steps did not keep it
+        return None if get(steps[0]) is None else torch.stack([get(s) for s in steps]).cpu()
+
+    lp, ent = stacked(lambda s: s.logprob), stacked(lambda s: s.entropy)
+    emb = stacked(lambda s: s.inputs) if cot_cfg.mode != "hard" else None
+    mus = stacked(lambda s: s.mu) if cfg.record_means else None
+    top_p, top_ids = stacked(lambda s: s.top and s.top[0]), stacked(lambda s: s.top and s.top[1])
     out = []
-    for r, (question, g) in enumerate(keys):
-        T, n_ans = len(cot_ids[r]), len(ans_ids[r])
-        first = T + len(prefill[r])  # the global step of the row's first answer token
-        alp = torch.stack([steps_alp[first + k][r] for k in range(n_ans)]).cpu()
-        answer_text = lm.tokenizer.decode([i for i in ans_ids[r] if i not in setup.eos_ids], skip_special_tokens=True)
+    for r, ((question, g), row) in enumerate(zip(keys, rows)):
+        T = len(row.cot_ids)
+
+        def cut(x):
+            return None if x is None else x[:T, r].clone()
+
         out.append(
             Rollout(
                 question=question,
@@ -351,21 +356,20 @@ def _records(setup, prompt_ids, keys, cot_ids, stop_reason, prefill, ans_ids,
                 answer_temperature=cfg.answer_temperature,
                 sigma=setup.sigma,
                 prompt_ids=list(prompt_ids[r]),
-                cot_ids=cot_ids[r],
-                cot_embeds=emb[:T, r].clone() if soft else None,
-                cot_text=lm.tokenizer.decode(cot_ids[r]),
-                stop_reason=stop_reason[r],
-                prefill_ids=list(prefill[r]),
-                answer_ids=ans_ids[r],
-                answer_text=answer_text,
-                cot_logprobs=lp[:T, r].clone(),
-                answer_logprobs=alp,
-                cot_entropy=ent[:T, r].clone(),
-                cot_means=mus[:T, r].clone() if mus is not None else None,
-                prefill_text=lm.tokenizer.decode(prefill[r]),
-                cot_top_ids=top_ids[:T, r].clone() if top_ids is not None else None,
-                cot_top_probs=top_p[:T, r].clone() if top_p is not None else None,
+                cot_ids=row.cot_ids,
+                cot_embeds=cut(emb),
+                cot_text=tok.decode(row.cot_ids),
+                stop_reason=row.stop_reason,
+                prefill_ids=list(row.prefill),
+                answer_ids=row.answer_ids,
+                answer_text=tok.decode([i for i in row.answer_ids if i not in setup.eos_ids], skip_special_tokens=True),
+                cot_logprobs=cut(lp),
+                answer_logprobs=torch.stack(row.answer_lp).cpu(),
+                cot_entropy=cut(ent),
+                cot_means=cut(mus),
+                prefill_text=tok.decode(row.prefill),
+                cot_top_ids=cut(top_ids),
+                cot_top_probs=cut(top_p),
             )
         )
     return out
-

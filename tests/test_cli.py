@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+
+from softtokens.cli import build_parser
+
+GENERATE_FLAGS = [
+    "--answer-temperature", "--batch-size", "--chat-template", "--device", "--dtype", "--gamma", "--json",
+    "--length-prefill", "--marker", "--marker-prefill", "--max-answer-length", "--max-cot-length", "--mode",
+    "--model", "--noise", "--num-generations", "--prompt-template", "--question", "--seed", "--show-top-k",
+    "--stop-at-eos", "--temperature",
+]
+
+
+def test_generate_flags_are_frozen():
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+    flags = sorted(s for a in sub._actions for s in a.option_strings if s.startswith("--") and s != "--help")
+    flags = [f for f in flags if not f.startswith("--no-")]
+    assert flags == GENERATE_FLAGS, "a flag was renamed or added: update the README and this list deliberately"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "softtokens.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from softtokens.models import tiny_lm
+
+    path = tmp_path_factory.mktemp("tiny")
+    lm = tiny_lm("qwen2")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_generate_prints_cot_top_k_and_answer(model_dir):
+    out = run_cli("generate", "--model", model_dir, "--mode", "soft", "--question", "What is 3 + 4?",
+                  "--max-cot-length", "6", "--max-answer-length", "3", "--show-top-k", "2", "--num-generations", "2")
+    assert out.returncode == 0, out.stderr
+    assert "mode soft  tau 0.5  sigma" in out.stdout
+    assert out.stdout.count("--- CoT (greedy shadow") == 2 and "--- top-2 of p per CoT step" in out.stdout
+    assert "--- answer: \\boxed{" in out.stdout
+
+
+def test_generate_json(model_dir):
+    import json
+
+    out = run_cli("generate", "--model", model_dir, "--mode", "hard", "--temperature", "0", "--json",
+                  "--question", "What is 3 + 4?", "--max-cot-length", "4", "--max-answer-length", "2")
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rec["mode"] == "hard" and rec["cot_length"] <= 4 and rec["completion"].startswith("\\boxed{")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "sofft"], "unknown CoT mode 'sofft'"),
+        (["--mode", "soft", "--temperature", "0"], "temperature must be > 0 for soft"),
+        (["--question", ""], "empty question"),
+        (["--model", "./no/such/model"], "no model at ./no/such/model"),
+    ],
+)
+def test_generate_bad_input_is_a_clear_error(model_dir, args, message):
+    base = {"--model": model_dir, "--question": "What is 3 + 4?"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    out = run_cli("generate", *[x for kv in base.items() for x in kv], "--max-cot-length", "4")
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

