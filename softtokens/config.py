@@ -76,6 +76,10 @@ class RolloutConfig:
     """Zero-shot prompt with a {question} slot."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template as one user turn."""
+    engine: str = "auto"
+    """Decode engine: 'static' (static KV cache, CUDA-graph step; Llama/Qwen2), 'hf' (HF forward loop), 'auto' (static on CUDA when supported)."""
+    cuda_graphs: bool = True
+    """Capture the static engine's decode step in CUDA graphs (off: run it eagerly, for debugging)."""
     record_means: bool = False
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0
@@ -85,6 +89,8 @@ class RolloutConfig:
         for name in ("max_cot_length", "max_answer_length", "num_generations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine not in ("auto", "static", "hf"):
+            raise ValueError(f"unknown engine {self.engine!r}: choose auto, static or hf")
         if self.record_top_k < 0:
             raise ValueError(f"record_top_k must be >= 0, got {self.record_top_k}")
         if self.answer_temperature < 0:

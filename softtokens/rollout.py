@@ -199,14 +199,32 @@ def generate_rollouts(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"rollouts ({cot_cfg.mode})", unit="batch")
+    decode = _engine(setup, prompt_ids, min(cfg.batch_size, len(rows)))
     out: list[Rollout] = []
     for batch in batches:
         draws = [
             row_draws(row_seed(cfg.seed, questions[qi], g), setup.E.shape[1], cot_cfg, cfg, lm.device, torch.float32)
             for qi, g in batch
         ]
-        out += decode_batch(setup, [prompt_ids[qi] for qi, _ in batch], draws, [(questions[qi], g) for qi, g in batch])
+        out += decode([prompt_ids[qi] for qi, _ in batch], draws, [(questions[qi], g) for qi, g in batch])
     return out
+
+
+def _engine(setup: RolloutSetup, prompt_ids: list[list[int]], rows: int):
+    """The decode function for this call: the static engine where asked for (or on CUDA), else the HF loop."""
+    from softtokens import decoder
+
+    cfg, model = setup.cfg, setup.lm.model
+    static = cfg.engine == "static" or (
+        cfg.engine == "auto" and setup.lm.device.type == "cuda" and decoder.supports(model)
+    )
+    if not static:
+        return lambda p, d, k: decode_batch(setup, p, d, k)
+    if not decoder.supports(model):
+        raise ValueError(f"engine 'static' supports {decoder.SUPPORTED} models; use engine 'hf' for {type(model).__name__}")
+    from softtokens.engine import StaticEngine
+
+    return StaticEngine(setup, max(len(p) for p in prompt_ids), rows, cfg.cuda_graphs).decode
 
 
 @dataclass
@@ -253,7 +271,7 @@ class _Row:
     prefill: list[int] = field(default_factory=list)
     ptr: int = 0
     answer_ids: list[int] = field(default_factory=list)
-    answer_lp: list[torch.Tensor] = field(default_factory=list)
+    answer_lp: list[float] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -296,7 +314,7 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
             a, a_lp = answer_step(setup, z, u)
             tok = torch.where(phases == ANSWER, a, tok)
             ans_step += (phases == ANSWER).long()
-            a_list = a.tolist()
+            a_list, a_lp = a.tolist(), a_lp.tolist()
         inp = lm.embed(tok)  # (R, d): prefill and answer tokens
         if (phases == COT).any():
             st = cot_step(setup, z, None if eps is None else eps[:, step], None if u_cot is None else u_cot[:, step])
@@ -325,27 +343,35 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
         mask = torch.cat([mask, torch.ones(R, 1, dtype=mask.dtype, device=dev)], dim=1)
         z = lm.logits(lm.hidden(inp[:, None], mask, next_pos, cache)[:, -1])
         next_pos = next_pos + 1
-    return _records(setup, prompt_ids, keys, rows, steps)
+    return records(setup, prompt_ids, keys, rows, stack_steps(steps, setup.cfg.record_means))
 
 
-def _records(setup: RolloutSetup, prompt_ids, keys, rows: list[_Row], steps: list[CoTStep]) -> list[Rollout]:
-    """Cut each row's CoT steps out of the per-step batch tensors."""
-    lm, cot_cfg, cfg = setup.lm, setup.cot_cfg, setup.cfg
-    tok = lm.tokenizer
+def stack_steps(steps: list[CoTStep], keep_means: bool) -> dict[str, torch.Tensor | None]:
+    """Per-step batch tensors as (T_max, R, ...) on CPU; None for what the steps did not keep."""
 
-    def stacked(get):  # (T_max, R, ...) on CPU, or None when the steps did not keep it
+    def stacked(get):
         return None if get(steps[0]) is None else torch.stack([get(s) for s in steps]).cpu()
 
-    lp, ent = stacked(lambda s: s.logprob), stacked(lambda s: s.entropy)
-    emb = stacked(lambda s: s.inputs) if cot_cfg.mode != "hard" else None
-    mus = stacked(lambda s: s.mu) if cfg.record_means else None
-    top_p, top_ids = stacked(lambda s: s.top and s.top[0]), stacked(lambda s: s.top and s.top[1])
+    return {
+        "inputs": stacked(lambda s: s.inputs) if steps[0].mu is not None else None,
+        "logprob": stacked(lambda s: s.logprob),
+        "entropy": stacked(lambda s: s.entropy),
+        "mu": stacked(lambda s: s.mu) if keep_means else None,
+        "top_p": stacked(lambda s: s.top and s.top[0]),
+        "top_ids": stacked(lambda s: s.top and s.top[1]),
+    }
+
+
+def records(setup: RolloutSetup, prompt_ids, keys, rows: list[_Row], cot: dict) -> list[Rollout]:
+    """Rollout records: each row's CoT steps cut out of the (T_max, R, ...) tensors in ``cot``."""
+    lm, cot_cfg, cfg = setup.lm, setup.cot_cfg, setup.cfg
+    tok = lm.tokenizer
     out = []
     for r, ((question, g), row) in enumerate(zip(keys, rows)):
         T = len(row.cot_ids)
 
-        def cut(x):
-            return None if x is None else x[:T, r].clone()
+        def cut(name):
+            return None if cot[name] is None else cot[name][:T, r].clone()
 
         out.append(
             Rollout(
@@ -357,19 +383,19 @@ def _records(setup: RolloutSetup, prompt_ids, keys, rows: list[_Row], steps: lis
                 sigma=setup.sigma,
                 prompt_ids=list(prompt_ids[r]),
                 cot_ids=row.cot_ids,
-                cot_embeds=cut(emb),
+                cot_embeds=cut("inputs"),
                 cot_text=tok.decode(row.cot_ids),
                 stop_reason=row.stop_reason,
                 prefill_ids=list(row.prefill),
                 answer_ids=row.answer_ids,
                 answer_text=tok.decode([i for i in row.answer_ids if i not in setup.eos_ids], skip_special_tokens=True),
-                cot_logprobs=cut(lp),
-                answer_logprobs=torch.stack(row.answer_lp).cpu(),
-                cot_entropy=cut(ent),
-                cot_means=cut(mus),
+                cot_logprobs=cut("logprob"),
+                answer_logprobs=torch.as_tensor(row.answer_lp, dtype=cot["logprob"].dtype),
+                cot_entropy=cut("entropy"),
+                cot_means=cut("mu"),
                 prefill_text=tok.decode(row.prefill),
-                cot_top_ids=cut(top_ids),
-                cot_top_probs=cut(top_p),
+                cot_top_ids=cut("top_ids"),
+                cot_top_probs=cut("top_p"),
             )
         )
     return out

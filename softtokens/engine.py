@@ -1,0 +1,278 @@
+"""The fast rollout engine: a static KV cache, every row's phase held in tensors, a CUDA-graph decode step.
+
+Same interface and same records as ``rollout.decode_batch`` (the HF-forward
+engine), which stays the reference it must match. What changes is how it runs:
+
+- ``decoder.StaticDecoder`` writes each row's keys at that row's own position
+  in a preallocated cache (prompts right-padded, no gaps), so a step has fixed
+  shapes;
+- one decode step does everything on the device: the CoT input (``cot_step``),
+  the answer token (``answer_step``), the forced prefill token, the stop
+  marker (matched on a rolling buffer of each row's last characters), the
+  phase changes, the records and the forward pass;
+- on CUDA that step is captured once per (batch bucket, attention-span bucket)
+  and replayed; the host only asks "are all rows done?" every
+  ``SYNC_EVERY`` steps. On CPU the same step runs eagerly, which is what the
+  tests check against the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softtokens import cot
+from softtokens.decoder import StaticDecoder
+from softtokens.rollout import (ANSWER, COT, DONE, PREFILL, RolloutSetup, RowDraws, _Row, answer_step, cot_step,
+                                records)
+
+SYNC_EVERY = 16
+SPAN_BUCKET = 128
+WHITESPACE = " \t\n\r\f\v"
+STOP_CODES = ("marker", "length", "eos")
+# State a step writes (restored after a graph's warm-up and capture); the rest is read-only or write-once per column.
+MUTABLE = ("phase", "t", "pos", "chars", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step", "ans_ids", "ans_lp", "z")
+RECORDED = ("stop", "cot_len", "ans_len", "cot_ids", "ans_ids", "ans_lp", "inputs", "logprob", "entropy", "mu",
+            "top_p", "top_ids")
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def batch_bucket(rows: int) -> int:
+    """Graphs are captured per batch size: round up to a power of two (>= 8) so they are reused."""
+    return max(8, 1 << (rows - 1).bit_length())
+
+
+class MarkerMatcher:
+    """Whether each row's CoT text ends with the marker, on the device, with no host round trip.
+
+    Each row keeps its last ``width`` characters as code points; a token appends
+    its own text (``CausalLM.token_texts``). The test mirrors ``rollout.cot_stop``:
+    only a token whose text ends in the marker's last character can complete it,
+    and trailing whitespace is ignored.
+    """
+
+    def __init__(self, token_texts: list[str], marker: str, device):
+        self.marker = torch.tensor([ord(c) for c in marker.rstrip()], device=device)
+        self.width = w = 2 * len(self.marker) + 32
+        table = torch.full((len(token_texts), w), -1, dtype=torch.long)
+        lengths = torch.zeros(len(token_texts), dtype=torch.long)
+        for i, text in enumerate(token_texts):
+            tail = text[-w:]
+            if tail:
+                table[i, w - len(tail):] = torch.tensor([ord(c) for c in tail])
+            lengths[i] = len(tail)
+        self.table, self.lengths = table.to(device), lengths.to(device)
+        self.candidate = torch.tensor([t.rstrip().endswith(marker.rstrip()[-1]) for t in token_texts], device=device)
+        self.whitespace = torch.tensor([ord(c) for c in WHITESPACE], device=device)
+
+    def empty(self, rows: int) -> torch.Tensor:
+        return torch.full((rows, self.width), -1, dtype=torch.long, device=self.table.device)
+
+    def append(self, buf: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """The last ``width`` characters of each row's text followed by its token's text."""
+        idx = torch.arange(self.width, device=buf.device)[None] + self.lengths[tok][:, None]
+        shifted = buf.gather(1, idx.clamp(max=self.width - 1))
+        return torch.where(idx < self.width, shifted, self.table[tok])
+
+    def ends_with_marker(self, buf: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        n = len(self.marker)
+        trailing = torch.isin(buf, self.whitespace).flip(1).cumprod(1).sum(1)  # (R,)
+        start = self.width - trailing - n
+        idx = (start[:, None] + torch.arange(n, device=buf.device)[None]).clamp(min=0)
+        match = (buf.gather(1, idx) == self.marker[None]).all(1) & (start >= 0)
+        return match & self.candidate[tok]
+
+
+class StaticEngine:
+    """Decodes batches of rows on a static cache; build one per rollout call (it holds the cache)."""
+
+    def __init__(self, setup: RolloutSetup, max_prompt: int, rows: int, cuda_graphs: bool = True):
+        lm, cfg = setup.lm, setup.cfg
+        self.setup = setup
+        self.prefill_len = max(len(v) for v in setup.prefills.values())
+        self.max_len = _round_up(max_prompt + cfg.max_cot_length + self.prefill_len + cfg.max_answer_length + 1, 64)
+        self.rows = batch_bucket(rows)
+        self.dec = StaticDecoder(lm.model, self.rows, self.max_len)
+        self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, lm.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.use_graphs = cuda_graphs and lm.device.type == "cuda"
+        self.eos = torch.tensor(sorted(setup.eos_ids), device=lm.device)
+        table = torch.zeros(len(STOP_CODES), self.prefill_len, dtype=torch.long)
+        lens = torch.zeros(len(STOP_CODES), dtype=torch.long)
+        for code, name in enumerate(STOP_CODES):
+            ids = setup.prefills[name]
+            table[code, : len(ids)] = torch.tensor(ids)
+            lens[code] = len(ids)
+        self.prefill_table, self.prefill_lens = table.to(lm.device), lens.to(lm.device)
+
+    # --- the captured step --------------------------------------------------------------------------
+
+    def _alloc(self, prompt_ids: list[list[int]], draws: list[RowDraws]) -> dict:
+        """State tensors at fixed addresses: the graphs read and update them in place."""
+        lm, cfg, R = self.setup.lm, self.setup.cfg, self.rows
+        dev, L, A = lm.device, cfg.max_cot_length, cfg.max_answer_length
+        n = len(prompt_ids)
+        d = self.setup.E.shape[1]
+        pad = [draws[0]] * (R - n)  # bucket padding rows: decoded and thrown away
+
+        def stack(name):
+            v = [getattr(x, name) for x in draws + pad]
+            return None if v[0] is None else torch.stack(v).to(dev)
+
+        phase = torch.full((R,), COT, dtype=torch.long, device=dev)
+        phase[n:] = DONE
+        s = {
+            "eps": stack("eps"), "u_cot": stack("u_cot"), "u_answer": stack("u_answer"),
+            "phase": phase, "t": torch.zeros(1, dtype=torch.long, device=dev),
+            "pos": torch.tensor([len(p) for p in prompt_ids] + [1] * (R - n), device=dev),
+            "chars": self.matcher.empty(R),
+            "stop": torch.full((R,), -1, dtype=torch.long, device=dev),
+            "cot_len": torch.zeros(R, dtype=torch.long, device=dev),
+            "pre_ptr": torch.zeros(R, dtype=torch.long, device=dev),
+            "ans_len": torch.zeros(R, dtype=torch.long, device=dev),
+            "bad_step": torch.full((R,), -1, dtype=torch.long, device=dev),
+            "cot_ids": torch.zeros(R, L + 1, dtype=torch.long, device=dev),
+            "logprob": torch.zeros(R, L + 1, device=dev, dtype=cot.compute_dtype(lm.dtype)),
+            "entropy": torch.zeros(R, L + 1, device=dev, dtype=cot.compute_dtype(lm.dtype)),
+            "ans_ids": torch.zeros(R, A, dtype=torch.long, device=dev),
+            "ans_lp": torch.zeros(R, A, device=dev, dtype=cot.compute_dtype(lm.dtype)),
+        }
+        if self.setup.cot_cfg.mode != "hard":
+            s["inputs"] = torch.zeros(R, L + 1, d, dtype=lm.dtype, device=dev)
+            if cfg.record_means:
+                s["mu"] = torch.zeros(R, L + 1, d, dtype=cot.compute_dtype(lm.dtype), device=dev)
+        if cfg.record_top_k:
+            k = min(cfg.record_top_k, self.setup.E.shape[0])
+            s["top_p"] = torch.zeros(R, L + 1, k, dtype=cot.compute_dtype(lm.dtype), device=dev)
+            s["top_ids"] = torch.zeros(R, L + 1, k, dtype=torch.long, device=dev)
+        return s
+
+    def _step(self, s: dict, span: int) -> None:
+        """One decode step for every row, all on the device (no host sync): capturable."""
+        setup, cfg, lm = self.setup, self.setup.cfg, self.setup.lm
+        R, L, A = self.rows, cfg.max_cot_length, cfg.max_answer_length
+        t, phase, z = s["t"], s["phase"], s["z"]
+        is_cot, is_pre, is_ans, active = phase == COT, phase == PREFILL, phase == ANSWER, phase != DONE
+        rows = torch.arange(R, device=z.device)
+        s["bad_step"].copy_(torch.where(active & ~torch.isfinite(z).all(-1) & (s["bad_step"] < 0), s["t"].expand(R), s["bad_step"]))
+
+        # CoT: the step's input and records at column t. Rows past their CoT write garbage at columns
+        # they never read; past L every row writes to the spare column L.
+        tcol = t.clamp(max=L)
+        pick = (lambda x: None if x is None else x.index_select(1, t.clamp(max=L - 1)).squeeze(1))
+        st = cot_step(setup, z, pick(s["eps"]), pick(s["u_cot"]))
+        s["cot_ids"].index_copy_(1, tcol, st.ids[:, None])
+        s["logprob"].index_copy_(1, tcol, st.logprob[:, None].to(s["logprob"].dtype))
+        s["entropy"].index_copy_(1, tcol, st.entropy[:, None].to(s["entropy"].dtype))
+        if "inputs" in s:
+            s["inputs"].index_copy_(1, tcol, st.inputs[:, None])
+        if "mu" in s:
+            s["mu"].index_copy_(1, tcol, st.mu[:, None])
+        if st.top is not None:
+            s["top_p"].index_copy_(1, tcol, st.top[0][:, None])
+            s["top_ids"].index_copy_(1, tcol, st.top[1][:, None])
+
+        # Answer: a token for every row, kept where the row is answering.
+        acol = s["ans_len"].clamp(max=A - 1)
+        a, a_lp = answer_step(setup, z, None if s["u_answer"] is None else s["u_answer"][rows, acol])
+        s["ans_ids"][rows, acol] = torch.where(is_ans, a, s["ans_ids"][rows, acol])
+        s["ans_lp"][rows, acol] = torch.where(is_ans, a_lp.to(s["ans_lp"].dtype), s["ans_lp"][rows, acol])
+
+        # What each row feeds: its CoT input, its next forced prefill token, or its answer token.
+        kind = s["stop"].clamp(min=0)
+        pre_tok = self.prefill_table[kind, s["pre_ptr"].clamp(max=self.prefill_len - 1)]
+        x = lm.embed(torch.where(is_ans, a, pre_tok))
+        x = torch.where(is_cot[:, None], st.inputs.to(x.dtype), x)
+
+        # Phase changes (METHOD.md §3), in rollout.cot_stop's order: marker, then EOS, then length.
+        chars = self.matcher.append(s["chars"], st.ids)
+        s["chars"].copy_(torch.where(is_cot[:, None], chars, s["chars"]))
+        marker = is_cot & self.matcher.ends_with_marker(s["chars"], st.ids)
+        eos = is_cot & torch.isin(st.ids, self.eos) if cfg.stop_at_eos else torch.zeros_like(is_cot)
+        length = is_cot & (t + 1 >= L)
+        stop = marker | eos | length
+        code = torch.where(marker, 0, torch.where(eos, 2, 1))
+        s["stop"].copy_(torch.where(stop, code, s["stop"]))
+        s["cot_len"].copy_(torch.where(is_cot, t + 1, s["cot_len"]))
+        s["pre_ptr"].copy_(s["pre_ptr"] + is_pre.long())
+        pre_done = is_pre & (s["pre_ptr"] == self.prefill_lens[kind])
+        s["ans_len"].copy_(s["ans_len"] + is_ans.long())
+        ans_done = is_ans & (torch.isin(a, self.eos) | (s["ans_len"] == A))
+        s["phase"].copy_(torch.where(stop, PREFILL, torch.where(pre_done, ANSWER, torch.where(ans_done, DONE, phase))))
+
+        h = self.dec.forward(x[:, None], s["pos"][:, None], span)[:, 0]
+        s["z"].copy_(lm.logits(h))
+        s["pos"].copy_(torch.where(active, s["pos"] + 1, s["pos"]).clamp(max=self.max_len - 1))
+        s["t"].add_(1)
+
+    def _run_step(self, s: dict, span: int) -> None:
+        if not self.use_graphs:
+            return self._step(s, span)
+        if span not in self.graphs:
+            saved = {k: s[k].clone() for k in MUTABLE if k in s}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
+                for _ in range(2):
+                    self._step(s, span)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(s, span)
+            for k, v in saved.items():  # capture and warm-up advanced the state: put it back
+                s[k].copy_(v)
+            self.graphs[span] = graph
+        self.graphs[span].replay()
+
+    # --- a batch ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, prompt_ids: list[list[int]], draws: list[RowDraws], keys):
+        """Rollout records for up to ``rows`` rows, like ``rollout.decode_batch``."""
+        setup, lm, cfg = self.setup, self.setup.lm, self.setup.cfg
+        n, R = len(prompt_ids), self.rows
+        assert n <= R, f"batch of {n} rows exceeds the engine's {R}"
+        s = self._alloc(prompt_ids, draws)
+
+        # Prompts, right-padded: each row's cache holds its prompt from slot 0, no gaps.
+        P = max(len(p) for p in prompt_ids)
+        ids = torch.full((R, P), lm.tokenizer.pad_token_id, dtype=torch.long)
+        for r, p in enumerate(prompt_ids):
+            ids[r, : len(p)] = torch.tensor(p)
+        ids = ids.to(lm.device)
+        pos = torch.arange(P, device=lm.device)[None].expand(R, P)
+        h = self.dec.forward(lm.embed(ids), pos, _round_up(P, SPAN_BUCKET) if self.use_graphs else P)
+        last = (s["pos"] - 1).clamp(min=0)
+        s["z"] = lm.logits(h[torch.arange(R, device=lm.device), last])
+
+        max_steps = cfg.max_cot_length + self.prefill_len + cfg.max_answer_length
+        for step in range(max_steps):
+            span = min(_round_up(P + step + 1, SPAN_BUCKET), self.max_len) if self.use_graphs else P + step + 1
+            self._run_step(s, span)
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == max_steps or not self.use_graphs:
+                bad = s["bad_step"][:n]
+                if (bad >= 0).any():
+                    rows = (bad >= 0).nonzero().flatten().tolist()
+                    raise FloatingPointError(
+                        f"non-finite logits at decode step {int(bad[rows[0]])} in rows {rows}: the model "
+                        "overflowed (try dtype float32, or check the weights)"
+                    )
+                if bool((s["phase"][:n] == DONE).all()):
+                    break
+        assert bool((s["phase"][:n] == DONE).all()), "rollout did not finish within its step bound"
+        return self._records(s, prompt_ids, keys)
+
+    def _records(self, s: dict, prompt_ids, keys):
+        n = len(prompt_ids)
+        host = {k: s[k][:n].cpu() for k in RECORDED if k in s}
+        rows = []
+        for r in range(n):
+            T, A = int(host["cot_len"][r]), int(host["ans_len"][r])
+            reason = STOP_CODES[int(host["stop"][r])]
+            rows.append(_Row(DONE, host["cot_ids"][r, :T].tolist(), reason, self.setup.prefills[reason], 0,
+                             host["ans_ids"][r, :A].tolist(), host["ans_lp"][r, :A].tolist()))
+        cot_steps = {name: host[name].transpose(0, 1) if name in host else None
+                     for name in ("inputs", "logprob", "entropy", "mu", "top_p", "top_ids")}
+        return records(self.setup, prompt_ids, keys, rows, cot_steps)

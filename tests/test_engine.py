@@ -1,0 +1,126 @@
+"""The static engine (static cache, device-side phases, CUDA-graph step) against the HF-forward engine."""
+
+import random
+
+import pytest
+import torch
+
+from softtokens import prompts
+from softtokens.config import CoTConfig, RolloutConfig
+from softtokens.decoder import StaticDecoder
+from softtokens.engine import MarkerMatcher, batch_bucket
+from softtokens.models import tiny_lm
+from softtokens.rollout import generate_rollouts
+
+from conftest import QUESTIONS
+from test_rollout import SETTINGS
+
+KW = dict(max_cot_length=12, max_answer_length=4, num_generations=2, seed=3, record_means=True, record_top_k=2)
+
+
+def test_decoder_matches_hf_forward(lm):
+    torch.manual_seed(1)
+    lengths = [9, 5, 7]
+    ids = torch.randint(2, 300, (3, 9))
+    dec = StaticDecoder(lm.model, rows=3, max_len=32)
+    with torch.no_grad():
+        h = dec.forward(lm.embed(ids), torch.arange(9)[None].expand(3, 9), span=16)
+        nxt = torch.randint(2, 300, (3,))
+        h_next = dec.forward(lm.embed(nxt)[:, None], torch.tensor(lengths)[:, None], span=16)[:, 0]
+        for r, n in enumerate(lengths):
+            seq = torch.cat([ids[r, :n], nxt[r : r + 1]])[None]
+            ref = lm.hidden(lm.embed(seq), torch.ones_like(seq), torch.arange(n + 1)[None])[0]
+            torch.testing.assert_close(h[r, :n], ref[:n], rtol=0, atol=1e-5)
+            torch.testing.assert_close(h_next[r], ref[n], rtol=0, atol=1e-5)
+
+
+def _same(a, b, soft):
+    for x, y in zip(a, b):
+        assert (x.question, x.sample_index) == (y.question, y.sample_index)
+        assert x.cot_ids == y.cot_ids and x.stop_reason == y.stop_reason
+        assert x.prefill_ids == y.prefill_ids and x.answer_ids == y.answer_ids and x.answer_text == y.answer_text
+        torch.testing.assert_close(x.cot_logprobs, y.cot_logprobs, rtol=2e-5, atol=1e-4)
+        torch.testing.assert_close(x.answer_logprobs, y.answer_logprobs, rtol=0, atol=1e-4)
+        torch.testing.assert_close(x.cot_entropy, y.cot_entropy, rtol=0, atol=1e-4)
+        torch.testing.assert_close(x.cot_top_probs, y.cot_top_probs, rtol=0, atol=1e-5)
+        if soft:
+            torch.testing.assert_close(x.cot_embeds, y.cot_embeds, rtol=0, atol=1e-5)
+            torch.testing.assert_close(x.cot_means, y.cot_means, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cot_cfg", SETTINGS, ids=lambda c: f"{c.mode}-{'sample' if c.sampled else 'greedy'}")
+def test_static_engine_matches_hf_engine(lm, cot_cfg):
+    hf = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="hf", **KW))
+    static = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", batch_size=5, **KW))
+    assert len(static) == 6 and batch_bucket(5) == 8, "rows padded to a bucket, and a second, smaller batch"
+    _same(hf, static, cot_cfg.mode != "hard")
+
+
+@pytest.mark.parametrize("cot_cfg", [CoTConfig("hard", temperature=0), CoTConfig("soft", noise=False)], ids=["hard", "soft"])
+def test_static_engine_stops_on_the_marker_like_the_hf_engine(llama, cot_cfg):
+    """Use as marker a text the tiny model's greedy CoT produces, so both engines must stop on it."""
+    probe = generate_rollouts(llama, QUESTIONS[:1], cot_cfg, RolloutConfig(max_cot_length=8))[0]
+    marker = llama.tokenizer.decode(probe.cot_ids[2:5]).strip()
+    assert marker
+    cfg = dict(KW, max_cot_length=30, marker=marker)
+    hf = generate_rollouts(llama, QUESTIONS, cot_cfg, RolloutConfig(engine="hf", **cfg))
+    static = generate_rollouts(llama, QUESTIONS, cot_cfg, RolloutConfig(engine="static", **cfg))
+    assert hf[0].stop_reason == "marker" and hf[0].cot_length <= 5
+    _same(hf, static, cot_cfg.mode != "hard")
+
+
+def test_marker_matcher_agrees_with_the_text_check(llama):
+    tok = llama.tokenizer
+    matcher = MarkerMatcher(llama.token_texts, prompts.MARKER, "cpu")
+    pieces = [" so 7.", " The final answer is:", "  ", "\n", " answer", " is", ":", "The final answer is: 5", " x"]
+    rng = random.Random(0)
+    rows = [tok.encode("".join(rng.choice(pieces) for _ in range(6))) for _ in range(40)]
+    rows.append(tok.encode(" 3 + 4 = 7. The final answer is:"))
+    n = max(len(r) for r in rows)
+    buf = matcher.empty(len(rows))
+    hits = 0
+    for t in range(n):
+        ids = torch.tensor([r[t] if t < len(r) else 0 for r in rows])
+        buf = matcher.append(buf, ids)
+        got = matcher.ends_with_marker(buf, ids)
+        for i, r in enumerate(rows):
+            if t < len(r):
+                want = r[t] in {j for j, s in enumerate(llama.token_texts) if s.rstrip().endswith(":")} and \
+                    prompts.ends_with_marker(tok.decode(r[: t + 1]))
+                assert bool(got[i]) == want, (tok.decode(r[: t + 1]), t)
+                hits += want
+    assert hits >= 5
+
+
+def test_static_engine_errors():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from softtokens.models import CausalLM, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    gemma = CausalLM(AutoModelForCausalLM.from_config(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, eos_token_id=0, pad_token_id=1)).eval(), tok)
+    with pytest.raises(ValueError, match="engine 'static' supports"):
+        generate_rollouts(gemma, QUESTIONS[:1], CoTConfig("soft"), RolloutConfig(engine="static", max_cot_length=4))
+    broken = tiny_lm("llama")
+    with torch.no_grad():
+        broken.model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite logits at decode step 0"):
+        generate_rollouts(broken, QUESTIONS[:1], CoTConfig("soft"), RolloutConfig(engine="static", max_cot_length=4))
+    with pytest.raises(ValueError, match="unknown engine"):
+        RolloutConfig(engine="vllm")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_matches_eager_and_hf():
+    lm = tiny_lm("qwen2")
+    lm.model.cuda()
+    for cot_cfg in (CoTConfig("hard", temperature=0), CoTConfig("soft", noise=False), CoTConfig("fuzzy")):
+        kw = dict(KW, max_cot_length=140)  # crosses an attention-span bucket: two graphs
+        eager = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", cuda_graphs=False, **kw))
+        graph = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", **kw))
+        _same(eager, graph, cot_cfg.mode != "hard")
+        if not cot_cfg.sampled:
+            hf = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="hf", **kw))
+            assert [r.cot_ids for r in hf] == [r.cot_ids for r in graph]
