@@ -1,12 +1,16 @@
 """Rollout throughput: our hard, soft and fuzzy rollouts beside Hugging Face ``generate`` on the same prompts.
 
-    python benchmarks/rollout.py [--model smollm2] [--questions 4] [--num-generations 2] [--cot 64] [--answer 16]
+    python benchmarks/rollout.py                      # CPU: the embedded SmolLM2, 8 rows
+    python benchmarks/rollout.py --device cuda        # GPU: random-init Qwen2.5-3B / Llama-3.2-3B shapes
 
-Every run decodes fixed lengths (the marker and EOS stops are switched off for
-the CoT, ``min_new_tokens`` for ``generate``), so tokens/s compare like with
-like: tokens = rows x (CoT + prefill + answer) positions decoded. Warm-up is
-timed apart. Prints a table, appends it to benchmarks/RESULTS.md with the
-machine and versions, and ends with one JSON line.
+Every run decodes fixed lengths (the marker never appears and the EOS stop is
+off for the CoT; ``min_new_tokens`` for ``generate``), so tokens/s compare like
+with like: tokens = rows x positions decoded. First calls (graph capture,
+compilation) are timed apart. On CUDA it also reports the weight-bandwidth
+floor (a large device copy), peak memory, and the scoring pass (forward +
+backward) as tokens/s and as a fraction of the card's measured bf16 matmul
+rate. Prints tables, appends them to benchmarks/RESULTS.md with the machine
+and versions, and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
 
@@ -26,113 +31,279 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
-from softtokens.models import load_model  # noqa: E402
-from softtokens.prompts import format_prompt  # noqa: E402
+from softtokens.models import CausalLM, load_model  # noqa: E402
+from softtokens.prompts import PROMPT_TEMPLATE, format_prompt  # noqa: E402
 from softtokens.rollout import generate_rollouts  # noqa: E402
 
-
+SHAPES = {
+    "qwen2.5-3b": dict(family="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "llama-3.2-3b": dict(family="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=5e5, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "tiny": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096),
+}
 DEVICE = "cpu"
 
 
-def gsm8k_questions(n: int) -> list[str]:
-    lines = resources.files("softtokens").joinpath("data/gsm8k_test.jsonl").read_text().splitlines()
-    return [json.loads(line)["question"] for line in lines[:n]]
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
+def sync():
+    if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def timed(fn) -> tuple[int, float]:
-    """(tokens, seconds) of one call, the device synchronised on both sides."""
-    sync(DEVICE)
+def timed(fn):
+    """(result, seconds) of one call, the device synchronised on both sides."""
+    sync()
     t = time.perf_counter()
-    tokens = fn()
-    sync(DEVICE)
-    return tokens, time.perf_counter() - t
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
 
 
-def ours(lm, questions, mode_cfg, cfg):
-    short = RolloutConfig(**{**cfg.__dict__, "max_cot_length": 4, "max_answer_length": 2})
+def peak_reset():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
 
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE.startswith("cuda") else float("nan")
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer over vocab_size ids: real prompt words, the marker's words, then fillers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<pad>", "<unk>"] + sorted(set(PROMPT_TEMPLATE.replace("{question}", "").split()) | {"\\boxed{"})
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def random_model(shape: str, dtype) -> CausalLM:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    spec = dict(SHAPES[shape])
+    family = spec.pop("family")
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](eos_token_id=0, pad_token_id=1, **spec)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    return CausalLM(model, synthetic_tokenizer(cfg.vocab_size), name=shape)
+
+
+def questions_for(lm: CausalLM, n: int, prompt_len: int | None) -> list[str]:
+    if prompt_len is None:
+        lines = resources.files("softtokens").joinpath("data/gsm8k_test.jsonl").read_text().splitlines()
+        return [json.loads(line)["question"] for line in lines[:n]]
+    base = len(lm.tokenizer.encode(format_prompt("x"))) - 1
+    if prompt_len <= base:
+        raise SystemExit(f"--prompt-len must exceed the prompt template's {base} tokens")
+    return [" ".join(f"w{i + q}" for i in range(prompt_len - base)) for q in range(n)]
+
+
+def ours(lm, questions, mode, cfg):
     def run():
-        rollouts = generate_rollouts(lm, questions, mode_cfg, cfg)
+        rollouts = generate_rollouts(lm, questions, CoTConfig(mode), cfg)
         return sum(r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
 
-    return run, lambda: generate_rollouts(lm, questions[:1], mode_cfg, short)
+    return run
 
 
-def hf_generate(lm, questions, cfg, new_tokens):
+def hf_generate(lm, questions, gens, new_tokens, static):
     tok = lm.tokenizer
     tok.padding_side = "left"
-    texts = [format_prompt(q) for q in questions for _ in range(cfg.num_generations)]
-    enc = tok(texts, return_tensors="pt", padding=True).to(lm.device)
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
+    enc = tok([format_prompt(q) for q in questions for _ in range(gens)], return_tensors="pt", padding=True).to(DEVICE)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if static:
+        kw["cache_implementation"] = "static"
 
     @torch.no_grad()
-    def run(n=new_tokens):
-        out = lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
+    def run():
+        out = lm.model.generate(**enc, **kw)
         return (out.shape[1] - enc.input_ids.shape[1]) * out.shape[0]
 
-    return run, lambda: run(4)
+    return run
+
+
+def device_rates() -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    x = torch.empty(4 * 1024**3 // 2, dtype=torch.bfloat16, device=DEVICE)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _, secs = timed(lambda: [y.copy_(x) for _ in range(10)])
+    bw = 2 * x.numel() * 2 * 10 / secs
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEVICE)
+    for _ in range(3):
+        a @ a
+    _, secs = timed(lambda: [a @ a for _ in range(10)])
+    return {"copy_bytes_per_s": bw, "bf16_flops": 2 * 8192**3 * 10 / secs}
+
+
+def bench_rollouts(lm, args, batch: int, rates: dict | None, hf_static: bool) -> list[dict]:
+    gens = 1 if DEVICE.startswith("cuda") else args.num_generations
+    questions = questions_for(lm, batch // gens, args.prompt_len)
+    cfg = RolloutConfig(max_cot_length=args.cot, max_answer_length=args.answer, num_generations=gens,
+                        batch_size=batch, stop_at_eos=False, cuda_graphs=not args.no_graphs, engine=args.engine)
+    prefill = len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
+    runners = {f"softtokens {m}": (ours(lm, questions, m, cfg), True) for m in ("hard", "soft", "fuzzy")}
+    hf_tokens = args.hf_new_tokens or (args.cot + prefill + args.answer)
+    runners["HF generate, dynamic cache"] = (hf_generate(lm, questions, gens, hf_tokens, False), False)
+    if hf_static:
+        runners["HF generate, static cache (compiled)"] = (hf_generate(lm, questions, gens, hf_tokens, True), False)
+    rows = []
+    for name, (run, is_ours) in runners.items():
+        try:
+            peak_reset()
+            _, first = timed(run)  # graph capture / compilation included
+            best = float("inf")
+            for _ in range(args.repeats):
+                tokens, secs = timed(run)
+                best = min(best, secs)
+            row = {"rollout": name, "rows": batch, "tokens": tokens, "seconds": best, "tokens_per_s": tokens / best,
+                   "first_call_s": first, "peak_gb": peak_gb()}
+        except Exception as e:  # one failing baseline must not lose the others
+            traceback.print_exc()
+            row = {"rollout": name, "rows": batch, "error": f"{type(e).__name__}: {e}"[:200]}
+        if rates and "tokens_per_s" in row:
+            weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+            row["floor_tokens_per_s"] = batch * rates["copy_bytes_per_s"] / weight_bytes
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_scoring(lm, args, batch: int, rates: dict) -> dict:
+    from softtokens.scoring import score_rollouts
+
+    questions = questions_for(lm, batch, args.prompt_len)
+    cfg = RolloutConfig(max_cot_length=args.cot, max_answer_length=args.answer, batch_size=batch, stop_at_eos=False)
+    rollouts = generate_rollouts(lm, questions, CoTConfig("soft"), cfg)
+    tokens = sum(len(r.prompt_ids) + r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
+    lm.model.gradient_checkpointing_enable()
+    lm.model.train()
+
+    def step():
+        s = score_rollouts(lm, rollouts)
+        (-s.total.mean()).backward()
+        lm.model.zero_grad(set_to_none=True)
+
+    try:
+        step()
+        peak_reset()
+        _, secs = timed(step)
+        n_params = sum(p.numel() for p in lm.model.parameters())
+        row = {"scoring": "forward+backward, soft, activation checkpointing", "rows": batch, "tokens": tokens,
+               "seconds": secs, "tokens_per_s": tokens / secs, "peak_gb": peak_gb(),
+               "mfu_6NT": 6 * n_params * tokens / secs / rates["bf16_flops"] if rates else float("nan")}
+    except Exception as e:
+        traceback.print_exc()
+        row = {"scoring": "forward+backward", "rows": batch, "error": f"{type(e).__name__}: {e}"[:200]}
+    finally:
+        lm.model.gradient_checkpointing_disable()
+        lm.model.eval()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = ["| rollout | rows | tokens | s | tokens/s | vs our hard | first call s | peak GB | floor tokens/s | of floor |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    hard = {r["rows"]: r["tokens_per_s"] for r in rows if r["rollout"] == "softtokens hard" and "tokens_per_s" in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['rollout']} | {r['rows']} | failed: {r['error']} |||||||")
+            continue
+        floor = r.get("floor_tokens_per_s")
+        vs = f"{r['tokens_per_s'] / hard[r['rows']]:.2f}" if r["rows"] in hard else "-"
+        floor_cols = f"{floor:.0f} | {r['tokens_per_s'] / floor:.0%}" if floor else "- | -"
+        out.append(
+            f"| {r['rollout']} | {r['rows']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {vs} "
+            f"| {r['first_call_s']:.1f} | {r['peak_gb']:.1f} | {floor_cols} |"
+        )
+    return out
 
 
 def main():
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--questions", type=int, default=4)
-    ap.add_argument("--num-generations", type=int, default=2)
-    ap.add_argument("--cot", type=int, default=64)
-    ap.add_argument("--answer", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default=None, help="a model to load (default: smollm2 on CPU, random shapes on CUDA)")
+    ap.add_argument("--shapes", default=None, help=f"random-init shapes, comma-separated: {', '.join(SHAPES)}")
+    ap.add_argument("--batch", default=None, help="rows per rollout, comma-separated (cpu 8; cuda 64,256)")
+    ap.add_argument("--num-generations", type=int, default=2, help="CPU runs: generations per GSM8K question")
+    ap.add_argument("--prompt-len", type=int, default=None, help="random shapes: prompt tokens (default 128)")
+    ap.add_argument("--cot", type=int, default=None, help="CoT length (cpu 64, cuda 512)")
+    ap.add_argument("--answer", type=int, default=None, help="answer length (cpu 16, cuda 32)")
+    ap.add_argument("--hf-new-tokens", type=int, default=None, help="tokens for the HF baselines (default: ours)")
+    ap.add_argument("--hf-static", action="store_true", help="also time HF generate with a compiled static cache")
+    ap.add_argument("--score", action="store_true", help="also time the scoring pass (forward + backward)")
+    ap.add_argument("--engine", default="auto", help="auto, static or hf (RolloutConfig.engine)")
+    ap.add_argument("--no-graphs", action="store_true", help="run the static engine's step eagerly")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
-
-    global DEVICE
     DEVICE = args.device
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    questions = gsm8k_questions(args.questions)
-    cfg = RolloutConfig(
-        max_cot_length=args.cot, max_answer_length=args.answer, num_generations=args.num_generations,
-        batch_size=args.questions * args.num_generations, marker="\x00never", stop_at_eos=False,
-    )
-    prefill_len = len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
-    runners = {f"softtokens {m}": ours(lm, questions, CoTConfig(m), cfg) for m in ("hard", "soft", "fuzzy")}
-    runners["HF generate (sampled, dynamic cache)"] = hf_generate(lm, questions, cfg, args.cot + prefill_len + args.answer)
-    for _, warmup in runners.values():
-        warmup()
-    # Interleaved repeats, best of each: a busy machine slows every runner alike.
-    best = {name: (0, float("inf")) for name in runners}
-    for _ in range(args.repeats):
-        for name, (run, _) in runners.items():
-            tokens, secs = timed(run)
-            best[name] = (tokens, min(best[name][1], secs))
-    rows = [(name, tokens, secs) for name, (tokens, secs) in best.items()]
+    cuda = DEVICE.startswith("cuda")
+    args.cot = args.cot or (512 if cuda else 64)
+    args.answer = args.answer or (32 if cuda else 16)
+    if cuda and args.prompt_len is None and args.model is None:
+        args.prompt_len = 128
+    batches = [int(b) for b in (args.batch or ("64,256" if cuda else "8")).split(",")]
+    shapes = (args.shapes or ("qwen2.5-3b,llama-3.2-3b" if cuda and args.model is None else "")).split(",")
+    shapes = [s for s in shapes if s]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rates = device_rates() if cuda else None
+    if rates:
+        print(json.dumps(rates), flush=True)
 
-    hard_tps = rows[0][1] / rows[0][2]
-    lines = [
-        f"### rollout throughput, {datetime.date.today()}, {args.model} ({args.dtype}) on {args.device}",
-        "",
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-        f"torch {torch.__version__}, transformers {__import__('transformers').__version__}; "
-        f"{args.questions} questions x {args.num_generations} generations = {args.questions * args.num_generations} rows, "
-        f"CoT {args.cot} + prefill {prefill_len} + answer up to {args.answer}; best of {args.repeats}",
-        "",
-        "| rollout | tokens | seconds | tokens/s | vs our hard |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, tokens, secs in rows:
-        lines.append(f"| {name} | {tokens} | {secs:.2f} | {tokens / secs:.1f} | {tokens / secs / hard_tps:.2f} |")
-    table = "\n".join(lines)
-    print(table)
+    import transformers
+
+    env = (f"{torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}; torch "
+           f"{torch.__version__}, transformers {transformers.__version__}")
+    header = [f"### rollout throughput, {datetime.date.today()}, {DEVICE}: {env}", ""]
+    if rates:
+        header += [f"copy bandwidth {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
+                   f"{rates['bf16_flops'] / 1e12:.0f} TFLOP/s", ""]
+    write(args, "\n".join(header))
+    results = {"env": env, "rates": rates, "runs": []}
+    models = [(s, lambda s=s: random_model(s, dtype)) for s in shapes] or [
+        (args.model or "smollm2", lambda: load_model(args.model or "smollm2", dtype=str(dtype)[6:], device=DEVICE))]
+    for i, (name, make) in enumerate(models):
+        lm = make()
+        rows = []
+        for j, batch in enumerate(batches):
+            rows += bench_rollouts(lm, args, batch, rates, hf_static=args.hf_static and i == 0 and j == 0)
+        lines = [f"{name}, {dtype}, prompt {args.prompt_len or 'GSM8K'}, CoT {args.cot} + prefill + answer "
+                 f"{args.answer}, best of {args.repeats}:", ""] + table(rows) + [""]
+        if args.score:
+            sc = bench_scoring(lm, args, batches[0], rates)
+            if "error" not in sc:
+                lines += [f"scoring {name}: {sc['rows']} rollouts, {sc['tokens']} tokens, {sc['seconds']:.2f} s, "
+                          f"{sc['tokens_per_s']:.0f} tokens/s, peak {sc['peak_gb']:.1f} GB, "
+                          f"{sc['mfu_6NT']:.0%} of measured bf16 matmul rate (6NT)", ""]
+            rows.append(sc)
+        write(args, "\n".join(lines))  # each model's table lands as soon as it is measured
+        results["runs"].append({"model": name, "rows": rows})
+        del lm
+        if cuda:
+            torch.cuda.empty_cache()
+    print(json.dumps(results))
+
+
+def write(args, text: str) -> None:
+    print(text, flush=True)
     if not args.no_write:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + table + "\n")
-    print(json.dumps({name: round(tokens / secs, 2) for name, tokens, secs in rows}))
-
+            f.write("\n" + text + "\n")
 
 if __name__ == "__main__":
     main()

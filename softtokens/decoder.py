@@ -101,7 +101,10 @@ class StaticDecoder:
         rows = torch.arange(R, device=x.device)[:, None].expand(R, n)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (R, 1, n, hd)
         slots = torch.arange(span, device=x.device)
-        mask = (slots[None, None, :] <= pos[:, :, None])[:, None]  # (R, 1, n, span)
+        G = self.n_heads // self.n_kv
+        # Grouped-query attention without repeating K/V: the G query heads of a KV head are stacked
+        # along the query axis, so each KV head is read once (decode is bound by reading the cache).
+        mask = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
         for i, L in enumerate(self.layers):
             h = self._norm(x, L.norm_in)
             q = F.linear(h, L.wq, L.bq).view(R, n, self.n_heads, self.head_dim).transpose(1, 2)
@@ -111,7 +114,8 @@ class StaticDecoder:
             self.k_cache[i][rows, :, pos] = k.transpose(1, 2)  # (R, n, kv, hd) into slots pos
             self.v_cache[i][rows, :, pos] = v.transpose(1, 2)
             kc, vc = self.k_cache[i, :, :, :span], self.v_cache[i, :, :, :span]
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            q = q.reshape(R, self.n_kv, G * n, self.head_dim)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask).view(R, self.n_heads, n, self.head_dim)
             x = x + F.linear(o.transpose(1, 2).reshape(R, n, -1), L.wo)
             h = self._norm(x, L.norm_post)
             x = x + F.linear(F.silu(F.linear(h, L.w_gate)) * F.linear(h, L.w_up), L.w_down)

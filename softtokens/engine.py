@@ -18,6 +18,8 @@ engine), which stays the reference it must match. What changes is how it runs:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from softtokens import cot
@@ -88,16 +90,17 @@ class MarkerMatcher:
 class StaticEngine:
     """Decodes batches of rows on a static cache; build one per rollout call (it holds the cache)."""
 
-    def __init__(self, setup: RolloutSetup, max_prompt: int, rows: int, cuda_graphs: bool = True):
+    def __init__(self, setup: RolloutSetup, max_len: int, rows: int, cuda_graphs: bool = True):
         lm, cfg = setup.lm, setup.cfg
         self.setup = setup
         self.prefill_len = max(len(v) for v in setup.prefills.values())
-        self.max_len = _round_up(max_prompt + cfg.max_cot_length + self.prefill_len + cfg.max_answer_length + 1, 64)
-        self.rows = batch_bucket(rows)
+        self.max_len = max_len
+        self.rows = rows
         self.dec = StaticDecoder(lm.model, self.rows, self.max_len)
         self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, lm.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = cuda_graphs and lm.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
         self.eos = torch.tensor(sorted(setup.eos_ids), device=lm.device)
         table = torch.zeros(len(STOP_CODES), self.prefill_len, dtype=torch.long)
         lens = torch.zeros(len(STOP_CODES), dtype=torch.long)
@@ -106,48 +109,55 @@ class StaticEngine:
             table[code, : len(ids)] = torch.tensor(ids)
             lens[code] = len(ids)
         self.prefill_table, self.prefill_lens = table.to(lm.device), lens.to(lm.device)
+        self.s = self._alloc()
 
     # --- the captured step --------------------------------------------------------------------------
 
-    def _alloc(self, prompt_ids: list[list[int]], draws: list[RowDraws]) -> dict:
-        """State tensors at fixed addresses: the graphs read and update them in place."""
+    def _alloc(self) -> dict:
+        """State tensors at fixed addresses: the graphs read and update them in place, call after call."""
         lm, cfg, R = self.setup.lm, self.setup.cfg, self.rows
-        dev, L, A = lm.device, cfg.max_cot_length, cfg.max_answer_length
-        n = len(prompt_ids)
-        d = self.setup.E.shape[1]
-        pad = [draws[0]] * (R - n)  # bucket padding rows: decoded and thrown away
+        dev, L, A, d, V = lm.device, cfg.max_cot_length, cfg.max_answer_length, *self.setup.E.shape[::-1]
+        fdt = cot.compute_dtype(lm.dtype)
 
-        def stack(name):
-            v = [getattr(x, name) for x in draws + pad]
-            return None if v[0] is None else torch.stack(v).to(dev)
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=dev)
 
-        phase = torch.full((R,), COT, dtype=torch.long, device=dev)
-        phase[n:] = DONE
-        s = {
-            "eps": stack("eps"), "u_cot": stack("u_cot"), "u_answer": stack("u_answer"),
-            "phase": phase, "t": torch.zeros(1, dtype=torch.long, device=dev),
-            "pos": torch.tensor([len(p) for p in prompt_ids] + [1] * (R - n), device=dev),
-            "chars": self.matcher.empty(R),
-            "stop": torch.full((R,), -1, dtype=torch.long, device=dev),
-            "cot_len": torch.zeros(R, dtype=torch.long, device=dev),
-            "pre_ptr": torch.zeros(R, dtype=torch.long, device=dev),
-            "ans_len": torch.zeros(R, dtype=torch.long, device=dev),
-            "bad_step": torch.full((R,), -1, dtype=torch.long, device=dev),
-            "cot_ids": torch.zeros(R, L + 1, dtype=torch.long, device=dev),
-            "logprob": torch.zeros(R, L + 1, device=dev, dtype=cot.compute_dtype(lm.dtype)),
-            "entropy": torch.zeros(R, L + 1, device=dev, dtype=cot.compute_dtype(lm.dtype)),
-            "ans_ids": torch.zeros(R, A, dtype=torch.long, device=dev),
-            "ans_lp": torch.zeros(R, A, device=dev, dtype=cot.compute_dtype(lm.dtype)),
+        s = {name: zeros(R) for name in ("phase", "pos", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step")}
+        s |= {
+            "t": zeros(1), "chars": self.matcher.empty(R), "z": zeros(R, V, dtype=fdt),
+            "cot_ids": zeros(R, L + 1), "logprob": zeros(R, L + 1, dtype=fdt), "entropy": zeros(R, L + 1, dtype=fdt),
+            "ans_ids": zeros(R, A), "ans_lp": zeros(R, A, dtype=fdt),
+            "eps": None, "u_cot": None, "u_answer": None,
         }
-        if self.setup.cot_cfg.mode != "hard":
-            s["inputs"] = torch.zeros(R, L + 1, d, dtype=lm.dtype, device=dev)
+        c = self.setup.cot_cfg
+        if c.mode != "hard":
+            s["inputs"] = zeros(R, L + 1, d, dtype=lm.dtype)
             if cfg.record_means:
-                s["mu"] = torch.zeros(R, L + 1, d, dtype=cot.compute_dtype(lm.dtype), device=dev)
+                s["mu"] = zeros(R, L + 1, d, dtype=fdt)
+            if c.sampled:
+                s["eps"] = zeros(R, L, d, dtype=torch.float32)
+        elif c.sampled:
+            s["u_cot"] = zeros(R, L, dtype=torch.float32)
+        if cfg.answer_temperature > 0:
+            s["u_answer"] = zeros(R, A, dtype=torch.float32)
         if cfg.record_top_k:
-            k = min(cfg.record_top_k, self.setup.E.shape[0])
-            s["top_p"] = torch.zeros(R, L + 1, k, dtype=cot.compute_dtype(lm.dtype), device=dev)
-            s["top_ids"] = torch.zeros(R, L + 1, k, dtype=torch.long, device=dev)
+            k = min(cfg.record_top_k, V)
+            s["top_p"], s["top_ids"] = zeros(R, L + 1, k, dtype=fdt), zeros(R, L + 1, k)
         return s
+
+    def _reset(self, prompt_ids: list[list[int]], draws: list[RowDraws]) -> None:
+        """Load a new batch into the state; rows past the batch are bucket padding, DONE from the start."""
+        s, n, dev = self.s, len(prompt_ids), self.setup.lm.device
+        for name in ("eps", "u_cot", "u_answer"):
+            if s[name] is not None:
+                s[name][:n].copy_(torch.stack([getattr(d, name) for d in draws]))
+        s["phase"].fill_(DONE)
+        s["phase"][:n] = COT
+        s["pos"].fill_(1)
+        s["pos"][:n] = torch.tensor([len(p) for p in prompt_ids], device=dev)
+        for name, value in (("stop", -1), ("bad_step", -1), ("cot_len", 0), ("pre_ptr", 0), ("ans_len", 0),
+                            ("t", 0), ("chars", -1)):
+            s[name].fill_(value)
 
     def _step(self, s: dict, span: int) -> None:
         """One decode step for every row, all on the device (no host sync): capturable."""
@@ -211,7 +221,7 @@ class StaticEngine:
         if not self.use_graphs:
             return self._step(s, span)
         if span not in self.graphs:
-            saved = {k: s[k].clone() for k in MUTABLE if k in s}
+            saved = {k: s[k].clone() for k in MUTABLE}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
@@ -219,7 +229,7 @@ class StaticEngine:
                     self._step(s, span)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool):
                 self._step(s, span)
             for k, v in saved.items():  # capture and warm-up advanced the state: put it back
                 s[k].copy_(v)
@@ -232,9 +242,9 @@ class StaticEngine:
     def decode(self, prompt_ids: list[list[int]], draws: list[RowDraws], keys):
         """Rollout records for up to ``rows`` rows, like ``rollout.decode_batch``."""
         setup, lm, cfg = self.setup, self.setup.lm, self.setup.cfg
-        n, R = len(prompt_ids), self.rows
+        n, R, s = len(prompt_ids), self.rows, self.s
         assert n <= R, f"batch of {n} rows exceeds the engine's {R}"
-        s = self._alloc(prompt_ids, draws)
+        self._reset(prompt_ids, draws)
 
         # Prompts, right-padded: each row's cache holds its prompt from slot 0, no gaps.
         P = max(len(p) for p in prompt_ids)
@@ -245,7 +255,7 @@ class StaticEngine:
         pos = torch.arange(P, device=lm.device)[None].expand(R, P)
         h = self.dec.forward(lm.embed(ids), pos, _round_up(P, SPAN_BUCKET) if self.use_graphs else P)
         last = (s["pos"] - 1).clamp(min=0)
-        s["z"] = lm.logits(h[torch.arange(R, device=lm.device), last])
+        s["z"].copy_(lm.logits(h[torch.arange(R, device=lm.device), last]))
 
         max_steps = cfg.max_cot_length + self.prefill_len + cfg.max_answer_length
         for step in range(max_steps):
@@ -276,3 +286,24 @@ class StaticEngine:
         cot_steps = {name: host[name].transpose(0, 1) if name in host else None
                      for name in ("inputs", "logprob", "entropy", "mu", "top_p", "top_ids")}
         return records(self.setup, prompt_ids, keys, rows, cot_steps)
+
+
+def static_engine(setup: RolloutSetup, max_prompt: int, rows: int, cuda_graphs: bool = True) -> StaticEngine:
+    """The engine for this call, reused from the last call on the same model when nothing it baked in changed.
+
+    Its cache, state and captured graphs are the expensive part, so a trainer that rolls out every step
+    captures once. One engine is kept per model: a new key frees the old one first.
+    """
+    cfg = setup.cfg
+    prefill = max(len(v) for v in setup.prefills.values())
+    max_len = _round_up(max_prompt + cfg.max_cot_length + prefill + cfg.max_answer_length + 1, SPAN_BUCKET)
+    baked = dataclasses.replace(cfg, seed=0, num_generations=1, batch_size=1)  # what a graph depends on
+    key = (repr(setup.cot_cfg), repr(baked), setup.sigma, max_len, batch_bucket(rows), cuda_graphs)
+    held = setup.lm.__dict__.get("_static_engine")
+    if held is not None and held[0] == key:
+        held[1].setup = setup
+        return held[1]
+    setup.lm.__dict__["_static_engine"] = None
+    engine = StaticEngine(setup, max_len, batch_bucket(rows), cuda_graphs)
+    setup.lm.__dict__["_static_engine"] = (key, engine)
+    return engine

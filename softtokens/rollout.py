@@ -222,9 +222,9 @@ def _engine(setup: RolloutSetup, prompt_ids: list[list[int]], rows: int):
         return lambda p, d, k: decode_batch(setup, p, d, k)
     if not decoder.supports(model):
         raise ValueError(f"engine 'static' supports {decoder.SUPPORTED} models; use engine 'hf' for {type(model).__name__}")
-    from softtokens.engine import StaticEngine
+    from softtokens.engine import static_engine
 
-    return StaticEngine(setup, max(len(p) for p in prompt_ids), rows, cfg.cuda_graphs).decode
+    return static_engine(setup, max(len(p) for p in prompt_ids), rows, cfg.cuda_graphs).decode
 
 
 @dataclass

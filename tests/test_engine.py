@@ -124,3 +124,15 @@ def test_cuda_graph_replay_matches_eager_and_hf():
         if not cot_cfg.sampled:
             hf = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="hf", **kw))
             assert [r.cot_ids for r in hf] == [r.cot_ids for r in graph]
+
+
+def test_engine_is_reused_across_calls_and_resets_its_state(qwen2):
+    cfg = RolloutConfig(engine="static", **KW)
+    first = generate_rollouts(qwen2, QUESTIONS, CoTConfig("soft"), cfg)
+    engine = qwen2._static_engine[1]
+    generate_rollouts(qwen2, QUESTIONS[:1], CoTConfig("soft"), RolloutConfig(engine="static", **dict(KW, seed=9)))
+    again = generate_rollouts(qwen2, QUESTIONS, CoTConfig("soft"), cfg)
+    assert qwen2._static_engine[1] is engine, "same settings: the engine (cache, graphs) is kept"
+    _same(first, again, soft=True)
+    generate_rollouts(qwen2, QUESTIONS[:1], CoTConfig("fuzzy"), cfg)
+    assert qwen2._static_engine[1] is not engine, "new settings: a new engine replaces the old one"
