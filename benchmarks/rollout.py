@@ -16,6 +16,7 @@ and versions, and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -155,8 +156,12 @@ def bench_rollouts(lm, args, batch: int, rates: dict | None, hf_static: bool) ->
                         batch_size=batch, stop_at_eos=False, cuda_graphs=not args.no_graphs, engine=args.engine)
     prefill = len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
     runners = {f"softtokens {m}": (ours(lm, questions, m, cfg), True) for m in ("hard", "soft", "fuzzy")}
+    if hf_static and DEVICE.startswith("cuda"):  # what compiling the decoder layers adds, once
+        eager = dataclasses.replace(cfg, compile_decoder=False)
+        runners["softtokens soft, uncompiled layers"] = (ours(lm, questions, "soft", eager), True)
     hf_tokens = args.hf_new_tokens or (args.cot + prefill + args.answer)
-    runners["HF generate, dynamic cache"] = (hf_generate(lm, questions, gens, hf_tokens, False), False)
+    if not args.skip_hf_dynamic:
+        runners["HF generate, dynamic cache"] = (hf_generate(lm, questions, gens, hf_tokens, False), False)
     if hf_static:
         runners["HF generate, static cache (compiled)"] = (hf_generate(lm, questions, gens, hf_tokens, True), False)
     rows = []
@@ -245,6 +250,7 @@ def main():
     ap.add_argument("--answer", type=int, default=None, help="answer length (cpu 16, cuda 32)")
     ap.add_argument("--hf-new-tokens", type=int, default=None, help="tokens for the HF baselines (default: ours)")
     ap.add_argument("--hf-static", action="store_true", help="also time HF generate with a compiled static cache")
+    ap.add_argument("--skip-hf-dynamic", action="store_true", help="do not time HF generate with a dynamic cache")
     ap.add_argument("--score", action="store_true", help="also time the scoring pass (forward + backward)")
     ap.add_argument("--engine", default="auto", help="auto, static or hf (RolloutConfig.engine)")
     ap.add_argument("--no-graphs", action="store_true", help="run the static engine's step eagerly")

@@ -80,6 +80,8 @@ class RolloutConfig:
     """Decode engine: 'static' (static KV cache, CUDA-graph step; Llama/Qwen2), 'hf' (HF forward loop), 'auto' (static on CUDA when supported)."""
     cuda_graphs: bool = True
     """Capture the static engine's decode step in CUDA graphs (off: run it eagerly, for debugging)."""
+    compile_decoder: bool = True
+    """With CUDA graphs, also torch.compile the static decoder's layers (fuses norms, RoPE, SiLU); eager if it fails."""
     record_means: bool = False
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0

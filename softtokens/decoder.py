@@ -10,6 +10,8 @@ holds it to the HF forward.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +50,7 @@ class Layer:
 class StaticDecoder:
     """Forward passes over (rows, n) new inputs at per-row positions, writing a preallocated KV cache."""
 
-    def __init__(self, model, rows: int, max_len: int):
+    def __init__(self, model, rows: int, max_len: int, compile: bool = False):
         if not supports(model):
             raise ValueError(f"the fast decoder supports {SUPPORTED} models without sliding windows or softcapping")
         cfg = model.config
@@ -77,18 +79,24 @@ class StaticDecoder:
         shape = (len(self.layers), rows, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.compile, self._compile_checked = compile, False
 
-    def _norm(self, x, w):
-        dt = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * x.to(dt)
-
-    @staticmethod
-    def _rope(x, cos, sin):  # x (R, H, n, hd); cos, sin (R, 1, n, hd)
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+    def _layer_fns(self, n: int):
+        """The per-layer halves, compiled for decode steps (n == 1) on CUDA when asked, else eager."""
+        if n == 1 and self.compile:
+            try:
+                fns = compiled_fns()
+                if not self._compile_checked:  # compile now, outside any graph capture; fall back on failure
+                    x = torch.zeros(self.rows, 1, self.norm.shape[0], dtype=self.dtype, device=self.device)
+                    L, cos = self.layers[0], self.cos[:1].expand(self.rows, 1, 1, -1)
+                    fns[0](x, L.norm_in, L.wq, L.bq, L.wk, L.bk, L.wv, L.bv, cos, cos, self.eps, self.n_heads,
+                           self.n_kv, self.head_dim)
+                    self._compile_checked = True
+                return fns
+            except Exception as e:  # an unusable compiler must not stop a rollout
+                warnings.warn(f"torch.compile of the decoder failed ({type(e).__name__}: {e}); running eagerly")
+                self.compile = False
+        return attn_in, mlp_out
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """Final hidden states (R, n, d) for inputs x (R, n, d) at positions pos (R, n).
@@ -98,25 +106,61 @@ class StaticDecoder:
         longest row) bounds the attention work.
         """
         R, n, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+        G = H // KV
         rows = torch.arange(R, device=x.device)[:, None].expand(R, n)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (R, 1, n, hd)
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, n, 1, hd)
         slots = torch.arange(span, device=x.device)
-        G = self.n_heads // self.n_kv
         # Grouped-query attention without repeating K/V: the G query heads of a KV head are stacked
         # along the query axis, so each KV head is read once (decode is bound by reading the cache).
         mask = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
+        f_in, f_out = self._layer_fns(n)
         for i, L in enumerate(self.layers):
-            h = self._norm(x, L.norm_in)
-            q = F.linear(h, L.wq, L.bq).view(R, n, self.n_heads, self.head_dim).transpose(1, 2)
-            k = F.linear(h, L.wk, L.bk).view(R, n, self.n_kv, self.head_dim).transpose(1, 2)
-            v = F.linear(h, L.wv, L.bv).view(R, n, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.k_cache[i][rows, :, pos] = k.transpose(1, 2)  # (R, n, kv, hd) into slots pos
-            self.v_cache[i][rows, :, pos] = v.transpose(1, 2)
+            q, k, v = f_in(x, L.norm_in, L.wq, L.bq, L.wk, L.bk, L.wv, L.bv, cos, sin, self.eps, H, KV, hd)
+            self.k_cache[i][rows, :, pos] = k  # (R, n, kv, hd) into slots pos
+            self.v_cache[i][rows, :, pos] = v
             kc, vc = self.k_cache[i, :, :, :span], self.v_cache[i, :, :, :span]
-            q = q.reshape(R, self.n_kv, G * n, self.head_dim)
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask).view(R, self.n_heads, n, self.head_dim)
-            x = x + F.linear(o.transpose(1, 2).reshape(R, n, -1), L.wo)
-            h = self._norm(x, L.norm_post)
-            x = x + F.linear(F.silu(F.linear(h, L.w_gate)) * F.linear(h, L.w_up), L.w_down)
-        return self._norm(x, self.norm)
+            q = q.transpose(1, 2).reshape(R, KV, G * n, hd)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)  # (R, KV, G*n, hd)
+            o = o.reshape(R, H, n, hd).transpose(1, 2).reshape(R, n, H * hd)
+            x = f_out(x, o, L.wo, L.norm_post, L.w_gate, L.w_up, L.w_down, self.eps)
+        return rms_norm(x, self.norm, self.eps)
+
+
+# --- the layer halves: pure functions, so torch.compile can fuse their element-wise work ---------
+
+
+def rms_norm(x, w, eps: float):
+    """Hugging Face's RMSNorm: normalise in float32, cast back, then scale."""
+    dt = x.dtype
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dt)
+
+
+def rope(x, cos, sin):  # x (R, n, heads, hd); cos, sin (R, n, 1, hd)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attn_in(x, norm_w, wq, bq, wk, bk, wv, bv, cos, sin, eps: float, n_heads: int, n_kv: int, hd: int):
+    """Norm, q/k/v projections and RoPE: (R, n, d) -> q (R, n, H, hd), k and v (R, n, KV, hd)."""
+    R, n, _ = x.shape
+    h = rms_norm(x, norm_w, eps)
+    q = F.linear(h, wq, bq).view(R, n, n_heads, hd)
+    k = F.linear(h, wk, bk).view(R, n, n_kv, hd)
+    v = F.linear(h, wv, bv).view(R, n, n_kv, hd)
+    return rope(q, cos, sin), rope(k, cos, sin), v
+
+
+def mlp_out(x, o, wo, norm_w, w_gate, w_up, w_down, eps: float):
+    """Attention output projection and residual, then the SwiGLU MLP and its residual."""
+    x = x + F.linear(o, wo)
+    h = rms_norm(x, norm_w, eps)
+    return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
+
+
+@functools.cache
+def compiled_fns():
+    """The layer halves under torch.compile (fixed shapes; one compilation per batch bucket)."""
+    return (torch.compile(attn_in, dynamic=False, fullgraph=True),
+            torch.compile(mlp_out, dynamic=False, fullgraph=True))

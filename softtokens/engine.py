@@ -96,10 +96,10 @@ class StaticEngine:
         self.prefill_len = max(len(v) for v in setup.prefills.values())
         self.max_len = max_len
         self.rows = rows
-        self.dec = StaticDecoder(lm.model, self.rows, self.max_len)
+        self.use_graphs = cuda_graphs and lm.device.type == "cuda"
+        self.dec = StaticDecoder(lm.model, self.rows, self.max_len, compile=cfg.compile_decoder and self.use_graphs)
         self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, lm.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.use_graphs = cuda_graphs and lm.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
         self.eos = torch.tensor(sorted(setup.eos_ids), device=lm.device)
         table = torch.zeros(len(STOP_CODES), self.prefill_len, dtype=torch.long)
