@@ -23,7 +23,6 @@ import platform
 import sys
 import time
 import traceback
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
+from softtokens.data import load_dataset  # noqa: E402
 from softtokens.models import CausalLM, load_model  # noqa: E402
 from softtokens.prompts import PROMPT_TEMPLATE, format_prompt  # noqa: E402
 from softtokens.rollout import generate_rollouts  # noqa: E402
@@ -100,8 +100,7 @@ def random_model(shape: str, dtype) -> CausalLM:
 
 def questions_for(lm: CausalLM, n: int, prompt_len: int | None) -> list[str]:
     if prompt_len is None:
-        lines = resources.files("softtokens").joinpath("data/gsm8k_test.jsonl").read_text().splitlines()
-        return [json.loads(line)["question"] for line in lines[:n]]
+        return [p.question for p in load_dataset("gsm8k", limit=n).problems]
     base = len(lm.tokenizer.encode(format_prompt("x"))) - 1
     if prompt_len <= base:
         raise SystemExit(f"--prompt-len must exceed the prompt template's {base} tokens")

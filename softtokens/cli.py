@@ -1,6 +1,8 @@
 """The command line: a thin layer that parses flags into the config dataclasses and calls the library.
 
     softtokens generate --mode soft --question "What is 3 + 4?" [--model M] [--show-top-k 5]
+    softtokens eval --model M --datasets gsm8k,math500,olympiadbench --settings all --num-samples 32 --out DIR
+    softtokens report DIR [DIR ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 import typing
 
-from softtokens.config import CoTConfig, RolloutConfig, field_docs
+from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, field_docs
 from softtokens.models import EMBEDDED_MODEL
 
 
@@ -44,15 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="roll out one or more questions and print the CoT and the answer")
-    gen.add_argument("--model", default=EMBEDDED_MODEL, help="HF directory, hub id, .gguf file, or 'smollm2' (embedded)")
+    add_model_flags(gen)
     gen.add_argument("--question", action="append", required=True, help="question text (repeat for several)")
-    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    gen.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bfloat16 on cuda)")
     gen.add_argument("--show-top-k", type=int, default=0, help="print the k most likely tokens of p at each CoT step")
     gen.add_argument("--json", action="store_true", help="print one JSON record per rollout instead of text")
     add_config_flags(gen, CoTConfig)
     add_config_flags(gen, RolloutConfig, skip=("record_means", "record_top_k"))
+
+    ev = sub.add_parser("eval", help="evaluate a model in the six inference settings (pass@1, pass@k, entropy)")
+    add_model_flags(ev)
+    add_config_flags(ev, EvalConfig)
+
+    rep = sub.add_parser("report", help="tables and plots from one or more evaluation folders")
+    rep.add_argument("runs", nargs="+", help="evaluation folders (each holds config.json and records/)")
+    rep.add_argument("--out", default=None, help="where to write results.md and the plots (default: the one run)")
     return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="HF directory, hub id, .gguf file, or 'smollm2' (embedded)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bfloat16 on cuda)")
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[str, str]:
@@ -97,10 +111,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from softtokens.evaluate import evaluate
+    from softtokens.models import load_model
+    from softtokens.report import report
+
+    cfg = config_from_args(EvalConfig, args)
+    device, dtype = _device_dtype(args.device, args.dtype)
+    lm = load_model(args.model, dtype=dtype, device=device)
+    evaluate(lm, cfg)
+    print(report([cfg.out]))
+    print(f"records, results.json, results.md, passk.png and entropy.png are in {cfg.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from softtokens.report import report
+
+    print(report(args.runs, args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "eval": cmd_eval, "report": cmd_report}[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"softtokens: error: {e}", file=sys.stderr)
         return 2

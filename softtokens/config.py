@@ -117,3 +117,46 @@ def field_docs(cls) -> dict[str, str]:
             docs[node.target.id] = str(nxt.value.value)
     assert set(docs) == {f.name for f in fields(cls)}, f"every field of {cls.__name__} needs a docstring"
     return docs
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation in the paper's six inference settings (METHOD.md §6)."""
+
+    datasets: str = "gsm8k,math500,olympiadbench"
+    """Comma-separated built-in names, files (.jsonl / .csv / .parquet) or hub names."""
+    settings: str = "all"
+    """Comma-separated settings (hard_greedy, hard_sample, soft_greedy, soft_sample, fuzzy_greedy, fuzzy_sample) or 'all'."""
+    num_samples: int = 32
+    """Samples per problem in the sampled settings (greedy settings take one); pass@k for k <= this."""
+    limit: int | None = None
+    """Evaluate only the first N problems of each dataset."""
+    max_cot_length: int = 512
+    """CoT length limit L (the paper evaluates at 512)."""
+    max_answer_length: int = 32
+    """Answer tokens after the prefill (answers are always greedy in evaluation)."""
+    batch_size: int = 64
+    """Rows (problems x samples) decoded together."""
+    seed: int = 0
+    """Base seed of the sampled settings."""
+    gamma: float = 0.33
+    """Noise scale of the soft/fuzzy sample settings: sigma = gamma * RMS(E), computed once per run."""
+    grading_workers: int = 2
+    """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
+    grading_timeout: float = 5.0
+    """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
+    save_cot_text: bool = True
+    """Keep each sample's CoT text (the shadow text for soft/fuzzy) in the per-problem records."""
+    out: str = "runs/eval"
+    """Output folder: config.json, records/, results.json, results.md and plots."""
+    resume: bool = False
+    """Continue an interrupted evaluation in --out, skipping every problem already recorded."""
+
+    def __post_init__(self):
+        for name in ("num_samples", "max_cot_length", "max_answer_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if not self.datasets.strip():
+            raise ValueError("datasets must name at least one dataset")

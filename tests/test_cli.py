@@ -70,3 +70,19 @@ def test_generate_bad_input_is_a_clear_error(model_dir, args, message):
         base[flag] = value
     out = run_cli("generate", *[x for kv in base.items() for x in kv], "--max-cot-length", "4")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_eval_and_report_commands(model_dir, tmp_path):
+    out = tmp_path / "ev"
+    args = ["eval", "--model", model_dir, "--datasets", "gsm8k", "--settings", "hard_greedy,soft_sample", "--limit", "2",
+            "--num-samples", "2", "--max-cot-length", "4", "--max-answer-length", "2", "--grading-workers", "0",
+            "--out", str(out)]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "| model | HG | HS1 | HS2 |" in res.stdout and (out / "results.json").exists()
+    again = run_cli(*args)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    rep = run_cli("report", str(out), str(out), "--out", str(tmp_path / "both"))
+    assert rep.returncode == 0 and rep.stdout.count(f"| {model_dir} |") == 2 and (tmp_path / "both" / "passk.png").exists()
+    bad = run_cli("eval", "--model", model_dir, "--settings", "warm", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown setting" in bad.stderr

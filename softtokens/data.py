@@ -1,0 +1,154 @@
+"""Maths datasets: the built-in sets shipped in the package, a user's JSONL / CSV / Parquet file, or a hub name.
+
+Every source becomes a list of ``Problem(id, question, answer)``. A bad row is an
+error naming the file, the line and the problem, unless ``skip_bad`` is set:
+then it is skipped, counted and reported in ``Dataset.skipped``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+# name -> file under softtokens/data (provenance and licences in softtokens/data/README.md)
+BUILTIN = {
+    "gsm8k": "gsm8k_test.jsonl.gz",
+    "gsm8k_test": "gsm8k_test.jsonl.gz",
+    "gsm8k_train": "gsm8k_train.jsonl.gz",
+    "math500": "math500.jsonl.gz",
+    "olympiadbench": "olympiadbench.jsonl.gz",
+    "math_train": "math_train.jsonl.gz",
+    "math_train12k": "math_train12k.jsonl.gz",
+}
+HUB_ALIASES = {"deepscaler": "agentica-org/DeepScaleR-Preview-Dataset"}
+QUESTION_KEYS = ("question", "problem", "prompt")
+ANSWER_KEYS = ("answer", "final_answer", "solution_answer")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+
+
+@dataclass
+class Dataset:
+    name: str
+    problems: list[Problem]
+    skipped: list[str] = field(default_factory=list)
+    """One 'file:line: reason' per row skipped with skip_bad."""
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+
+def _rows_jsonl(path: Path, opener):
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"broken JSON ({e.msg} at column {e.colno})"
+                continue
+            yield line_no, row, None if isinstance(row, dict) else "a line must hold a JSON object"
+
+
+def _rows_csv(path: Path):
+    with open(path, newline="", encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+            yield line_no, row, None
+
+
+def _rows_parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from e
+    for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        yield i, row, None
+
+
+def _rows_hub(name: str, split: str):
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"loading {name!r} from the Hugging Face hub needs `pip install datasets`") from e
+    for i, row in enumerate(datasets.load_dataset(name, split=split), 1):
+        yield i, row, None
+
+
+def _pick(row: dict, key: str | None, candidates: tuple[str, ...]) -> str | None:
+    if key is not None:
+        return key if key in row else None
+    return next((k for k in candidates if k in row), None)
+
+
+def load_dataset(
+    source: str,
+    question_key: str | None = None,
+    answer_key: str | None = None,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    split: str = "train",
+) -> Dataset:
+    """Problems from a built-in name, a .jsonl / .jsonl.gz / .csv / .parquet file, or a hub dataset name.
+
+    Columns: ``question_key`` / ``answer_key`` when given, else the first of
+    question|problem|prompt and answer|final_answer|solution_answer present.
+    """
+    if source in BUILTIN:
+        path = Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source])))
+        rows, where = _rows_jsonl(path, gzip.open), source
+    else:
+        path = Path(source)
+        suffixes = "".join(path.suffixes[-2:])
+        if path.suffix in (".jsonl", ".json", ".gz", ".csv", ".parquet") or path.exists():
+            if not path.is_file():
+                raise FileNotFoundError(f"no dataset file at {source}")
+            if suffixes.endswith((".jsonl", ".json")):
+                rows = _rows_jsonl(path, open)
+            elif suffixes.endswith((".jsonl.gz", ".json.gz")):
+                rows = _rows_jsonl(path, gzip.open)
+            elif path.suffix == ".csv":
+                rows = _rows_csv(path)
+            elif path.suffix == ".parquet":
+                rows = _rows_parquet(path)
+            else:
+                raise ValueError(f"{source}: unknown dataset format; use .jsonl, .jsonl.gz, .csv or .parquet")
+        else:
+            known = ", ".join(list(BUILTIN) + list(HUB_ALIASES))
+            if "/" not in source and source not in HUB_ALIASES:
+                raise ValueError(f"unknown dataset {source!r}: use one of {known}, a file, or a hub name 'org/name'")
+            rows = _rows_hub(HUB_ALIASES.get(source, source), split)
+        where = str(source)
+
+    problems, skipped = [], []
+    for line_no, row, error in rows:
+        if error is None:
+            q, a = _pick(row, question_key, QUESTION_KEYS), _pick(row, answer_key, ANSWER_KEYS)
+            if q is None:
+                error = f"no question column ({question_key or ' / '.join(QUESTION_KEYS)}); columns: {', '.join(row)}"
+            elif a is None:
+                error = f"no answer column ({answer_key or ' / '.join(ANSWER_KEYS)}); columns: {', '.join(row)}"
+            elif not str(row[q] or "").strip():
+                error = f"empty question in column {q!r}"
+            elif not str(row[a] if row[a] is not None else "").strip():
+                error = f"empty answer in column {a!r}"
+        if error is not None:
+            if not skip_bad:
+                raise ValueError(f"{where}:{line_no}: {error} (pass skip_bad / --skip-bad to skip such rows)")
+            skipped.append(f"{where}:{line_no}: {error}")
+            continue
+        problems.append(Problem(str(row.get("id", f"{Path(where).stem}-{line_no}")), str(row[q]).strip(), str(row[a]).strip()))
+        if limit is not None and len(problems) >= limit:
+            break
+    if not problems:
+        raise ValueError(f"{where}: no usable problems" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return Dataset(source, problems, skipped)

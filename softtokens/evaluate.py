@@ -1,0 +1,203 @@
+"""The evaluation harness: any model, the six inference settings, pass@k, entropy profiles (METHOD.md §6).
+
+    softtokens eval --model M --datasets gsm8k,math500,olympiadbench --settings all --num-samples 32 --out DIR
+
+For each dataset and setting, problems are rolled out in batches (problems x
+samples per forward pass); while a batch generates, the previous one is graded
+in worker processes. Each problem's record (its samples, verdicts and
+per-position entropy sums) is appended to ``records/<dataset>/<setting>.jsonl``
+as soon as it is graded, so an interrupted evaluation resumed with
+``--resume`` redoes nothing finished. Per-row seeds make the resumed samples
+the same ones an uninterrupted run would have drawn. ``summarize`` turns the
+records into ``results.json``; ``report.py`` makes the tables and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+from softtokens import cot
+from softtokens.config import CoTConfig, EvalConfig, RolloutConfig
+from softtokens.data import load_dataset
+from softtokens.models import CausalLM
+from softtokens.passk import mean_pass_at_k
+from softtokens.reward import Grader
+from softtokens.rollout import generate_rollouts
+
+SETTINGS = {
+    "hard_greedy": dict(mode="hard", temperature=0.0),
+    "hard_sample": dict(mode="hard", temperature=1.0),
+    "soft_greedy": dict(mode="soft", noise=False),
+    "soft_sample": dict(mode="soft"),
+    "fuzzy_greedy": dict(mode="fuzzy", noise=False),
+    "fuzzy_sample": dict(mode="fuzzy"),
+}
+KS = (1, 2, 4, 8, 16, 32)
+# The paper's column order (Tables 3-5): greedy pass@1, sample pass@1, sample pass@n for hard, fuzzy, soft.
+PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
+# Keys of config.json that must match for --resume to continue a run.
+RESUME_KEYS = ("model", "datasets", "settings", "num_samples", "limit", "max_cot_length", "max_answer_length",
+               "seed", "gamma")
+
+
+def setting_config(name: str, gamma: float) -> CoTConfig:
+    return CoTConfig(**SETTINGS[name], gamma=gamma)
+
+
+def parse_settings(spec: str) -> list[str]:
+    names = list(SETTINGS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown or not names:
+        raise ValueError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)} or 'all'")
+    return names
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of one dataset x setting; a last line cut short by an interruption is dropped."""
+    if not path.exists():
+        return []
+    out, lines = [], path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: corrupt record; delete the file to redo this setting") from None
+            path.write_text("".join(x + "\n" for x in lines[:-1]))  # an interrupted write: drop it
+    return out
+
+
+def _start(cfg: EvalConfig, run: dict) -> None:
+    """Create --out, or check that a resumed run is the same evaluation."""
+    out = Path(cfg.out)
+    saved = out / "config.json"
+    if saved.exists():
+        if not cfg.resume:
+            raise ValueError(f"{out} already holds an evaluation: pass --resume to continue it, or choose another --out")
+        old = json.loads(saved.read_text())
+        diff = [k for k in RESUME_KEYS if old.get(k) != run.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
+        run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(run, indent=2))
+
+
+def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True) -> dict:
+    """Run (or resume) an evaluation and return the summary that ``results.json`` holds."""
+    settings = parse_settings(cfg.settings)
+    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    datasets = {name: load_dataset(name, limit=cfg.limit) for name in names}  # fail early on a bad name or file
+    run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
+                                     "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma)}
+    del run["resume"], run["out"]
+    _start(cfg, run)
+    with Grader(cfg.grading_workers, cfg.grading_timeout) as grader:
+        for name, ds in datasets.items():
+            for setting in settings:
+                _evaluate_one(lm, cfg, run["sigma"], grader, name, ds, setting, progress)
+    return summarize(cfg.out)
+
+
+def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, ds, setting: str, progress: bool):
+    path = Path(cfg.out) / "records" / name / f"{setting}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["index"] for r in read_records(path)}
+    todo = [i for i in range(len(ds)) if i not in done]
+    cot_cfg = setting_config(setting, cfg.gamma)
+    n = cfg.num_samples if cot_cfg.sampled else 1
+    rcfg = RolloutConfig(max_cot_length=cfg.max_cot_length, max_answer_length=cfg.max_answer_length,
+                         answer_temperature=0.0, num_generations=n, seed=cfg.seed, batch_size=cfg.batch_size)
+    per_batch = max(1, cfg.batch_size // n)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ds), initial=len(done), desc=f"{name} {setting}", unit="problem")
+    pending = None
+    try:
+        for start in range(0, len(todo), per_batch):
+            idx = todo[start : start + per_batch]
+            rollouts = generate_rollouts(lm, [ds.problems[i].question for i in idx], cot_cfg, rcfg, sigma=sigma)
+            # rollouts are question-major: row j belongs to problem idx[j // n]
+            handle = grader.submit([(ds.problems[idx[j // n]].answer, r.completion) for j, r in enumerate(rollouts)])
+            if pending is not None:  # the previous batch was grading while this one generated
+                _write(path, ds, grader, *pending, cfg, bar)
+            pending = (idx, rollouts, handle, n)
+    finally:
+        if pending is not None:
+            _write(path, ds, grader, *pending, cfg, bar)
+        if bar is not None:
+            bar.close()
+
+
+def _write(path: Path, ds, grader: Grader, idx, rollouts, handle, n: int, cfg: EvalConfig, bar) -> None:
+    """Append one record per problem of a graded batch."""
+    grades = grader.result(handle)
+    with open(path, "a") as f:
+        for j, i in enumerate(idx):
+            rs, gs = rollouts[j * n : (j + 1) * n], grades[j * n : (j + 1) * n]
+            T = max(r.cot_length for r in rs)
+            ent_sum, ent_count = [0.0] * T, [0] * T
+            for r in rs:
+                for t, e in enumerate(r.cot_entropy.tolist()):
+                    ent_sum[t] += e
+                    ent_count[t] += 1
+            p = ds.problems[i]
+            rec = {
+                "index": i, "id": p.id, "question": p.question, "gold": p.answer, "n": n,
+                "correct": sum(g.correct for g in gs),
+                "samples": [
+                    {"answer": r.completion, "correct": g.correct, "reward": g.reward, "boxed": g.boxed,
+                     "stop_reason": r.stop_reason, "cot_length": r.cot_length}
+                    | ({"cot": r.cot_text} if cfg.save_cot_text else {})
+                    for r, g in zip(rs, gs)
+                ],
+                "entropy_sum": [round(x, 5) for x in ent_sum],
+                "entropy_count": ent_count,
+            }
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+    if bar is not None:
+        bar.update(len(idx))
+
+
+def summarize_records(records: list[dict]) -> dict:
+    """Metrics of one dataset x setting from its per-problem records."""
+    n = min(r["n"] for r in records)
+    counts = [(r["n"], r["correct"]) for r in records]
+    samples = [s for r in records for s in r["samples"]]
+    T = max(len(r["entropy_sum"]) for r in records)
+    ent_sum, ent_count = [0.0] * T, [0] * T
+    for r in records:
+        for t, (s, c) in enumerate(zip(r["entropy_sum"], r["entropy_count"])):
+            ent_sum[t] += s
+            ent_count[t] += c
+    return {
+        "problems": len(records),
+        "samples_per_problem": n,
+        "pass@1": mean_pass_at_k(counts, 1),
+        "pass@k": {str(k): mean_pass_at_k(counts, k) for k in sorted(set(KS) | {n}) if k <= n},
+        "boxed_rate": sum(s["boxed"] for s in samples) / len(samples),
+        "mean_cot_length": sum(s["cot_length"] for s in samples) / len(samples),
+        "stop_reasons": dict(Counter(s["stop_reason"] for s in samples)),
+        "entropy": [s / c for s, c in zip(ent_sum, ent_count)],
+        "entropy_rows": ent_count,
+    }
+
+
+def summarize(out: str | Path) -> dict:
+    """results.json of an evaluation folder, from its config and records (also for partial runs)."""
+    out = Path(out)
+    run = json.loads((out / "config.json").read_text())
+    results = {"model": run["model"], "config": run, "datasets": {}}
+    for name in run["datasets"]:
+        for setting in run["settings"]:
+            records = read_records(out / "records" / name / f"{setting}.jsonl")
+            if records:
+                results["datasets"].setdefault(name, {})[setting] = summarize_records(records)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,26 @@
+"""The unbiased pass@k estimator (Chen et al. 2021; METHOD.md §6)."""
+
+from __future__ import annotations
+
+import math
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n-c, k) / C(n, k): the chance that k of n samples, c of them correct, include a correct one.
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which neither overflows nor cancels.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples per problem: draw more samples or lower k")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(counts: list[tuple[int, int]], k: int) -> float:
+    """Mean pass@k over problems given (n, c) per problem."""
+    if not counts:
+        raise ValueError("no problems to average pass@k over")
+    return sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)

@@ -1,0 +1,107 @@
+"""Tables and plots from evaluation folders: the paper's layout, pass@k curves and entropy profiles.
+
+    softtokens report RUN_DIR [RUN_DIR ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from softtokens.evaluate import PAPER_COLUMNS, SETTINGS, summarize
+
+
+def load_results(run_dir: str | Path) -> dict:
+    """results.json of a run folder, recomputed from its records when they are there."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").exists():
+        return summarize(run_dir)
+    if (run_dir / "results.json").exists():
+        return json.loads((run_dir / "results.json").read_text())
+    raise FileNotFoundError(f"{run_dir}: no results.json or config.json; is this an evaluation folder?")
+
+
+def paper_table(runs: list[dict]) -> str:
+    """One Markdown table per dataset: HG HS1 HSn FG FS1 FSn SG SS1 SSn (percent), a row per model."""
+    out = []
+    datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
+    for ds in datasets:
+        n = max((s["samples_per_problem"] for r in runs for s in r["datasets"].get(ds, {}).values()), default=1)
+        cols = [c for L, m in PAPER_COLUMNS for c in [(f"{L}G", f"{m}_greedy", "1"), (f"{L}S1", f"{m}_sample", "1"),
+                                                       (f"{L}S{n}", f"{m}_sample", str(n))]]
+        problems = max(s["problems"] for r in runs for s in r["datasets"].get(ds, {}).values())
+        out += [f"**{ds}** ({problems} problems, pass@k in %)", "",
+                "| model | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for r in runs:
+            cells = []
+            for _, setting, k in cols:
+                s = r["datasets"].get(ds, {}).get(setting)
+                value = s["pass@k"].get(k) if s else None
+                cells.append("-" if value is None else f"{100 * value:.1f}")
+            out.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _grid(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def plot_passk(runs: list[dict], path: Path) -> None:
+    datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
+    plt, fig, axes = _grid(len(datasets))
+    for ax, ds in zip(axes, datasets):
+        for r in runs:
+            for setting in SETTINGS:
+                s = r["datasets"].get(ds, {}).get(setting)
+                if s and setting.endswith("sample"):
+                    ks = sorted(int(k) for k in s["pass@k"])
+                    label = setting if len(runs) == 1 else f"{r['model']} {setting}"
+                    ax.plot(ks, [100 * s["pass@k"][str(k)] for k in ks], marker="o", label=label)
+                elif s:  # greedy: one point at k = 1
+                    ax.scatter([1], [100 * s["pass@1"]], marker="x", label=setting if len(runs) == 1 else f"{r['model']} {setting}")
+        ax.set_xscale("log", base=2)
+        ax.set(title=ds, xlabel="k", ylabel="pass@k (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_entropy(runs: list[dict], path: Path) -> None:
+    datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
+    plt, fig, axes = _grid(len(datasets))
+    for ax, ds in zip(axes, datasets):
+        for r in runs:
+            for setting, s in r["datasets"].get(ds, {}).items():
+                label = setting if len(runs) == 1 else f"{r['model']} {setting}"
+                ax.plot(range(len(s["entropy"])), s["entropy"], label=label, linewidth=1)
+        ax.set(title=ds, xlabel="CoT position", ylabel="mean entropy of next-token distribution (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(run_dirs: list[str], out: str | None = None) -> str:
+    """Write results.md, passk.png and entropy.png into ``out`` (default: the single run's folder)."""
+    if not run_dirs:
+        raise ValueError("give at least one evaluation folder")
+    runs = [load_results(d) for d in run_dirs]
+    if out is None and len(run_dirs) > 1:
+        raise ValueError("several runs: pass --out for the combined report")
+    out_dir = Path(out or run_dirs[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = paper_table(runs)
+    (out_dir / "results.md").write_text(table)
+    plot_passk(runs, out_dir / "passk.png")
+    plot_entropy(runs, out_dir / "entropy.png")
+    return table

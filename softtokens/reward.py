@@ -1,0 +1,131 @@
+"""Grading answers with Math-Verify (METHOD.md §4): the paper's 100 / 10 / 0 reward and a correct / incorrect verdict.
+
+Math-Verify's own timeouts use ``signal.alarm``, which only works in a main
+thread (one RL framework scored every MATH item 0 because of it). So grading
+runs in worker processes, each in its own main thread with Math-Verify's
+timeouts on, behind an outer wall-clock guard that kills a worker stuck in C
+code (a huge power in sympy, say). ``Grader(workers=0)`` grades inline, in
+the main thread only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import threading
+from dataclasses import dataclass
+
+CORRECT, BOXED, NONE = 100.0, 10.0, 0.0
+MAX_CHARS = 20_000  # the graded text is short; anything longer is cut to its tail, where the box is
+
+
+@dataclass(frozen=True)
+class Grade:
+    reward: float
+    correct: bool
+    boxed: bool
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last brace-matched ``\\boxed{...}`` (or ``\\fbox{...}``), None without one."""
+    for cmd in ("\\boxed", "\\fbox"):
+        start = text.rfind(cmd + "{")
+        if start < 0:
+            continue
+        i, depth = start + len(cmd) + 1, 1
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len(cmd) + 1 : i - 1]
+    return None
+
+
+def grade_one(gold: str, completion: str, timeout: float = 5.0) -> Grade:
+    """Gold first: verify(parse(gold), parse(boxed prediction)). Any failure is a wrong answer, not an error."""
+    from math_verify import parse, verify
+
+    boxed = last_boxed(completion[-MAX_CHARS:])
+    if boxed is None or not boxed.strip():
+        return Grade(NONE, False, False)
+    seconds = max(1, int(round(timeout)))
+    try:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=seconds)
+        pred_parsed = parse(f"$\\boxed{{{boxed}}}$", parsing_timeout=seconds)
+        ok = bool(gold_parsed) and bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=seconds)
+    except BaseException:  # noqa: BLE001  timeouts, RecursionError, sympy errors: all mean "not verified"
+        ok = False
+    return Grade(CORRECT if ok else BOXED, ok, True)
+
+
+def _grade_many(pairs: list[tuple[str, str]], timeout: float) -> list[Grade]:
+    return [grade_one(g, c, timeout) for g, c in pairs]
+
+
+class Grader:
+    """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
+
+    def __init__(self, workers: int = 2, timeout: float = 5.0):
+        if workers < 0:
+            raise ValueError(f"grading workers must be >= 0, got {workers}")
+        self.workers, self.timeout = workers, timeout
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: a forked child of a process running torch threads can deadlock
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def submit(self, pairs: list[tuple[str, str]]):
+        """Start grading; returns a handle for ``result``. Inline graders grade now."""
+        if self.workers == 0:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
+            return _grade_many(pairs, self.timeout)
+        chunk = max(1, len(pairs) // (4 * self.workers))
+        return [(pairs[i : i + chunk], self._executor().submit(_grade_many, pairs[i : i + chunk], self.timeout))
+                for i in range(0, len(pairs), chunk)]
+
+    def result(self, handle) -> list[Grade]:
+        """The grades of a submitted batch. A chunk that outlives its guard (3 Math-Verify calls per pair,
+        each under the timeout) scores 0 and its worker is killed; chunks caught in that kill are regraded."""
+        if self.workers == 0:
+            return handle
+        out = []
+        for pairs, fut in handle:
+            zeros = [Grade(NONE, False, last_boxed(c[-MAX_CHARS:]) is not None) for _, c in pairs]
+            for attempt in range(2):
+                try:
+                    out += fut.result(timeout=self.timeout * (3 * len(pairs) + 1) + 5)
+                except cf.TimeoutError:
+                    self._kill()
+                    out += zeros
+                except (cf.process.BrokenProcessPool, cf.CancelledError):
+                    if attempt == 0:
+                        fut = self._executor().submit(_grade_many, pairs, self.timeout)
+                        continue
+                    out += zeros
+                break
+        return out
+
+    def grade(self, pairs: list[tuple[str, str]]) -> list[Grade]:
+        return self.result(self.submit(pairs))
+
+    def _kill(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from softtokens.data import BUILTIN, load_dataset
+
+
+def test_builtin_sets():
+    sizes = {"gsm8k": 1319, "gsm8k_train": 7473, "math500": 500, "olympiadbench": 675, "math_train": 7498,
+             "math_train12k": 11998}
+    for name, n in sizes.items():
+        ds = load_dataset(name)
+        assert len(ds) == n and all(p.question and p.answer for p in ds.problems), name
+    assert load_dataset("gsm8k").problems[0].answer == "18"
+    assert len(load_dataset("math500", limit=7)) == 7
+    assert set(sizes) <= set(BUILTIN)
+
+
+def test_user_files_with_named_columns(tmp_path):
+    jl = tmp_path / "mine.jsonl"
+    jl.write_text(json.dumps({"problem": "1+1?", "final": "2"}) + "\n\n" + json.dumps({"problem": "2+2?", "final": "4"}) + "\n")
+    ds = load_dataset(str(jl), answer_key="final")
+    assert [(p.question, p.answer) for p in ds.problems] == [("1+1?", "2"), ("2+2?", "4")]
+    csv = tmp_path / "mine.csv"
+    csv.write_text("q,a\n3+3?,6\n")
+    assert load_dataset(str(csv), question_key="q", answer_key="a").problems[0].answer == "6"
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"question": "a", "answer": "1"}', '{"question": "b"}'], "bad.jsonl:2: no answer column"),
+        (['{"question": "a", "answer": " "}'], "bad.jsonl:1: empty answer"),
+        (['{"question": "a", "answer": "1"}', '{"question": "b", "answer": '], "bad.jsonl:2: broken JSON"),
+        (['["a", 1]'], "bad.jsonl:1: a line must hold a JSON object"),
+        (['{"text": "a", "answer": "1"}'], "bad.jsonl:1: no question column"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_dataset(str(path))
+
+
+def test_skip_bad_counts_and_reports(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": ""}\nnot json\n')
+    ds = load_dataset(str(path), skip_bad=True)
+    assert len(ds) == 1 and len(ds.skipped) == 2
+    assert ds.skipped[0].endswith("mixed.jsonl:2: empty answer in column 'answer'")
+
+
+def test_unknown_names_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'gsm9k'"):
+        load_dataset("gsm9k")
+    with pytest.raises(FileNotFoundError, match="no dataset file"):
+        load_dataset(str(tmp_path / "nope.jsonl"))

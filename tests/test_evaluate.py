@@ -1,0 +1,74 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from softtokens import evaluate as ev
+from softtokens.config import EvalConfig
+from softtokens.report import report
+
+
+def _cfg(out, **kw):
+    base = dict(datasets="gsm8k,math500", settings="all", num_samples=4, limit=3, max_cot_length=6,
+                max_answer_length=3, batch_size=4, grading_workers=1, out=str(out))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _records(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_text() for p in sorted((out / "records").rglob("*.jsonl"))}
+
+
+def test_six_settings_end_to_end_write_every_output(llama, tmp_path):
+    results = ev.evaluate(llama, _cfg(tmp_path / "run"), progress=False)
+    table = report([str(tmp_path / "run")])
+    out = tmp_path / "run"
+    for name in ("config.json", "results.json", "results.md", "passk.png", "entropy.png"):
+        assert (out / name).exists(), name
+    assert (out / "passk.png").read_bytes()[:4] == b"\x89PNG"
+    for ds in ("gsm8k", "math500"):
+        assert set(results["datasets"][ds]) == set(ev.SETTINGS)
+        hs = results["datasets"][ds]["hard_sample"]
+        assert hs["problems"] == 3 and hs["samples_per_problem"] == 4 and set(hs["pass@k"]) == {"1", "2", "4"}
+        assert set(results["datasets"][ds]["hard_greedy"]["pass@k"]) == {"1"}
+        assert len(hs["entropy"]) <= 6 and sum(hs["stop_reasons"].values()) == 12
+        recs = [json.loads(x) for x in (out / "records" / ds / "soft_sample.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in recs] == [0, 1, 2] and len(recs[0]["samples"]) == 4
+        assert {"cot", "answer", "correct", "stop_reason", "cot_length"} <= set(recs[0]["samples"][0])
+        assert recs[0]["samples"][0]["answer"].startswith("\\boxed{")
+    assert "| model | HG | HS1 | HS4 | FG | FS1 | FS4 | SG | SS1 | SS4 |" in table
+
+
+def test_interrupted_run_resumes_to_the_same_results(llama, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    ev.evaluate(llama, _cfg(full, datasets="gsm8k"), progress=False)
+
+    real, calls = ev.generate_rollouts, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(ev, "generate_rollouts", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(llama, _cfg(part, datasets="gsm8k"), progress=False)
+    monkeypatch.setattr(ev, "generate_rollouts", real)
+    done = sum(len(t.splitlines()) for t in _records(part).values())
+    assert 0 < done < 18, "the interruption left some finished problems on disk"
+    with pytest.raises(ValueError, match="pass --resume"):
+        ev.evaluate(llama, _cfg(part, datasets="gsm8k"), progress=False)
+    with pytest.raises(ValueError, match="num_samples was 4, now 8"):
+        ev.evaluate(llama, _cfg(part, datasets="gsm8k", num_samples=8, resume=True), progress=False)
+    resumed = ev.evaluate(llama, _cfg(part, datasets="gsm8k", resume=True), progress=False)
+    assert _records(part) == _records(full)
+    assert resumed["datasets"] == json.loads((full / "results.json").read_text())["datasets"]
+
+
+def test_bad_settings_and_datasets(llama, tmp_path):
+    with pytest.raises(ValueError, match="unknown setting"):
+        ev.evaluate(llama, _cfg(tmp_path / "a", settings="hard_greedy,warm"), progress=False)
+    with pytest.raises(ValueError, match="unknown dataset 'gsm9k'"):
+        ev.evaluate(llama, _cfg(tmp_path / "b", datasets="gsm9k"), progress=False)

@@ -1,0 +1,79 @@
+import threading
+import time
+
+import pytest
+
+from softtokens.reward import Grader, grade_one, last_boxed
+
+
+@pytest.mark.parametrize(
+    "gold, completion",
+    [
+        ("18", "\\boxed{18}"),
+        ("18", "\\boxed{18.0}"),
+        ("2,125", "\\boxed{2125}"),
+        ("2125", "\\boxed{2,125}"),
+        ("\\frac{1}{2}", "\\boxed{0.5}"),
+        ("0.5", "\\boxed{\\dfrac{1}{2}}"),
+        ("\\frac{3}{4}", "\\boxed{3/4}"),
+        ("18", "\\boxed{\\$18}"),
+        ("18", "\\boxed{18 \\text{ dollars}}"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\frac{\\pi}{2})}"),
+        ("72", "\\boxed{72}. The answer is 72"),
+    ],
+)
+def test_equivalent_forms_score_100(gold, completion):
+    g = grade_one(gold, completion)
+    assert g.reward == 100 and g.correct and g.boxed
+
+
+def test_wrong_boxed_scores_10_and_no_box_scores_0():
+    assert grade_one("18", "\\boxed{17}").reward == 10
+    assert grade_one("18", "\\boxed{banana}").reward == 10
+    assert grade_one("18", "the answer is 18").reward == 0  # correct text, but no box
+    assert grade_one("18", "\\boxed{18").reward == 0  # a box never closed
+    assert grade_one("18", "\\boxed{}").reward == 0
+
+
+def test_last_boxed_is_brace_matched():
+    assert last_boxed("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("nothing") is None
+
+
+ADVERSARIAL = [
+    "\\boxed{" + "\\frac{1}{" * 3000 + "2" + "}" * 3001,  # deep nesting
+    "\\boxed{" + "1+" * 500_000 + "1}",  # a megabyte of text
+    "x" * 3_000_000 + "\\boxed{18}",  # megabytes before a correct box
+    "\\boxed{\\frac{\\sqrt{}{}}}}}{{{\\left(}",  # broken LaTeX
+    "\\boxed{١٨ 🤖 \u202e ∞ ∑ \x00}",  # unicode
+    "\\boxed{9^{9^{9^{9}}}}",  # a power sympy would compute for hours, in C
+]
+
+
+def test_adversarial_answers_score_within_the_timeout():
+    with Grader(workers=1, timeout=1) as grader:
+        start = time.time()
+        grades = grader.grade([("18", a) for a in ADVERSARIAL])
+        elapsed = time.time() - start
+        assert [g.correct for g in grades] == [False, False, True, False, False, False]
+        assert all(g.reward in (0, 10) for g in grades[:2] + grades[3:])
+        assert elapsed < 60, f"adversarial grading took {elapsed:.0f}s"
+        assert grader.grade([("7", "\\boxed{7}")])[0].reward == 100, "the grader works after a killed worker"
+
+
+def test_grading_off_the_main_thread():
+    out = {}
+
+    def work():
+        with Grader(workers=1, timeout=2) as grader:
+            out["grades"] = grader.grade([("18", "\\boxed{18}"), ("1/2", "\\boxed{0.5}"), ("3", "\\boxed{4}")])
+        try:
+            Grader(workers=0).grade([("1", "\\boxed{1}")])
+        except RuntimeError as e:
+            out["inline"] = str(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert [g.reward for g in out["grades"]] == [100, 100, 10]
+    assert "main thread" in out["inline"]
