@@ -152,3 +152,22 @@ def test_non_finite_logits_raise(llama):
         broken.model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite logits at decode step 0"):
         generate_rollouts(broken, QUESTIONS[:1], CoTConfig("soft"), _cfg())
+
+
+def test_finished_rows_leave_the_batch_without_changing_results(llama, monkeypatch):
+    from transformers import DynamicCache
+
+    greedy = CoTConfig("hard", temperature=0)
+    probe = generate_rollouts(llama, QUESTIONS[:1], greedy, _cfg(num_generations=1))[0]
+    cfg = _cfg(num_generations=2, max_cot_length=30, marker=llama.tokenizer.decode(probe.cot_ids[2:5]).strip())
+    calls = []
+    real = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: calls.append(len(idx)) or real(self, idx))
+    batch = generate_rollouts(llama, QUESTIONS, CoTConfig("soft"), cfg)
+    assert calls, "some rows stopped early, so the batch must have shrunk"
+    for i, q in enumerate(QUESTIONS):
+        alone = generate_rollouts(llama, [q], CoTConfig("soft"), cfg)
+        for a, b in zip(alone, batch[2 * i : 2 * i + 2]):
+            assert a.cot_ids == b.cot_ids and a.answer_ids == b.answer_ids and a.stop_reason == b.stop_reason
+            torch.testing.assert_close(a.cot_embeds, b.cot_embeds, rtol=0, atol=1e-5)
+            torch.testing.assert_close(a.cot_logprobs, b.cot_logprobs, rtol=2e-5, atol=1e-4)
