@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/softtokens generate --mode soft --max-cot-length 64 --show-top-k 3 \
-		--question "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
+	$(BIN)/softtokens train --config configs/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

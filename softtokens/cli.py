@@ -2,6 +2,7 @@
 
     softtokens generate --mode soft --question "What is 3 + 4?" [--model M] [--show-top-k 5]
     softtokens eval --model M --datasets gsm8k,math500,olympiadbench --settings all --num-samples 32 --out DIR
+    softtokens train --config configs/demo.yaml [--max-steps 10 ...]
     softtokens report DIR [DIR ...] [--out DIR]
 """
 
@@ -13,7 +14,7 @@ import json
 import sys
 import typing
 
-from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, field_docs
+from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, TrainConfig, config_from_dict, field_docs
 from softtokens.models import EMBEDDED_MODEL
 
 
@@ -23,18 +24,22 @@ def _flag_type(hint):
     return args[0] if args else hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One kebab-case flag per field of ``cls``, its help the field's docstring."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), overrides: bool = False) -> None:
+    """One kebab-case flag per field of ``cls``, its help the field's docstring.
+
+    With ``overrides`` every flag defaults to None, so only the flags given override a config file.
+    """
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        default = None if overrides else f.default
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
         else:
-            group.add_argument(flag, type=kind, default=f.default, help=docs[f.name] + f" (default: {f.default})")
+            group.add_argument(flag, type=kind, default=default, help=docs[f.name] + f" (default: {f.default})")
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -57,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(ev)
     add_config_flags(ev, EvalConfig)
 
-    rep = sub.add_parser("report", help="tables and plots from one or more evaluation folders")
-    rep.add_argument("runs", nargs="+", help="evaluation folders (each holds config.json and records/)")
+    tr = sub.add_parser("train", help="RL-train a model with hard, soft or fuzzy CoTs (RLOO)")
+    tr.add_argument("--config", default=None, help="a YAML file of TrainConfig keys (configs/*.yaml); flags override it")
+    add_config_flags(tr, TrainConfig, overrides=True)
+
+    rep = sub.add_parser("report", help="tables and plots from evaluation folders, curves from training folders")
+    rep.add_argument("runs", nargs="+", help="evaluation folders (config.json, records/) or training output_dirs")
     rep.add_argument("--out", default=None, help="where to write results.md and the plots (default: the one run)")
     return parser
 
@@ -125,6 +134,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import yaml
+
+    from softtokens.trainer import train
+
+    values, source = {}, "flags"
+    if args.config:
+        try:
+            values = yaml.safe_load(open(args.config)) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config file at {args.config}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{args.config}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config}: must hold a mapping of TrainConfig keys")
+        source = args.config
+    values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    cfg = config_from_dict(TrainConfig, values, source)
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_report(args) -> int:
     from softtokens.report import report
 
@@ -135,7 +167,7 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval, "report": cmd_report}[args.command](args)
+        return {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "report": cmd_report}[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"softtokens: error: {e}", file=sys.stderr)
         return 2

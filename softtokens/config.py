@@ -160,3 +160,128 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if not self.datasets.strip():
             raise ValueError("datasets must name at least one dataset")
+
+
+@dataclass
+class TrainConfig:
+    """An RL run (METHOD.md §5). The defaults are the paper's; YAML files under configs/ set the rest."""
+
+    model: str = "smollm2"
+    """HF directory, hub id, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)."""
+    dataset: str = "gsm8k_train"
+    """Training problems: a built-in name, a file, or a hub name (deepscaler)."""
+    val_size: int = 100
+    """[choice] Problems held out from the end of the training set for greedy validation."""
+    mode: str = "soft"
+    """CoT mode: hard, soft or fuzzy."""
+    temperature: float | None = None
+    """CoT temperature; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001)."""
+    gamma: float = 0.33
+    """Noise scale: sigma = gamma * RMS(E), computed once from the initial model and kept for the run."""
+    prompts_per_step: int = 2
+    """B: prompts per optimiser step."""
+    num_generations: int = 32
+    """G: rollouts per prompt (the RLOO group)."""
+    max_cot_length: int = 128
+    """CoT length limit L (128 for GSM8K, 512 for MATH and DeepScaleR)."""
+    max_answer_length: int = 32
+    """Answer tokens after the prefill."""
+    answer_temperature: float = 1.0
+    """Sampling temperature of the answer during training."""
+    estimator: str = "rloo"
+    """Advantage estimator: rloo (the paper) or grpo (std-normalised groups)."""
+    beta: float = 0.0
+    """KL penalty to a frozen copy of the initial model (k3 estimator); 0 = none, and no reference is loaded."""
+    learning_rate: float = 6e-6
+    """AdamW peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warm-up steps before the cosine decay."""
+    max_steps: int = 4000
+    """Optimiser steps (one per batch of B x G rollouts, on-policy)."""
+    adam_beta1: float = 0.9
+    """[choice] AdamW beta1."""
+    adam_beta2: float = 0.999
+    """[choice] AdamW beta2."""
+    weight_decay: float = 0.0
+    """[choice] AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """[choice] Gradient clipping norm; None = no clipping."""
+    micro_batch_size: int = 8
+    """Rollouts scored per backward pass (gradient accumulation over the B x G rollouts)."""
+    rollout_batch_size: int = 64
+    """Rows decoded together during rollouts."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (large models)."""
+    dtype: str = "auto"
+    """float32, bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N (auto: cuda when available)."""
+    seed: int = 0
+    """Seeds the problem order and every rollout."""
+    eval_steps: int = 100
+    """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
+    save_steps: int = 100
+    """Checkpoint every N steps (and at the end, and on SIGINT / SIGTERM)."""
+    logging_steps: int = 1
+    """Log metrics every N steps."""
+    grading_workers: int = 1
+    """Grading worker processes (0 = grade in the main thread)."""
+    eval_before_after: int = 0
+    """Evaluate the first N GSM8K test problems (hard greedy) before and after training; 0 = skip."""
+    output_dir: str = "runs/train"
+    """Checkpoints, metrics.jsonl, TensorBoard events and the resolved config."""
+    resume: bool = False
+    """Continue from the last checkpoint in output_dir."""
+
+    def __post_init__(self):
+        if self.mode not in cot.MODES:
+            raise ValueError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
+        for name in ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "max_steps",
+                     "micro_batch_size", "rollout_batch_size", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.estimator not in ("rloo", "grpo"):
+            raise ValueError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
+        if self.estimator == "rloo" and self.num_generations < 2:
+            raise ValueError("rloo needs num_generations >= 2")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def cot(self) -> CoTConfig:
+        return CoTConfig(self.mode, self.temperature, self.gamma)
+
+
+def config_from_dict(cls, values: dict, source: str = "config"):
+    """A config from a mapping (a YAML file, overrides), naming any unknown key or wrong type."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    out = {}
+    for key, value in values.items():
+        kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
+        if value is None and type(None) in typing.get_args(hints[key]):
+            out[key] = None
+        elif bool in kinds:
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+            out[key] = value
+        elif float in kinds and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML reads 6e-6 (no dot) as a string
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{source}: {key} must be a number, got {value!r}") from None
+        elif int in kinds and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+        elif str in kinds and isinstance(value, str):
+            out[key] = value
+        else:
+            want = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"{source}: {key} must be {want}, got {value!r}")
+    return cls(**out)

@@ -38,11 +38,12 @@ def policy_gradient_loss(advantages: torch.Tensor, loglik: torch.Tensor, total_r
     return -(advantages.detach().to(loglik.dtype) * loglik).sum() / total_rows
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-rollout KL(pi || ref) estimate, Schulman's k3 per step summed over steps. (N, T) x3 -> (N,).
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-rollout KL(pi || ref) estimate: Schulman's k3 per step, summed. (N, T) x2 -> (N,).
 
     For a Gaussian CoT step the log-ratio is that of the two densities at the
-    sampled input; for a token, that of the two token log-probs.
+    sampled input; for a token, that of the two token log-probs. Padded steps
+    hold 0 in both and add 0.
     """
     d = (ref_logp.detach() - logp).clamp(-20, 20)
-    return ((d.exp() - d - 1) * mask).sum(-1)
+    return (d.exp() - d - 1).sum(-1)

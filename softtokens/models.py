@@ -161,6 +161,10 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str =
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"could not load model {name!r}: {e}") from e
+    if "gguf_file" in kwargs:  # the weights are dequantised floats: save and train it as a plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(device).eval()
     return CausalLM(model, tokenizer, name=name)
 

@@ -91,10 +91,41 @@ def plot_entropy(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+TRAINING_CURVES = ("rollout/reward", "rollout/accuracy", "eval/greedy_accuracy", "train/loss", "rollout/cot_length",
+                   "rollout/entropy")
+
+
+def training_report(run_dir: str | Path) -> str:
+    """training.png (the curves above against the step) and a one-screen summary of a training output_dir."""
+    from softtokens.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    plt, fig, axes = _grid(len(TRAINING_CURVES))
+    for ax, key in zip(axes, TRAINING_CURVES):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+        ax.set(title=key, xlabel="step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "training.png", dpi=100)
+    plt.close(fig)
+    last = rows[-1]
+    return (f"{run_dir}: {len(rows)} logged steps, last step {last['step']}: reward {last['rollout/reward']:.1f}, "
+            f"accuracy {last['rollout/accuracy']:.3f}, loss {last['train/loss']:.4g}; curves in {run_dir}/training.png")
+
+
 def report(run_dirs: list[str], out: str | None = None) -> str:
-    """Write results.md, passk.png and entropy.png into ``out`` (default: the single run's folder)."""
+    """Write results.md, passk.png and entropy.png into ``out`` (default: the single run's folder).
+
+    Training output_dirs (with metrics.jsonl) get their curves in training.png instead."""
     if not run_dirs:
         raise ValueError("give at least one evaluation folder")
+    training = [d for d in run_dirs if (Path(d) / "metrics.jsonl").exists()]
+    lines = [training_report(d) for d in training]
+    run_dirs = [d for d in run_dirs if d not in training]
+    if not run_dirs:
+        return "\n".join(lines)
     runs = [load_results(d) for d in run_dirs]
     if out is None and len(run_dirs) > 1:
         raise ValueError("several runs: pass --out for the combined report")
@@ -104,4 +135,4 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
     (out_dir / "results.md").write_text(table)
     plot_passk(runs, out_dir / "passk.png")
     plot_entropy(runs, out_dir / "entropy.png")
-    return table
+    return "\n".join(lines + [table])

@@ -86,3 +86,22 @@ def test_eval_and_report_commands(model_dir, tmp_path):
     assert rep.returncode == 0 and rep.stdout.count(f"| {model_dir} |") == 2 and (tmp_path / "both" / "passk.png").exists()
     bad = run_cli("eval", "--model", model_dir, "--settings", "warm", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "unknown setting" in bad.stderr
+
+
+def test_train_command_reads_yaml_and_flags(model_dir, tmp_path):
+    import json
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {model_dir}\ndataset: gsm8k\nval_size: 2\nprompts_per_step: 1\nnum_generations: 2\n"
+                   "max_cot_length: 3\nmax_answer_length: 2\nlearning_rate: 1e-4\nmax_steps: 5\ngrading_workers: 0\n"
+                   f"output_dir: {tmp_path / 'out'}\n")
+    res = run_cli("train", "--config", str(cfg), "--max-steps", "1", "--mode", "fuzzy")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 1 and (tmp_path / "out" / "checkpoint-1" / "model.safetensors").exists()
+    assert "mode: fuzzy" in (tmp_path / "out" / "config.yaml").read_text()
+    rep = run_cli("report", str(tmp_path / "out"))
+    assert rep.returncode == 0 and (tmp_path / "out" / "training.png").exists()
+    cfg.write_text("learning_rat: 1e-5\n")
+    bad = run_cli("train", "--config", str(cfg))
+    assert bad.returncode == 2 and "unknown key(s) learning_rat" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,151 @@
+import os
+import signal
+
+import pytest
+import torch
+
+from softtokens import trainer as tr
+from softtokens.config import CoTConfig, RolloutConfig, TrainConfig, config_from_dict
+from softtokens.estimators import grpo_advantages, kl_k3, policy_gradient_loss, rloo_advantages
+from softtokens.models import tiny_lm
+from softtokens.reward import Grade
+from softtokens.rollout import generate_rollouts
+from softtokens.scoring import score_rollouts
+
+from conftest import QUESTIONS
+
+
+def test_advantages_and_loss_by_hand():
+    r = torch.tensor([[100.0, 10.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    torch.testing.assert_close(rloo_advantages(r)[0], torch.tensor([100 - 10 / 3, 10 - 100 / 3, -110 / 3, -110 / 3]))
+    assert rloo_advantages(r)[1].abs().sum() == 0
+    std = ((72.5**2 + 17.5**2 + 2 * 27.5**2) / 3) ** 0.5
+    torch.testing.assert_close(grpo_advantages(r)[0], (r[0] - 27.5) / (std + 1e-4))
+    assert torch.equal(grpo_advantages(r)[1], torch.zeros(4)), "a zero-std group gets zero advantages"
+    loglik = torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    loss = policy_gradient_loss(adv, loglik, total_rows=8)
+    assert loss.item() == pytest.approx(-(2 * -1 + -1 * -2 + 0.5 * -3) / 8)
+    loss.backward()
+    torch.testing.assert_close(loglik.grad, -adv / 8)
+    assert kl_k3(torch.zeros(1, 3), torch.zeros(1, 3)).item() == 0
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        rloo_advantages(torch.ones(2, 1))
+
+
+def test_micro_batches_give_the_full_batch_gradient():
+    lm = tiny_lm("qwen2", tie=False)
+    rollouts = generate_rollouts(lm, QUESTIONS[:2], CoTConfig("soft"), RolloutConfig(max_cot_length=6, max_answer_length=3, num_generations=4))
+    adv = rloo_advantages(torch.tensor([[100.0, 10, 0, 0], [0, 10, 10, 100]])).flatten()
+
+    def grads(micro):
+        lm.model.zero_grad()
+        for s in range(0, 8, micro):
+            policy_gradient_loss(adv[s : s + micro], score_rollouts(lm, rollouts[s : s + micro]).total, 8).backward()
+        return {n: p.grad.clone() for n, p in lm.model.named_parameters()}
+
+    full, micro = grads(8), grads(2)
+    scale = max(g.abs().max() for g in full.values())
+    for n in full:  # float32: only the summation order and the padding differ
+        torch.testing.assert_close(micro[n], full[n], rtol=0, atol=1e-5 * float(scale))
+
+
+def space_reward(pairs):
+    """A reward a tiny random model can learn: the answer starts with a space (about 1 token in 6)."""
+    return [Grade(100.0 if c.startswith("\\boxed{ ") else 0.0, c.startswith("\\boxed{ "), True) for _, c in pairs]
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
+def test_reward_rises_and_every_parameter_moves(mode):
+    lm = tiny_lm("llama", seed=1)
+    cfg = TrainConfig(model="tiny", mode=mode, prompts_per_step=2, num_generations=8, max_cot_length=4,
+                      max_answer_length=2, learning_rate=3e-2, warmup_steps=0, max_steps=60, micro_batch_size=16,
+                      max_grad_norm=None)
+    start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    problems = [tr.Problem(str(i), q, "1") for i, q in enumerate(QUESTIONS)]
+    rewards = []
+    for step in range(cfg.max_steps):
+        m = tr.train_step(lm, None, opt, sched, space_reward, cfg, 0.01, tr.problems_for_step(problems, step, 2, 0), step)
+        rewards.append(m["rollout/reward"])
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 25 and last > 50, f"{mode}: reward {first:.0f} -> {last:.0f}"
+    unchanged = [n for n, p in lm.model.named_parameters() if torch.equal(p, start[n])]
+    assert not unchanged, f"parameters a short run left untouched: {unchanged}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-train")
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(model_dir, out, **kw):
+    base = dict(model=model_dir, dataset="gsm8k", val_size=3, prompts_per_step=2, num_generations=2, max_cot_length=4,
+                max_answer_length=2, learning_rate=1e-3, warmup_steps=1, max_steps=4, eval_steps=2, save_steps=10,
+                micro_batch_size=2, grading_workers=0, output_dir=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch):
+    full = tr.train(_cfg(model_dir, tmp_path / "full"), progress=False)
+    real = tr.train_step
+
+    def interrupted(*args, **kw):  # SIGINT arrives during step 2
+        out = real(*args, **kw)
+        if args[-1] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(tr, "train_step", interrupted)
+    part = tr.train(_cfg(model_dir, tmp_path / "part"), progress=False)
+    assert part["step"] == 2 and (tmp_path / "part" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(tr, "train_step", real)
+    with pytest.raises(ValueError, match="pass --resume"):
+        tr.train(_cfg(model_dir, tmp_path / "part"), progress=False)
+    resumed = tr.train(_cfg(model_dir, tmp_path / "part", resume=True), progress=False)
+    assert resumed["step"] == 4 and resumed["best"] == full["best"]
+    a, b = _weights(tmp_path / "full" / "checkpoint-4"), _weights(tmp_path / "part" / "checkpoint-4")
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    metrics = lambda d: [line for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if not k.startswith("time/")} for x in lines]  # noqa: E731
+    assert strip(metrics(tmp_path / "full")) == strip(metrics(tmp_path / "part"))
+
+
+def test_checkpoint_is_a_plain_hf_model_and_broken_ones_are_refused(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tr.train(_cfg(model_dir, tmp_path / "run", max_steps=2), progress=False)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    AutoModelForCausalLM.from_pretrained(ckpt)  # ordinary hard inference
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checkpoint-2 is corrupt"):
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
+    other = tmp_path / "other"
+    tiny_lm("llama", hidden_size=48).model.save_pretrained(other)
+    tiny_lm("llama").tokenizer.save_pretrained(other)
+    tr.train(_cfg(str(other), tmp_path / "run2", max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="does not match the model"):
+        tr.train(_cfg(model_dir, tmp_path / "run2", max_steps=2, resume=True), progress=False)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown key\\(s\\) learning_rat"):
+        config_from_dict(TrainConfig, {"learning_rat": 1e-5}, "x.yaml")
+    with pytest.raises(ValueError, match="x.yaml: max_steps must be int"):
+        config_from_dict(TrainConfig, {"max_steps": "many"}, "x.yaml")
+    assert config_from_dict(TrainConfig, {"learning_rate": "6e-6"}).learning_rate == 6e-6
+    with pytest.raises(ValueError, match="unknown estimator"):
+        TrainConfig(estimator="ppo")
