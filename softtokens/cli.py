@@ -3,6 +3,7 @@
     softtokens generate --mode soft --question "What is 3 + 4?" [--model M] [--show-top-k 5]
     softtokens eval --model M --datasets gsm8k,math500,olympiadbench --settings all --num-samples 32 --out DIR
     softtokens train --config configs/demo.yaml [--max-steps 10 ...]
+    softtokens ood --model TRAINED --base BASE [--limit N] --out DIR
     softtokens report DIR [DIR ...] [--out DIR]
 """
 
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default=None, help="a YAML file of TrainConfig keys (configs/*.yaml); flags override it")
     add_config_flags(tr, TrainConfig, overrides=True)
 
+    ood = sub.add_parser("ood", help="out-of-domain check: HellaSwag, ARC, MMLU accuracy and answer NLL, vs a base")
+    add_model_flags(ood)
+    ood.add_argument("--base", default=None, help="the base model to compare against (same forms as --model)")
+    ood.add_argument("--datasets", default="hellaswag,arc_challenge,mmlu",
+                     help="comma-separated: hellaswag, arc_challenge, arc_easy, mmlu, or .jsonl files in that schema")
+    ood.add_argument("--limit", type=int, default=None, help="score only the first N items of each dataset")
+    ood.add_argument("--batch-size", type=int, default=32, help="sequences (item x choice) per forward pass")
+    ood.add_argument("--out", default="runs/ood", help="records, results and the chart go here")
+    ood.add_argument("--resume", action="store_true", help="continue an interrupted check in --out")
+
     rep = sub.add_parser("report", help="tables and plots from evaluation folders, curves from training folders")
     rep.add_argument("runs", nargs="+", help="evaluation folders (config.json, records/) or training output_dirs")
     rep.add_argument("--out", default=None, help="where to write results.md and the plots (default: the one run)")
@@ -78,23 +89,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bfloat16 on cuda)")
 
 
-def _device_dtype(device: str, dtype: str) -> tuple[str, str]:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
 def cmd_generate(args) -> int:
-    from softtokens.models import load_model
+    from softtokens.models import load_model, resolve_device
     from softtokens.rollout import generate_rollouts
 
     cot_cfg = config_from_args(CoTConfig, args)
     cfg = dataclasses.replace(config_from_args(RolloutConfig, args), record_top_k=max(args.show_top_k, 0))
-    device, dtype = _device_dtype(args.device, args.dtype)
+    device, dtype = resolve_device(args.device, args.dtype)
     lm = load_model(args.model, dtype=dtype, device=device)
     rollouts = generate_rollouts(lm, args.question, cot_cfg, cfg)
     tok = lm.tokenizer
@@ -122,11 +123,11 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from softtokens.evaluate import evaluate
-    from softtokens.models import load_model
+    from softtokens.models import load_model, resolve_device
     from softtokens.report import report
 
     cfg = config_from_args(EvalConfig, args)
-    device, dtype = _device_dtype(args.device, args.dtype)
+    device, dtype = resolve_device(args.device, args.dtype)
     lm = load_model(args.model, dtype=dtype, device=device)
     evaluate(lm, cfg)
     print(report([cfg.out]))
@@ -157,6 +158,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ood(args) -> int:
+    from pathlib import Path
+
+    from softtokens.models import load_model, resolve_device
+    from softtokens.ood import ood_eval, plot_ood, table2
+
+    out = Path(args.out)
+    if (out / "model").exists() and not args.resume:
+        raise ValueError(f"{out} already holds an OOD check: pass --resume to continue it, or choose another --out")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    device, dtype = resolve_device(args.device, args.dtype)
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    runs = {}
+    for role, name in (("model", args.model), ("base", args.base)):
+        if name is not None:
+            lm = load_model(name, dtype=dtype, device=device)
+            runs[role] = ood_eval(lm, names, out / role, args.limit, args.batch_size)
+            del lm
+    table = table2([runs["model"]], runs.get("base"))
+    (out / "ood.json").write_text(json.dumps(runs, indent=1))
+    (out / "ood.md").write_text(table + "\n")
+    plot_ood(list(runs.values()), out / "ood.png")
+    print(table)
+    print(f"records, ood.json, ood.md and ood.png are in {out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from softtokens.report import report
 
@@ -167,7 +196,8 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "report": cmd_report}[args.command](args)
+        commands = {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "ood": cmd_ood, "report": cmd_report}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"softtokens: error: {e}", file=sys.stderr)
         return 2

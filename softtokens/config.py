@@ -228,6 +228,8 @@ class TrainConfig:
     """Grading worker processes (0 = grade in the main thread)."""
     eval_before_after: int = 0
     """Evaluate the first N GSM8K test problems (hard greedy) before and after training; 0 = skip."""
+    ood_limit: int = 0
+    """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
     output_dir: str = "runs/train"
     """Checkpoints, metrics.jsonl, TensorBoard events and the resolved config."""
     resume: bool = False
@@ -240,7 +242,7 @@ class TrainConfig:
                      "micro_batch_size", "rollout_batch_size", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after"):
+        for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after", "ood_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.estimator not in ("rloo", "grpo"):

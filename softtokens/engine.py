@@ -88,7 +88,7 @@ class MarkerMatcher:
 
 
 class StaticEngine:
-    """Decodes batches of rows on a static cache; build one per rollout call (it holds the cache)."""
+    """Decodes batches of up to ``rows`` rows on a static cache; ``static_engine`` keeps one per model."""
 
     def __init__(self, setup: RolloutSetup, max_len: int, rows: int, cuda_graphs: bool = True):
         lm, cfg = setup.lm, setup.cfg
@@ -298,9 +298,9 @@ def static_engine(setup: RolloutSetup, max_prompt: int, rows: int, cuda_graphs: 
     prefill = max(len(v) for v in setup.prefills.values())
     max_len = _round_up(max_prompt + cfg.max_cot_length + prefill + cfg.max_answer_length + 1, SPAN_BUCKET)
     baked = dataclasses.replace(cfg, seed=0, num_generations=1, batch_size=1)  # what a graph depends on
-    key = (repr(setup.cot_cfg), repr(baked), setup.sigma, max_len, batch_bucket(rows), cuda_graphs)
+    key = (repr(setup.cot_cfg), repr(baked), setup.sigma, batch_bucket(rows), cuda_graphs)
     held = setup.lm.__dict__.get("_static_engine")
-    if held is not None and held[0] == key:
+    if held is not None and held[0] == key and held[1].max_len >= max_len:  # a longer cache serves shorter prompts
         held[1].setup = setup
         return held[1]
     setup.lm.__dict__["_static_engine"] = None

@@ -133,6 +133,15 @@ def embedded_model_path() -> Path:
     return path
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """'auto' device: CUDA when present; 'auto' dtype: bfloat16 on CUDA, float32 on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str = "cpu") -> CausalLM:
     """Load a causal LM and tokenizer from the embedded default, a .gguf file, a local directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -34,18 +34,14 @@ from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss
 from softtokens.metrics import MetricsLogger
-from softtokens.models import CausalLM, load_model
+from softtokens.models import CausalLM, load_model, resolve_device
+from softtokens.ood import TABLE2, ood_eval, table2
 from softtokens.reward import Grader
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
+OOD_SETS = dict(TABLE2)
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -211,6 +207,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                                               CoTConfig("hard", temperature=0.0), cfg)
             print(f"before training: GSM8K test hard-greedy accuracy {state['before']:.3f} "
                   f"on {cfg.eval_before_after} problems")
+        if cfg.ood_limit and state["step"] == 0:  # the base model's scores, before any update
+            ood_eval(lm, list(OOD_SETS), out / "ood-before", cfg.ood_limit, progress=progress)
         if progress:
             from tqdm import tqdm
 
@@ -251,6 +249,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             summary["after"] = greedy_accuracy(lm, grader, load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
                                                CoTConfig("hard", temperature=0.0), cfg)
             print(f"after training:  GSM8K test hard-greedy accuracy {summary['after']:.3f}")
+        if cfg.ood_limit and state["step"] == cfg.max_steps and (out / "ood-before" / "results.json").exists():
+            before = json.loads((out / "ood-before" / "results.json").read_text())
+            after = ood_eval(lm, list(OOD_SETS), out / "ood-after", cfg.ood_limit, progress=progress)
+            before["model"], after["model"] = "before training", "after training"
+            summary["ood"] = {"before": before["datasets"], "after": after["datasets"]}
+            print(table2([after], before))
     logger.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -28,3 +28,13 @@ def lm(request):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder, for commands that load by path."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)

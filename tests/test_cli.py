@@ -25,17 +25,6 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "softtokens.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from softtokens.models import tiny_lm
-
-    path = tmp_path_factory.mktemp("tiny")
-    lm = tiny_lm("qwen2")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_generate_prints_cot_top_k_and_answer(model_dir):
     out = run_cli("generate", "--model", model_dir, "--mode", "soft", "--question", "What is 3 + 4?",
                   "--max-cot-length", "6", "--max-answer-length", "3", "--show-top-k", "2", "--num-generations", "2")
@@ -105,3 +94,16 @@ def test_train_command_reads_yaml_and_flags(model_dir, tmp_path):
     cfg.write_text("learning_rat: 1e-5\n")
     bad = run_cli("train", "--config", str(cfg))
     assert bad.returncode == 2 and "unknown key(s) learning_rat" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ood_command_compares_with_base(model_dir, tmp_path):
+    out = tmp_path / "ood"
+    args = ["ood", "--model", model_dir, "--base", model_dir, "--datasets", "arc_challenge,hellaswag", "--limit", "3",
+            "--out", str(out)]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "| model | HellaSwag acc | NLL | ARC acc | NLL |" in res.stdout and "| change vs base | +0.00 | +0.000" in res.stdout
+    for name in ("ood.json", "ood.md", "ood.png"):
+        assert (out / name).exists()
+    again = run_cli(*args)
+    assert again.returncode == 2 and "pass --resume" in again.stderr

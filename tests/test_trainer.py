@@ -75,15 +75,6 @@ def test_reward_rises_and_every_parameter_moves(mode):
     assert not unchanged, f"parameters a short run left untouched: {unchanged}"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-train")
-    lm = tiny_lm("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _cfg(model_dir, out, **kw):
     base = dict(model=model_dir, dataset="gsm8k", val_size=3, prompts_per_step=2, num_generations=2, max_cot_length=4,
                 max_answer_length=2, learning_rate=1e-3, warmup_steps=1, max_steps=4, eval_steps=2, save_steps=10,
@@ -149,3 +140,9 @@ def test_config_errors_name_the_key():
     assert config_from_dict(TrainConfig, {"learning_rate": "6e-6"}).learning_rate == 6e-6
     with pytest.raises(ValueError, match="unknown estimator"):
         TrainConfig(estimator="ppo")
+
+
+def test_ood_hook_reports_before_and_after(model_dir, tmp_path):
+    summary = tr.train(_cfg(model_dir, tmp_path / "run", max_steps=1, ood_limit=2), progress=False)
+    assert set(summary["ood"]["before"]) == {"hellaswag", "arc_challenge", "mmlu"}
+    assert summary["ood"]["after"]["arc_challenge"]["items"] == 2

@@ -1,0 +1,224 @@
+"""The out-of-domain check (METHOD.md §7): does RL leave the base model's knowledge intact?
+
+    softtokens ood --model TRAINED [--base BASE] [--datasets hellaswag,arc_challenge,mmlu] [--limit N] --out DIR
+
+For each multiple-choice item, the log-likelihood of every choice given the
+question under a fixed zero-shot prompt, from batched teacher-forced passes
+(no generation): accuracy by the highest log-likelihood and by the highest
+log-likelihood per byte of the choice (lm-eval's acc and acc_norm), and the
+mean per-token negative log-likelihood of the correct choice (the paper's
+Table 2 number). Item records are appended as they are scored, so ``--resume``
+loses nothing.
+
+Prompt (cloze style, as lm-eval scores ARC and HellaSwag): HellaSwag scores
+``{context}`` + `` {ending}``; ARC and MMLU score ``Question: {question}\\nAnswer:``
++ `` {choice}``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from softtokens import cot
+from softtokens.models import CausalLM
+
+BUILTIN = {
+    "hellaswag": "hellaswag_val.jsonl.gz",
+    "arc_challenge": "arc_challenge_test.jsonl.gz",
+    "arc_easy": "arc_easy_test.jsonl.gz",
+    "mmlu": "mmlu_test.jsonl.gz",
+}
+TABLE2 = (("hellaswag", "HellaSwag"), ("arc_challenge", "ARC"), ("mmlu", "MMLU"))
+
+
+@dataclass(frozen=True)
+class MCItem:
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    label: int
+    subject: str | None = None
+
+
+def load_mc(source: str, limit: int | None = None) -> list[MCItem]:
+    """Items of a built-in set or a user's .jsonl(.gz) in the same schema; a bad item names its file and line."""
+    if source in BUILTIN:
+        path, where = Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source]))), source
+    else:
+        path, where = Path(source), source
+        if not path.is_file():
+            raise FileNotFoundError(f"no multiple-choice file at {source} (built-in: {', '.join(BUILTIN)})")
+    opener = gzip.open if path.suffix == ".gz" else open
+    items = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}:{line_no}: broken JSON ({e.msg})") from None
+            choices, label = row.get("choices"), row.get("label")
+            if not isinstance(row.get("question"), str):
+                raise ValueError(f"{where}:{line_no}: no question text")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+                raise ValueError(f"{where}:{line_no}: choices must be a list of at least two non-empty strings")
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+                raise ValueError(f"{where}:{line_no}: label {label!r} is not an index into the {len(choices)} choices")
+            items.append(MCItem(str(row.get("id", f"{where}-{line_no}")), row["question"], tuple(choices), label,
+                                row.get("subject")))
+            if limit is not None and len(items) >= limit:
+                break
+    if not items:
+        raise ValueError(f"{where}: no items")
+    return items
+
+
+def prompt_and_continuations(item: MCItem, dataset: str) -> tuple[str, list[str]]:
+    if dataset == "hellaswag":
+        return item.question, [" " + c for c in item.choices]
+    return f"Question: {item.question}\nAnswer:", [" " + c for c in item.choices]
+
+
+@torch.no_grad()
+def score_items(lm: CausalLM, items: list[MCItem], dataset: str, batch_size: int = 32) -> list[dict]:
+    """Per item: the summed log-likelihood and token count of every choice, in batched forward passes."""
+    tok = lm.tokenizer
+    seqs = []  # (item index, choice index, prompt ids, continuation ids)
+    for i, item in enumerate(items):
+        prompt, conts = prompt_and_continuations(item, dataset)
+        p_ids = tok.encode(prompt)
+        seqs += [(i, j, p_ids, tok.encode(c, add_special_tokens=False)) for j, c in enumerate(conts)]
+    logliks = [[0.0] * len(it.choices) for it in items]
+    counts = [[0] * len(it.choices) for it in items]
+    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k][2]) - len(seqs[k][3]))  # similar lengths together
+    dev = lm.device
+    for start in range(0, len(order), batch_size):
+        batch = [seqs[k] for k in order[start : start + batch_size]]
+        S = max(len(p) + len(c) for _, _, p, c in batch)
+        ids = torch.full((len(batch), S), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (_, _, p, c) in enumerate(batch):  # right padding: positions need no shift
+            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[r, : len(p) + len(c)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        hidden = lm.hidden(lm.embed(ids), mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        rows = torch.tensor([r for r, (_, _, _, c) in enumerate(batch) for _ in c], device=dev)
+        cols = torch.tensor([len(p) + t - 1 for _, _, p, c in batch for t in range(len(c))], device=dev)
+        targets = torch.tensor([t for _, _, _, c in batch for t in c], device=dev)
+        lp = cot.token_log_probs(lm.logits(hidden[rows, cols]), targets, 1.0).cpu().tolist()
+        pos = 0
+        for i, j, _, c in batch:
+            logliks[i][j], counts[i][j] = sum(lp[pos : pos + len(c)]), len(c)
+            pos += len(c)
+    return [{"id": it.id, "subject": it.subject, "label": it.label, "loglik": ll, "tokens": n,
+             "bytes": [len(c.encode()) for c in prompt_and_continuations(it, dataset)[1]]}
+            for it, ll, n in zip(items, logliks, counts)]
+
+
+def item_metrics(rec: dict) -> dict:
+    ll, label = rec["loglik"], rec["label"]
+    pred = max(range(len(ll)), key=lambda j: ll[j])
+    pred_norm = max(range(len(ll)), key=lambda j: ll[j] / rec["bytes"][j])
+    return {"correct": pred == label, "correct_norm": pred_norm == label, "nll": -ll[label] / rec["tokens"][label]}
+
+
+def _scores(records: list[dict]) -> dict:
+    ms = [item_metrics(r) for r in records]
+    return {
+        "items": len(ms),
+        "accuracy": sum(m["correct"] for m in ms) / len(ms),
+        "accuracy_norm": sum(m["correct_norm"] for m in ms) / len(ms),
+        "nll": sum(m["nll"] for m in ms) / len(ms),
+    }
+
+
+def summarize_ood(records: list[dict]) -> dict:
+    """Accuracy, length-normalised accuracy and mean per-token NLL of the correct choice; per subject too (MMLU)."""
+    out = _scores(records)
+    subjects = sorted({r["subject"] for r in records if r.get("subject")})
+    if subjects:
+        out["subjects"] = {s: _scores([r for r in records if r.get("subject") == s]) for s in subjects}
+    return out
+
+
+def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | None = None, batch_size: int = 32,
+             chunk: int = 64, progress: bool = True) -> dict:
+    """Score each dataset into out/records/<dataset>.jsonl (resuming what is there) and return out/results.json."""
+    out = Path(out)
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    results = {"model": lm.name, "datasets": {}}
+    for name in datasets:
+        items = load_mc(name, limit)
+        path = out / "records" / f"{name}.jsonl"
+        done = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        done_ids = {r["id"] for r in done}
+        todo = [it for it in items if it.id not in done_ids]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"ood {name}", unit="item")
+        for s in range(0, len(todo), chunk):
+            recs = score_items(lm, todo[s : s + chunk], name, batch_size)
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in recs)
+            done += recs
+            if bar is not None:
+                bar.update(len(recs))
+        if bar is not None:
+            bar.close()
+        keep = {it.id for it in items}
+        results["datasets"][name] = summarize_ood([r for r in done if r["id"] in keep])
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def table2(runs: list[dict], base: dict | None = None) -> str:
+    """The paper's Table 2 layout: accuracy (%) and per-token NLL of the correct answer, per dataset and model."""
+    names = [(k, label) for k, label in TABLE2 if any(k in r["datasets"] for r in runs)]
+    names += [(k, k) for r in runs for k in r["datasets"] if k not in dict(TABLE2)]
+    names = list(dict.fromkeys(names))
+    head = "| model | " + " | ".join(f"{label} acc | NLL" for _, label in names) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(names)]
+    for r in ([base] if base else []) + runs:
+        cells = []
+        for k, _ in names:
+            d = r["datasets"].get(k)
+            cells += [f"{100 * d['accuracy']:.2f}", f"{d['nll']:.3f}"] if d else ["-", "-"]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        if base and r is not base:
+            delta = []
+            for k, _ in names:
+                d, b = r["datasets"].get(k), base["datasets"].get(k)
+                delta += [f"{100 * (d['accuracy'] - b['accuracy']):+.2f}", f"{d['nll'] - b['nll']:+.3f}"] if d and b else ["-", "-"]
+            lines.append(f"| change vs base | " + " | ".join(delta) + " |")
+    return "\n".join(lines)
+
+
+def plot_ood(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(k for r in runs for k in r["datasets"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(runs)
+    for m, r in enumerate(runs):
+        xs = [i + m * width for i in range(len(names))]
+        axes[0].bar(xs, [100 * r["datasets"].get(k, {}).get("accuracy", 0) for k in names], width, label=r["model"])
+        axes[1].bar(xs, [r["datasets"].get(k, {}).get("nll", 0) for k in names], width, label=r["model"])
+    for ax, title in zip(axes, ("accuracy (%)", "per-token NLL of the correct answer")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
