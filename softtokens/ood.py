@@ -88,38 +88,61 @@ def prompt_and_continuations(item: MCItem, dataset: str) -> tuple[str, list[str]
 
 @torch.no_grad()
 def score_items(lm: CausalLM, items: list[MCItem], dataset: str, batch_size: int = 32) -> list[dict]:
-    """Per item: the summed log-likelihood and token count of every choice, in batched forward passes."""
+    """Per item: the summed log-likelihood and token count of every choice.
+
+    The question is run once per item and its KV cache fanned out to the item's choices, so the prompt
+    is not recomputed for each choice; ``batch_size`` counts choice sequences per forward pass.
+    """
     tok = lm.tokenizer
-    seqs = []  # (item index, choice index, prompt ids, continuation ids)
-    for i, item in enumerate(items):
+    encoded = []
+    for item in items:
         prompt, conts = prompt_and_continuations(item, dataset)
-        p_ids = tok.encode(prompt)
-        seqs += [(i, j, p_ids, tok.encode(c, add_special_tokens=False)) for j, c in enumerate(conts)]
-    logliks = [[0.0] * len(it.choices) for it in items]
-    counts = [[0] * len(it.choices) for it in items]
-    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k][2]) - len(seqs[k][3]))  # similar lengths together
-    dev = lm.device
-    for start in range(0, len(order), batch_size):
-        batch = [seqs[k] for k in order[start : start + batch_size]]
-        S = max(len(p) + len(c) for _, _, p, c in batch)
-        ids = torch.full((len(batch), S), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (_, _, p, c) in enumerate(batch):  # right padding: positions need no shift
-            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[r, : len(p) + len(c)] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        hidden = lm.hidden(lm.embed(ids), mask, (mask.cumsum(-1) - 1).clamp(min=0))
-        rows = torch.tensor([r for r, (_, _, _, c) in enumerate(batch) for _ in c], device=dev)
-        cols = torch.tensor([len(p) + t - 1 for _, _, p, c in batch for t in range(len(c))], device=dev)
-        targets = torch.tensor([t for _, _, _, c in batch for t in c], device=dev)
-        lp = cot.token_log_probs(lm.logits(hidden[rows, cols]), targets, 1.0).cpu().tolist()
-        pos = 0
-        for i, j, _, c in batch:
-            logliks[i][j], counts[i][j] = sum(lp[pos : pos + len(c)]), len(c)
-            pos += len(c)
-    return [{"id": it.id, "subject": it.subject, "label": it.label, "loglik": ll, "tokens": n,
+        encoded.append((tok.encode(prompt), [tok.encode(c, add_special_tokens=False) for c in conts]))
+    logliks: list[list[float]] = [[] for _ in items]
+    by_k: dict[int, list[int]] = {}
+    for i, item in enumerate(items):  # items with as many choices share a batch
+        by_k.setdefault(len(item.choices), []).append(i)
+    for k, idx in by_k.items():
+        per_batch = max(1, batch_size // k)
+        for s in range(0, len(idx), per_batch):
+            batch = idx[s : s + per_batch]
+            for i, ll in zip(batch, _score_batch(lm, [encoded[i] for i in batch], k)):
+                logliks[i] = ll
+    return [{"id": it.id, "subject": it.subject, "label": it.label, "loglik": ll, "tokens": [len(c) for c in enc[1]],
              "bytes": [len(c.encode()) for c in prompt_and_continuations(it, dataset)[1]]}
-            for it, ll, n in zip(items, logliks, counts)]
+            for it, ll, enc in zip(items, logliks, encoded)]
+
+
+def _score_batch(lm: CausalLM, batch: list[tuple[list[int], list[list[int]]]], k: int) -> list[list[float]]:
+    """Prompts left-padded and run once; their cache repeated k times; continuations right-padded after them."""
+    dev, pad = lm.device, lm.tokenizer.pad_token_id
+    B, P = len(batch), max(len(p) for p, _ in batch)
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, _) in enumerate(batch):
+        ids[r, P - len(p) :], mask[r, P - len(p) :] = torch.tensor(p), 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    cache = lm.new_cache()
+    first = torch.log_softmax(lm.logits(lm.hidden(lm.embed(ids), mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)[:, -1]), -1)
+    cache.batch_repeat_interleave(k)
+    conts = [c for _, cs in batch for c in cs]  # (B * k) continuations, item-major
+    C = max(len(c) for c in conts)
+    cids = torch.full((B * k, C), pad, dtype=torch.long)
+    for r, c in enumerate(conts):
+        cids[r, : len(c)] = torch.tensor(c)
+    cids = cids.to(dev)
+    full_mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones(B * k, C, dtype=mask.dtype, device=dev)], 1)
+    pos = mask.sum(-1).repeat_interleave(k)[:, None] + torch.arange(C, device=dev)[None]
+    hidden = lm.hidden(lm.embed(cids), full_mask, pos, cache)  # (B*k, C, d): position t predicts token t + 1
+    rows = [r for r, c in enumerate(conts) for _ in c[1:]]
+    cols = [t for c in conts for t in range(len(c) - 1)]
+    later = cot.token_log_probs(lm.logits(hidden[rows, cols]), cids[rows, [t + 1 for t in cols]], 1.0).tolist()
+    out, pos_later = [], 0
+    for r, c in enumerate(conts):
+        lp = float(first[r // k, c[0]]) + sum(later[pos_later : pos_later + len(c) - 1])
+        pos_later += len(c) - 1
+        out.append(lp)
+    return [out[b * k : (b + 1) * k] for b in range(B)]
 
 
 def item_metrics(rec: dict) -> dict:
