@@ -47,7 +47,8 @@ class Dataset:
         return len(self.problems)
 
 
-def _rows_jsonl(path: Path, opener):
+def jsonl_rows(path: Path, opener):
+    """(line number, object, error) per non-empty line; a broken line comes back as an error, not an exception."""
     with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -105,7 +106,7 @@ def load_dataset(
     """
     if source in BUILTIN:
         path = Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source])))
-        rows, where = _rows_jsonl(path, gzip.open), source
+        rows, where = jsonl_rows(path, gzip.open), source
     else:
         path = Path(source)
         suffixes = "".join(path.suffixes[-2:])
@@ -113,9 +114,9 @@ def load_dataset(
             if not path.is_file():
                 raise FileNotFoundError(f"no dataset file at {source}")
             if suffixes.endswith((".jsonl", ".json")):
-                rows = _rows_jsonl(path, open)
+                rows = jsonl_rows(path, open)
             elif suffixes.endswith((".jsonl.gz", ".json.gz")):
-                rows = _rows_jsonl(path, gzip.open)
+                rows = jsonl_rows(path, gzip.open)
             elif path.suffix == ".csv":
                 rows = _rows_csv(path)
             elif path.suffix == ".parquet":

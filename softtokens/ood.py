@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from softtokens import cot
+from softtokens.data import jsonl_rows
 from softtokens.models import CausalLM
 
 BUILTIN = {
@@ -54,27 +55,21 @@ def load_mc(source: str, limit: int | None = None) -> list[MCItem]:
         path, where = Path(source), source
         if not path.is_file():
             raise FileNotFoundError(f"no multiple-choice file at {source} (built-in: {', '.join(BUILTIN)})")
-    opener = gzip.open if path.suffix == ".gz" else open
     items = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}:{line_no}: broken JSON ({e.msg})") from None
-            choices, label = row.get("choices"), row.get("label")
-            if not isinstance(row.get("question"), str):
-                raise ValueError(f"{where}:{line_no}: no question text")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise ValueError(f"{where}:{line_no}: choices must be a list of at least two non-empty strings")
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-                raise ValueError(f"{where}:{line_no}: label {label!r} is not an index into the {len(choices)} choices")
-            items.append(MCItem(str(row.get("id", f"{where}-{line_no}")), row["question"], tuple(choices), label,
-                                row.get("subject")))
-            if limit is not None and len(items) >= limit:
-                break
+    for line_no, row, error in jsonl_rows(path, gzip.open if path.suffix == ".gz" else open):
+        if error is not None:
+            raise ValueError(f"{where}:{line_no}: {error}")
+        choices, label = row.get("choices"), row.get("label")
+        if not isinstance(row.get("question"), str):
+            raise ValueError(f"{where}:{line_no}: no question text")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError(f"{where}:{line_no}: choices must be a list of at least two non-empty strings")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+            raise ValueError(f"{where}:{line_no}: label {label!r} is not an index into the {len(choices)} choices")
+        items.append(MCItem(str(row.get("id", f"{where}-{line_no}")), row["question"], tuple(choices), label,
+                            row.get("subject")))
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise ValueError(f"{where}: no items")
     return items
