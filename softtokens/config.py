@@ -221,7 +221,7 @@ class TrainConfig:
     eval_steps: int = 100
     """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
     save_steps: int = 100
-    """Checkpoint every N steps (and at the end, and on SIGINT / SIGTERM)."""
+    """Checkpoint every N steps (and always at the end and on SIGINT / SIGTERM); 0 = only then."""
     logging_steps: int = 1
     """Log metrics every N steps."""
     grading_workers: int = 1

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -234,11 +235,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     val = f", greedy validation {metrics['eval/greedy_accuracy']:.3f}" if "eval/greedy_accuracy" in metrics else ""
                     bar.write(f"step {step}: reward {metrics['rollout/reward']:.1f}, accuracy "
                               f"{metrics['rollout/accuracy']:.3f}, CoT length {metrics['rollout/cot_length']:.0f}{val}")
-            if step % cfg.save_steps == 0 or last or stop.set:
+            if (cfg.save_steps and step % cfg.save_steps == 0) or last or stop.set:
                 save_checkpoint(out / f"checkpoint-{step}", lm, optimizer, scheduler, state)
                 for old in checkpoints(out)[:-2]:  # keep the last two
-                    import shutil
-
                     shutil.rmtree(old)
             if stop.set:
                 break
