@@ -140,7 +140,6 @@ def device_rates() -> dict:
         y.copy_(x)
     _, secs = timed(lambda: [y.copy_(x) for _ in range(10)])
     bw = 2 * x.numel() * 2 * 10 / secs
-    del x, y
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEVICE)
     for _ in range(3):
         a @ a

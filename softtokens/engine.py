@@ -241,7 +241,7 @@ class StaticEngine:
     @torch.no_grad()
     def decode(self, prompt_ids: list[list[int]], draws: list[RowDraws], keys):
         """Rollout records for up to ``rows`` rows, like ``rollout.decode_batch``."""
-        setup, lm, cfg = self.setup, self.setup.lm, self.setup.cfg
+        lm, cfg = self.setup.lm, self.setup.cfg
         n, R, s = len(prompt_ids), self.rows, self.s
         assert n <= R, f"batch of {n} rows exceeds the engine's {R}"
         self._reset(prompt_ids, draws)

@@ -216,7 +216,7 @@ def table2(runs: list[dict], base: dict | None = None) -> str:
             for k, _ in names:
                 d, b = r["datasets"].get(k), base["datasets"].get(k)
                 delta += [f"{100 * (d['accuracy'] - b['accuracy']):+.2f}", f"{d['nll'] - b['nll']:+.3f}"] if d and b else ["-", "-"]
-            lines.append(f"| change vs base | " + " | ".join(delta) + " |")
+            lines.append("| change vs base | " + " | ".join(delta) + " |")
     return "\n".join(lines)
 
 
