@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"softtokens: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("softtokens: interrupted; finished work is on disk, rerun with --resume to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
