@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from softtokens.evaluate import PAPER_COLUMNS, SETTINGS, summarize
+from softtokens.evaluate import PAPER_COLUMNS, summarize
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -53,42 +53,42 @@ def _grid(n: int):
     return plt, fig, axes[0]
 
 
-def plot_passk(runs: list[dict], path: Path) -> None:
-    datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
-    plt, fig, axes = _grid(len(datasets))
-    for ax, ds in zip(axes, datasets):
-        for r in runs:
-            for setting in SETTINGS:
-                s = r["datasets"].get(ds, {}).get(setting)
-                if s and setting.endswith("sample"):
-                    ks = sorted(int(k) for k in s["pass@k"])
-                    label = setting if len(runs) == 1 else f"{r['model']} {setting}"
-                    ax.plot(ks, [100 * s["pass@k"][str(k)] for k in ks], marker="o", label=label)
-                elif s:  # greedy: one point at k = 1
-                    ax.scatter([1], [100 * s["pass@1"]], marker="x", label=setting if len(runs) == 1 else f"{r['model']} {setting}")
-        ax.set_xscale("log", base=2)
-        ax.set(title=ds, xlabel="k", ylabel="pass@k (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_entropy(runs: list[dict], path: Path) -> None:
+def _per_dataset(runs: list[dict], path: Path, draw, xlabel: str, ylabel: str, log2_x: bool = False) -> None:
+    """One panel per dataset; ``draw(ax, setting, summary, label)`` adds each run's settings to it."""
     datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
     plt, fig, axes = _grid(len(datasets))
     for ax, ds in zip(axes, datasets):
         for r in runs:
             for setting, s in r["datasets"].get(ds, {}).items():
-                label = setting if len(runs) == 1 else f"{r['model']} {setting}"
-                ax.plot(range(len(s["entropy"])), s["entropy"], label=label, linewidth=1)
-        ax.set(title=ds, xlabel="CoT position", ylabel="mean entropy of next-token distribution (nats)")
+                draw(ax, setting, s, setting if len(runs) == 1 else f"{r['model']} {setting}")
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        ax.set(title=ds, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _draw_passk(ax, setting: str, s: dict, label: str) -> None:
+    if setting.endswith("sample"):
+        ks = sorted(int(k) for k in s["pass@k"])
+        ax.plot(ks, [100 * s["pass@k"][str(k)] for k in ks], marker="o", label=label)
+    else:  # greedy: one point at k = 1
+        ax.scatter([1], [100 * s["pass@1"]], marker="x", label=label)
+
+
+def _draw_entropy(ax, setting: str, s: dict, label: str) -> None:
+    ax.plot(range(len(s["entropy"])), s["entropy"], label=label, linewidth=1)
+
+
+def plot_passk(runs: list[dict], path: Path) -> None:
+    _per_dataset(runs, path, _draw_passk, "k", "pass@k (%)", log2_x=True)
+
+
+def plot_entropy(runs: list[dict], path: Path) -> None:
+    _per_dataset(runs, path, _draw_entropy, "CoT position", "mean entropy of next-token distribution (nats)")
 
 
 TRAINING_CURVES = ("rollout/reward", "rollout/accuracy", "eval/greedy_accuracy", "train/loss", "rollout/cot_length",
