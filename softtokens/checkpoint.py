@@ -17,29 +17,36 @@ import torch
 STATE = "trainer_state.pt"
 
 
-def save_checkpoint(path: Path, lm, optimizer, scheduler, state: dict) -> Path:
+def _write_dir(path: Path, write) -> Path:
+    """Run ``write(folder)`` into a temporary folder, then rename it to ``path``: never half a checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.model.save_pretrained(tmp, safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp)
-    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, tmp / STATE)
+    write(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+def _save_hf(folder: Path, lm) -> None:
+    lm.model.save_pretrained(folder, safe_serialization=True)
+    lm.tokenizer.save_pretrained(folder)
+
+
+def save_checkpoint(path: Path, lm, optimizer, scheduler, state: dict) -> Path:
+    """The model as a Hugging Face folder plus trainer_state.pt (optimiser, scheduler, RNG, step state)."""
+
+    def write(folder: Path) -> None:
+        _save_hf(folder, lm)
+        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, folder / STATE)
+
+    return _write_dir(path, write)
 
 
 def save_model(path: Path, lm) -> Path:
     """The model and tokenizer only (the best checkpoint, the final export)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.model.save_pretrained(tmp, safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    return _write_dir(path, lambda folder: _save_hf(folder, lm))
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -55,7 +55,7 @@ class MarkerMatcher:
     and trailing whitespace is ignored.
     """
 
-    def __init__(self, token_texts: list[str], marker: str, device):
+    def __init__(self, token_texts: list[str], marker: str, end_ids: frozenset[int], device):
         self.marker = torch.tensor([ord(c) for c in marker.rstrip()], device=device)
         self.width = w = 2 * len(self.marker) + 32
         table = torch.full((len(token_texts), w), -1, dtype=torch.long)
@@ -66,7 +66,9 @@ class MarkerMatcher:
                 table[i, w - len(tail):] = torch.tensor([ord(c) for c in tail])
             lengths[i] = len(tail)
         self.table, self.lengths = table.to(device), lengths.to(device)
-        self.candidate = torch.tensor([t.rstrip().endswith(marker.rstrip()[-1]) for t in token_texts], device=device)
+        self.candidate = torch.zeros(len(token_texts), dtype=torch.bool)
+        self.candidate[sorted(end_ids)] = True  # the tokens rollout.cot_stop would decode a tail for
+        self.candidate = self.candidate.to(device)
         self.whitespace = torch.tensor([ord(c) for c in WHITESPACE], device=device)
 
     def empty(self, rows: int) -> torch.Tensor:
@@ -98,7 +100,7 @@ class StaticEngine:
         self.rows = rows
         self.use_graphs = cuda_graphs and lm.device.type == "cuda"
         self.dec = StaticDecoder(lm.model, self.rows, self.max_len, compile=cfg.compile_decoder and self.use_graphs)
-        self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, lm.device)
+        self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, setup.marker_end_ids, lm.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
         self.eos = torch.tensor(sorted(setup.eos_ids), device=lm.device)

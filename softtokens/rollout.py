@@ -113,7 +113,7 @@ class RolloutSetup:
     sigma: float
     E: torch.Tensor
     prefills: dict[str, list[int]]
-    marker_end_ids: set[int]
+    marker_end_ids: frozenset[int]
     marker_window: int
     eos_ids: set[int] = field(default_factory=set)
 
@@ -135,7 +135,7 @@ def prepare(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float |
     if marker not in tok.decode(tok.encode(" " + marker, add_special_tokens=False)):
         raise ValueError(f"{lm.name}: the tokenizer cannot spell the marker {marker!r}, so no CoT could stop on it")
     # Only a token whose text ends in the marker's last character can complete it: decode the tail then.
-    marker_end_ids = {i for i, t in enumerate(lm.token_texts) if t.rstrip().endswith(marker[-1])}
+    marker_end_ids = lm.ids_ending_with(marker[-1])
     window = len(tok.encode(marker, add_special_tokens=False)) + 8
     return RolloutSetup(lm, cot_cfg, cfg, sigma, E, prefills, marker_end_ids, window, set(lm.eos_ids))
 

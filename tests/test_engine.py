@@ -71,7 +71,7 @@ def test_static_engine_stops_on_the_marker_like_the_hf_engine(llama, cot_cfg):
 
 def test_marker_matcher_agrees_with_the_text_check(llama):
     tok = llama.tokenizer
-    matcher = MarkerMatcher(llama.token_texts, prompts.MARKER, "cpu")
+    matcher = MarkerMatcher(llama.token_texts, prompts.MARKER, llama.ids_ending_with(":"), "cpu")
     pieces = [" so 7.", " The final answer is:", "  ", "\n", " answer", " is", ":", "The final answer is: 5", " x"]
     rng = random.Random(0)
     rows = [tok.encode("".join(rng.choice(pieces) for _ in range(6))) for _ in range(40)]
