@@ -28,25 +28,72 @@ def _write_dir(path: Path, write) -> Path:
     return path
 
 
-def _save_hf(folder: Path, lm) -> None:
-    lm.model.save_pretrained(folder, safe_serialization=True)
-    lm.tokenizer.save_pretrained(folder)
+def _options(policy, offload: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=offload) if policy.sharded else StateDictOptions()
 
 
-def save_checkpoint(path: Path, lm, optimizer, scheduler, state: dict) -> Path:
-    """The model as a Hugging Face folder plus trainer_state.pt (optimiser, scheduler, RNG, step state)."""
+def _model_state(policy) -> dict:
+    """Full weights of the trained model (rank 0 holds them when sharded; a collective there)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    def write(folder: Path) -> None:
-        _save_hf(folder, lm)
-        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, folder / STATE)
+    prefix = "model."  # Scorer holds the model as .model
+    sd = get_model_state_dict(policy.scorer, options=_options(policy))
+    sd = {k[len(prefix):]: v for k, v in sd.items()}
+    model = policy.rollout.model
+    if getattr(model.config, "tie_word_embeddings", False):  # gathered shards come back untied: save the head once
+        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        sd.pop(f"{head}.weight", None)
+    return sd
 
-    return _write_dir(path, write)
+
+def _write_hf(folder: Path, policy, model_state: dict) -> None:
+    """A Hugging Face folder: the master weights, or with LoRA the merged model in the compute dtype."""
+    model = policy.rollout.model
+    if policy.lora:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
+    policy.lm.tokenizer.save_pretrained(folder)
 
 
-def save_model(path: Path, lm) -> Path:
+def save_checkpoint(path: Path, policy, optimizer, scheduler, state: dict, d) -> Path:
+    """The model as a Hugging Face folder plus trainer_state.pt (optimiser, scheduler, RNG, step, LoRA adapters).
+
+    Every rank calls it (gathering shards is a collective); rank 0 writes.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from softtokens.distributed import barrier
+
+    policy.sync_rollout()
+    weights = _model_state(policy)
+    optim = get_optimizer_state_dict(policy.scorer, optimizer, options=_options(policy))
+    if d.main:
+        trainable = {n for n, p in policy.lm.model.named_parameters() if p.requires_grad}
+        extra = {"adapter": {n: v for n, v in weights.items() if n in trainable}} if policy.lora else {}
+
+        def write(folder: Path) -> None:
+            _write_hf(folder, policy, weights)
+            torch.save({**state, **extra, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, folder / STATE)
+
+        _write_dir(path, write)
+    barrier(d)
+    return path
+
+
+def save_model(path: Path, policy, d) -> Path:
     """The model and tokenizer only (the best checkpoint, the final export)."""
-    return _write_dir(path, lambda folder: _save_hf(folder, lm))
+    from softtokens.distributed import barrier
+
+    policy.sync_rollout()
+    weights = {} if policy.lora else _model_state(policy)
+    if d.main:
+        _write_dir(path, lambda folder: _write_hf(folder, policy, weights))
+    barrier(d)
+    return path
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -56,37 +103,49 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, lm, optimizer, scheduler) -> dict:
-    """Restore a checkpoint into a loaded model; a broken or mismatched one is a clear error, never a fresh start."""
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(weights, trainer state) of a checkpoint; an incomplete or unreadable one is a clear error."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = sorted(path.glob("*.safetensors"))
-    if not (path / STATE).is_file() or not weights:
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / STATE).is_file() or not files:
         raise ValueError(f"checkpoint {path} is incomplete: it needs {STATE} and *.safetensors; delete it to resume "
                          "from an earlier one")
     try:
-        saved = {}
-        for w in weights:
-            saved.update(load_file(str(w)))
+        weights = {}
+        for w in files:
+            weights.update(load_file(str(w)))
         state = torch.load(path / STATE, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  any unreadable file means a corrupt checkpoint
         raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to resume from an "
                          "earlier one") from None
-    model_keys = set(lm.model.state_dict())
-    missing = model_keys - set(saved)
-    if lm.model.config.tie_word_embeddings:  # a tied head is saved once
+    return weights, state
+
+
+def check_weights(path: Path, saved: dict, model) -> None:
+    """A checkpoint must hold exactly this model's tensors, at its shapes: never a silent partial load."""
+    own = model.state_dict()
+    missing = set(own) - set(saved)
+    if getattr(model.config, "tie_word_embeddings", False):  # a tied head is saved once
         missing.discard("lm_head.weight")
-    unexpected = set(saved) - model_keys
+    unexpected = set(saved) - set(own)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    for name, p in lm.model.state_dict().items():
+    for name, p in own.items():
         if name in saved and saved[name].shape != p.shape:
             raise ValueError(f"checkpoint {path} does not match the model: {name} is {tuple(saved[name].shape)}, "
                              f"the model's is {tuple(p.shape)}")
-    lm.model.load_state_dict(saved, strict=False)
-    optimizer.load_state_dict(state.pop("optimizer"))
+
+
+def restore(policy, optimizer, scheduler, state: dict) -> dict:
+    """Optimiser, scheduler and RNG from a trainer state (the weights went in when the policy was built)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = dict(state)
+    state.pop("adapter", None)
+    set_optimizer_state_dict(policy.scorer, optimizer, state.pop("optimizer"), options=_options(policy, False))
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = state.pop("rng")
     torch.set_rng_state(rng["torch"])

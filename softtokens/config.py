@@ -213,7 +213,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (large models)."""
     dtype: str = "auto"
-    """float32, bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)."""
+    """Compute dtype: float32, bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)."""
+    mixed_precision: bool = True
+    """[choice] With a bfloat16 dtype, keep float32 master weights and AdamW state (FSDP2 mixed precision); false trains bfloat16 weights directly (half the memory; small updates round away)."""
+    use_peft: bool = False
+    """Train LoRA adapters (peft) instead of every weight; checkpoints export the merged model."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the delta is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """[choice] LoRA dropout; 0 so that the policy scored is exactly the policy the rollouts sampled."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names to adapt (q_proj,v_proj,...), or all-linear."""
     device: str = "auto"
     """cpu, cuda, cuda:N (auto: cuda when available)."""
     seed: int = 0
@@ -249,6 +261,10 @@ class TrainConfig:
             raise ValueError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
         if self.estimator == "rloo" and self.num_generations < 2:
             raise ValueError("rloo needs num_generations >= 2")
+        if self.use_peft and self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 

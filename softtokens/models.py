@@ -48,8 +48,9 @@ class CausalLM:
 
     @property
     def base(self) -> torch.nn.Module:
-        """The decoder stack without the output head."""
-        return getattr(self.model, self.model.base_model_prefix)
+        """The decoder stack without the output head (inside a peft wrapper, the adapted one)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(model, model.base_model_prefix)
 
     @property
     def device(self) -> torch.device:

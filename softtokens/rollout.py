@@ -185,15 +185,23 @@ def generate_rollouts(
     cfg: RolloutConfig,
     sigma: float | None = None,
     progress: bool = False,
+    rows: list[tuple[int, int]] | None = None,
 ) -> list[Rollout]:
-    """Rollouts for each question x num_generations, question-major ([q0 g0, q0 g1, ..., q1 g0, ...])."""
+    """Rollouts for each question x num_generations, question-major ([q0 g0, q0 g1, ..., q1 g0, ...]).
+
+    ``rows`` picks (question index, sample index) pairs instead (a rank's share of a batch): each row's
+    rollout is the same as in the full call, since its randomness is its own.
+    """
     if isinstance(questions, str):
         questions = [questions]
     if not questions:
         raise ValueError("no questions given")
     setup = prepare(lm, cot_cfg, cfg, sigma)
     prompt_ids = encode_prompts(lm, questions, cfg)
-    rows = [(qi, g) for qi in range(len(questions)) for g in range(cfg.num_generations)]
+    if rows is None:
+        rows = [(qi, g) for qi in range(len(questions)) for g in range(cfg.num_generations)]
+    if not rows:
+        return []
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     if progress:
         from tqdm import tqdm

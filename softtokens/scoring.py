@@ -14,7 +14,7 @@ in the forward or the backward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -24,9 +24,11 @@ from softtokens.models import CausalLM
 from softtokens.rollout import Rollout
 
 
-@dataclass
-class Scores:
-    """Per-rollout log-likelihoods; ``total`` is the l of the policy-gradient loss."""
+class Scores(NamedTuple):
+    """Per-rollout log-likelihoods; ``total`` is the l of the policy-gradient loss.
+
+    A named tuple, so FSDP2 sees its tensors when ``Scorer`` returns it (its backward hooks hang on them).
+    """
 
     total: torch.Tensor  # (N,)  cot + answer, differentiable
     cot: torch.Tensor  # (N,)
@@ -56,6 +58,23 @@ def _chunked(fn, n: int, chunk_size: int, *tensors):
     if not outs:
         return None
     return tuple(torch.cat(o) for o in zip(*outs))
+
+
+class Scorer(torch.nn.Module):
+    """``score_rollouts`` as one module call.
+
+    Scoring uses the embedding matrix and the output head outside the decoder's
+    own forward; made the FSDP2 root (``policy.py``), this module's call is
+    what gathers them, and its backward is what reduce-scatters their gradients.
+    """
+
+    def __init__(self, lm: CausalLM):
+        super().__init__()
+        self.model = lm.model
+        self.lm = lm
+
+    def forward(self, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False) -> Scores:
+        return score_rollouts(self.lm, rollouts, chunk_size, return_means)
 
 
 def score_rollouts(

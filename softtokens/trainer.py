@@ -22,21 +22,27 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from softtokens import cot
-from softtokens.checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_model
+from softtokens import cot, distributed
+from softtokens.checkpoint import checkpoints, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss
 from softtokens.metrics import MetricsLogger
-from softtokens.models import CausalLM, load_model, resolve_device
+from softtokens.distributed import Dist, any_rank, barrier, gather_objects
+from softtokens.models import CausalLM, resolve_device
 from softtokens.ood import TABLE2, ood_eval, table2
+from softtokens.policy import Policy
+from softtokens.policy import build as build_policy
+from softtokens.policy import plan as policy_plan
 from softtokens.reward import Grader
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
@@ -73,43 +79,59 @@ def rollout_config(cfg: TrainConfig, seed: int, generations: int, answer_tempera
                          batch_size=cfg.rollout_batch_size)
 
 
-def train_step(lm: CausalLM, ref: CausalLM | None, optimizer, scheduler, grade, cfg: TrainConfig,
-               sigma: float, problems: list[Problem], step: int) -> dict:
+def _share(n: int, d: Dist) -> range:
+    """This rank's contiguous share of n rows (n divisible by the world size)."""
+    per = n // d.world
+    return range(d.rank * per, (d.rank + 1) * per)
+
+
+def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade, cfg: TrainConfig,
+               sigma: float, problems: list[Problem], step: int, d: Dist = Dist()) -> dict:
     """Rollouts, rewards, advantages, loss, backward, clip, finite check, optimiser step.
 
-    ``grade`` maps (gold, completion) pairs to Grades: ``Grader.grade``, or any reward for experiments.
+    Each rank rolls out and scores its share of the B x G rows; rewards are gathered so every group's
+    baseline sees the whole group. ``grade`` maps (gold, completion) pairs to Grades: ``Grader.grade``, or
+    any reward for experiments.
     """
     B, G = len(problems), cfg.num_generations
+    N = B * G
+    mine = _share(N, d)
     t0 = time.perf_counter()
-    lm.model.eval()
-    rollouts = generate_rollouts(lm, [p.question for p in problems], cfg.cot(),
-                                 rollout_config(cfg, cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma)
+    policy.sync_rollout()
+    policy.rollout.model.eval()
+    rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(),
+                                 rollout_config(cfg, cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
+                                 rows=[divmod(j, G) for j in mine])
     t1 = time.perf_counter()
-    grades = grade([(problems[j // G].answer, r.completion) for j, r in enumerate(rollouts)])
-    rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32).view(B, G)
-    advantages = ESTIMATORS[cfg.estimator](rewards).flatten().to(lm.device)
+    grades = grade([(problems[j // G].answer, r.completion) for j, r in zip(mine, rollouts)])
+    summary = [(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
+                r.cot_length + len(r.prefill_ids) + len(r.answer_ids), len(r.prompt_ids)) for g, r in zip(grades, rollouts)]
+    rows = [row for part in gather_objects(summary, d) for row in part]  # every row, in global order
+    rewards = torch.tensor([row[0] for row in rows], dtype=torch.float32).view(B, G)
+    advantages = ESTIMATORS[cfg.estimator](rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
     t2 = time.perf_counter()
 
-    lm.model.train()
+    policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
-    N, loss_sum, kl_sum = len(rollouts), 0.0, 0.0
-    for s in range(0, N, cfg.micro_batch_size):
+    n, loss_sum, kl_sum = len(rollouts), 0.0, 0.0
+    for s in range(0, n, cfg.micro_batch_size):
         part = rollouts[s : s + cfg.micro_batch_size]
-        scores = score_rollouts(lm, part)
-        loss = policy_gradient_loss(advantages[s : s + len(part)], scores.total, N)
+        scores = policy.scorer(part)
+        # Normalised by this rank's n rows: FSDP averages gradients over the ranks, which makes -(1/BG) sum A l.
+        loss = policy_gradient_loss(advantages[s : s + len(part)], scores.total, n)
         if ref is not None:
             with torch.no_grad():
                 ref_scores = score_rollouts(ref, part)
             kl = kl_k3(torch.cat([scores.cot_steps, scores.answer_steps], 1),
-                       torch.cat([ref_scores.cot_steps, ref_scores.answer_steps], 1))
-            loss = loss + cfg.beta * kl.sum() / N
+                       torch.cat([ref_scores.cot_steps, ref_scores.answer_steps], 1).to(scores.cot_steps.dtype))
+            loss = loss + cfg.beta * kl.sum() / n
             kl_sum += float(kl.sum())
         loss.backward()
         loss_sum += float(loss.detach())
     t3 = time.perf_counter()
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-    finite = bool(torch.isfinite(grad_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+    finite = math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -117,31 +139,38 @@ def train_step(lm: CausalLM, ref: CausalLM | None, optimizer, scheduler, grade, 
     scheduler.step()
     t4 = time.perf_counter()
 
-    cot_tokens = sum(r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
-    scored = sum(len(r.prompt_ids) + r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
-    stops = [r.stop_reason for r in rollouts]
+    losses = gather_objects((loss_sum, kl_sum), d)
+    tokens = sum(row[6] for row in rows)
+    scored = sum(row[6] + row[7] for row in rows)
+    stops = [row[4] for row in rows]
     return {
-        "train/loss": loss_sum, "train/grad_norm": float(grad_norm), "train/learning_rate": lr,
-        "train/skipped_nonfinite": int(not finite), "train/kl": kl_sum / N if ref is not None else 0.0,
-        "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(g.correct for g in grades) / N,
-        "rollout/boxed_rate": sum(g.boxed for g in grades) / N,
-        "rollout/cot_length": sum(r.cot_length for r in rollouts) / N,
-        "rollout/entropy": float(torch.cat([r.cot_entropy for r in rollouts]).mean()),
+        "train/loss": sum(x[0] for x in losses) / d.world, "train/grad_norm": grad_norm,
+        "train/learning_rate": lr, "train/skipped_nonfinite": int(not finite),
+        "train/kl": sum(x[1] for x in losses) / N if ref is not None else 0.0,
+        "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(row[1] for row in rows) / N,
+        "rollout/boxed_rate": sum(row[2] for row in rows) / N,
+        "rollout/cot_length": sum(row[3] for row in rows) / N,
+        "rollout/entropy": sum(row[5] for row in rows) / max(1, sum(row[3] for row in rows)),
         **{f"rollout/stop_{k}": stops.count(k) / N for k in ("marker", "length", "eos")},
         "rollout/sigma": sigma,
         "time/rollout_s": t1 - t0, "time/grading_s": t2 - t1, "time/scoring_s": t3 - t2, "time/optimizer_s": t4 - t3,
-        "time/rollout_tokens_per_s": cot_tokens / (t1 - t0), "time/scoring_tokens_per_s": scored / (t3 - t2),
+        "time/rollout_tokens_per_s": tokens / (t1 - t0), "time/scoring_tokens_per_s": scored / (t3 - t2),
     }
 
 
-def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_cfg: CoTConfig, cfg: TrainConfig) -> float:
-    """Accuracy with a noise-free CoT (hard: argmax tokens; soft / fuzzy: no noise) and greedy answers."""
+def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_cfg: CoTConfig, cfg: TrainConfig,
+                    d: Dist = Dist()) -> float:
+    """Accuracy with a noise-free CoT (hard: argmax tokens; soft / fuzzy: no noise) and greedy answers.
+
+    Ranks take every world-th problem and pool their counts.
+    """
     greedy = (dataclasses.replace(cot_cfg, temperature=0.0) if cot_cfg.mode == "hard"
               else dataclasses.replace(cot_cfg, noise=False))
-    lm.model.eval()
-    rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, rollout_config(cfg, cfg.seed, 1, 0.0))
-    grades = grader.grade([(p.answer, r.completion) for p, r in zip(problems, rollouts)])
-    return sum(g.correct for g in grades) / len(problems)
+    mine = list(range(d.rank, len(problems), d.world))
+    rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, rollout_config(cfg, cfg.seed, 1, 0.0),
+                                 rows=[(i, 0) for i in mine])
+    grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)])
+    return sum(gather_objects(sum(g.correct for g in grades), d)) / len(problems)
 
 
 class StopFlag:
@@ -170,9 +199,10 @@ class StopFlag:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Run (or resume) training; returns the final summary (also in output_dir/summary.json)."""
-    import yaml
+    """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
 
+    Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
+    """
     out = Path(cfg.output_dir)
     found = checkpoints(out)
     if found and not cfg.resume:
@@ -180,53 +210,74 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.resume and not found:
         raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    lm = load_model(cfg.model, dtype=dtype, device=device)
-    if cfg.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if (cfg.prompts_per_step * cfg.num_generations) % world:
+        raise ValueError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} rows "
+                         f"do not split evenly over {world} processes")
+    d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
+    try:
+        return _train(cfg, out, found, device, dtype, d, progress)
+    finally:
+        distributed.close()
+
+
+def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: str, d: Dist, progress: bool) -> dict:
+    import yaml
+
+    say = print if d.main else (lambda *a, **k: None)
+    policy, state = build_policy(cfg, device, dtype, d, found[-1] if cfg.resume else None)
     data = load_dataset(cfg.dataset)
     if cfg.val_size >= len(data):
         raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
     train_set = data.problems[: len(data) - cfg.val_size]
     val_set = data.problems[len(data) - cfg.val_size :]
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.max_steps))
-    state = {"step": 0, "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma), "best": None, "before": None}
-    if cfg.resume:
-        state = load_checkpoint(found[-1], lm, optimizer, scheduler)
-        print(f"resuming from {found[-1]} at step {state['step']}")
-    ref = CausalLM(copy.deepcopy(lm.model).eval().requires_grad_(False), lm.tokenizer, "reference") if cfg.beta > 0 else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]}, sort_keys=False))
-
-    logger = MetricsLogger(out)
+    if state is not None:
+        state = restore(policy, optimizer, scheduler, state)
+        say(f"resuming from {found[-1]} at step {state['step']}")
+    else:
+        sigma = cot.noise_scale(policy.rollout.embedding_matrix().float(), cfg.gamma)
+        state = {"step": 0, "sigma": sigma, "best": None, "before": None}
+    ref = None
+    if cfg.beta > 0:  # the initial policy, frozen, in the compute dtype
+        ref = CausalLM(copy.deepcopy(policy.rollout.model).eval().requires_grad_(False), policy.lm.tokenizer, "reference")
+    rollout_lm = policy.rollout
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]},
+                                                        sort_keys=False))
+    logger = MetricsLogger(out) if d.main else None
     bar = None
     with Grader(cfg.grading_workers) as grader, StopFlag() as stop:
         if cfg.eval_before_after and state["before"] is None:
-            state["before"] = greedy_accuracy(lm, grader, load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
-                                              CoTConfig("hard", temperature=0.0), cfg)
-            print(f"before training: GSM8K test hard-greedy accuracy {state['before']:.3f} "
-                  f"on {cfg.eval_before_after} problems")
-        if cfg.ood_limit and state["step"] == 0:  # the base model's scores, before any update
-            ood_eval(lm, list(OOD_SETS), out / "ood-before", cfg.ood_limit, progress=progress)
-        if progress:
+            state["before"] = greedy_accuracy(rollout_lm, grader,
+                                              load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
+                                              CoTConfig("hard", temperature=0.0), cfg, d)
+            say(f"before training: GSM8K test hard-greedy accuracy {state['before']:.3f} "
+                f"on {cfg.eval_before_after} problems")
+        if cfg.ood_limit and state["step"] == 0 and d.main:  # the base model's scores, before any update
+            ood_eval(rollout_lm, list(OOD_SETS), out / "ood-before", cfg.ood_limit, progress=progress)
+        barrier(d)
+        if progress and d.main:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
         while state["step"] < cfg.max_steps:
             step = state["step"]
-            metrics = train_step(lm, ref, optimizer, scheduler, grader.grade, cfg, state["sigma"],
-                                 problems_for_step(train_set, step, cfg.prompts_per_step, cfg.seed), step)
+            metrics = train_step(policy, ref, optimizer, scheduler, grader.grade, cfg, state["sigma"],
+                                 problems_for_step(train_set, step, cfg.prompts_per_step, cfg.seed), step, d=d)
             state["step"] = step = step + 1
             last = step == cfg.max_steps
             if cfg.eval_steps and cfg.val_size and (step % cfg.eval_steps == 0 or last):
-                acc = greedy_accuracy(lm, grader, val_set, cfg.cot(), cfg)
+                policy.sync_rollout()
+                acc = greedy_accuracy(rollout_lm, grader, val_set, cfg.cot(), cfg, d)
                 metrics["eval/greedy_accuracy"] = acc
                 if state["best"] is None or acc > state["best"]["accuracy"]:
                     state["best"] = {"accuracy": acc, "step": step}
-                    save_model(out / "checkpoint-best", lm)
-            if step % cfg.logging_steps == 0 or last:
+                    save_model(out / "checkpoint-best", policy, d)
+            if logger is not None and (step % cfg.logging_steps == 0 or last):
                 logger.log(step, metrics)
             if bar is not None:
                 bar.set_postfix(reward=f"{metrics['rollout/reward']:.1f}", loss=f"{metrics['train/loss']:.3g}")
@@ -235,25 +286,31 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     val = f", greedy validation {metrics['eval/greedy_accuracy']:.3f}" if "eval/greedy_accuracy" in metrics else ""
                     bar.write(f"step {step}: reward {metrics['rollout/reward']:.1f}, accuracy "
                               f"{metrics['rollout/accuracy']:.3f}, CoT length {metrics['rollout/cot_length']:.0f}{val}")
-            if (cfg.save_steps and step % cfg.save_steps == 0) or last or stop.set:
-                save_checkpoint(out / f"checkpoint-{step}", lm, optimizer, scheduler, state)
-                for old in checkpoints(out)[:-2]:  # keep the last two
-                    shutil.rmtree(old)
-            if stop.set:
+            stopping = any_rank(stop.set, d)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or last or stopping:
+                save_checkpoint(out / f"checkpoint-{step}", policy, optimizer, scheduler, state, d)
+                if d.main:
+                    for old in checkpoints(out)[:-2]:  # keep the last two
+                        shutil.rmtree(old)
+            if stopping:
                 break
         if bar is not None:
             bar.close()
         summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"]}
         if cfg.eval_before_after and state["step"] == cfg.max_steps:
-            summary["after"] = greedy_accuracy(lm, grader, load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
-                                               CoTConfig("hard", temperature=0.0), cfg)
-            print(f"after training:  GSM8K test hard-greedy accuracy {summary['after']:.3f}")
-        if cfg.ood_limit and state["step"] == cfg.max_steps and (out / "ood-before" / "results.json").exists():
+            policy.sync_rollout()
+            summary["after"] = greedy_accuracy(rollout_lm, grader,
+                                               load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
+                                               CoTConfig("hard", temperature=0.0), cfg, d)
+            say(f"after training:  GSM8K test hard-greedy accuracy {summary['after']:.3f}")
+        if cfg.ood_limit and state["step"] == cfg.max_steps and d.main and (out / "ood-before" / "results.json").exists():
             before = json.loads((out / "ood-before" / "results.json").read_text())
-            after = ood_eval(lm, list(OOD_SETS), out / "ood-after", cfg.ood_limit, progress=progress)
+            after = ood_eval(rollout_lm, list(OOD_SETS), out / "ood-after", cfg.ood_limit, progress=progress)
             before["model"], after["model"] = "before training", "after training"
             summary["ood"] = {"before": before["datasets"], "after": after["datasets"]}
             print(table2([after], before))
-    logger.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        barrier(d)
+    if logger is not None:
+        logger.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

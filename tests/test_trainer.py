@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import signal
 
@@ -5,9 +6,11 @@ import pytest
 import torch
 
 from softtokens import trainer as tr
+from softtokens.distributed import Dist
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig, config_from_dict
 from softtokens.estimators import grpo_advantages, kl_k3, policy_gradient_loss, rloo_advantages
 from softtokens.models import tiny_lm
+from softtokens.policy import Policy
 from softtokens.reward import Grade
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
@@ -67,7 +70,7 @@ def test_reward_rises_and_every_parameter_moves(mode):
     problems = [tr.Problem(str(i), q, "1") for i, q in enumerate(QUESTIONS)]
     rewards = []
     for step in range(cfg.max_steps):
-        m = tr.train_step(lm, None, opt, sched, space_reward, cfg, 0.01, tr.problems_for_step(problems, step, 2, 0), step)
+        m = tr.train_step(Policy.plain(lm), None, opt, sched, space_reward, cfg, 0.01, tr.problems_for_step(problems, step, 2, 0), step)
         rewards.append(m["rollout/reward"])
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 25 and last > 50, f"{mode}: reward {first:.0f} -> {last:.0f}"
@@ -89,8 +92,14 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch):
-    full = tr.train(_cfg(model_dir, tmp_path / "full"), progress=False)
+LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2)
+
+
+@pytest.mark.parametrize("extra", [{}, LORA], ids=["full", "lora"])
+def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch, extra):
+    monkeypatch.setattr(tr.Grader, "grade", lambda self, pairs: space_reward(pairs))  # a reward with signal
+    cfg = lambda *a, **kw: _cfg(*a, **extra, **kw)  # noqa: E731
+    full = tr.train(cfg(model_dir, tmp_path / "full"), progress=False)
     real = tr.train_step
 
     def interrupted(*args, **kw):  # SIGINT arrives during step 2
@@ -100,12 +109,12 @@ def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(tr, "train_step", interrupted)
-    part = tr.train(_cfg(model_dir, tmp_path / "part"), progress=False)
+    part = tr.train(cfg(model_dir, tmp_path / "part"), progress=False)
     assert part["step"] == 2 and (tmp_path / "part" / "checkpoint-2").is_dir()
     monkeypatch.setattr(tr, "train_step", real)
     with pytest.raises(ValueError, match="pass --resume"):
-        tr.train(_cfg(model_dir, tmp_path / "part"), progress=False)
-    resumed = tr.train(_cfg(model_dir, tmp_path / "part", resume=True), progress=False)
+        tr.train(cfg(model_dir, tmp_path / "part"), progress=False)
+    resumed = tr.train(cfg(model_dir, tmp_path / "part", resume=True), progress=False)
     assert resumed["step"] == 4 and resumed["best"] == full["best"]
     a, b = _weights(tmp_path / "full" / "checkpoint-4"), _weights(tmp_path / "part" / "checkpoint-4")
     for n in a:
@@ -130,6 +139,41 @@ def test_checkpoint_is_a_plain_hf_model_and_broken_ones_are_refused(model_dir, t
     tr.train(_cfg(str(other), tmp_path / "run2", max_steps=1), progress=False)
     with pytest.raises(ValueError, match="does not match the model"):
         tr.train(_cfg(model_dir, tmp_path / "run2", max_steps=2, resume=True), progress=False)
+
+
+def test_lora_checkpoint_is_the_merged_model(model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from softtokens.models import load_model
+    from softtokens.policy import build
+
+    monkeypatch.setattr(tr.Grader, "grade", lambda self, pairs: space_reward(pairs))
+    cfg = _cfg(model_dir, tmp_path / "run", max_steps=2, **LORA)
+    tr.train(cfg, progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    base = load_model(model_dir).model
+    assert any(not torch.equal(p, q) for p, q in zip(merged.parameters(), base.parameters())), "adapters merged in"
+    # The merged model computes what the resumed peft model computes.
+    policy, _ = build(dataclasses.replace(cfg, resume=True), "cpu", "float32", Dist(), tmp_path / "run" / "checkpoint-2")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, policy.lm.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not match this LoRA configuration"):
+        build(dataclasses.replace(cfg, lora_target_modules="q_proj"), "cpu", "float32", Dist(),
+              tmp_path / "run" / "checkpoint-2")
+
+
+def test_bfloat16_trains_float32_master_weights(model_dir, tmp_path, monkeypatch):
+    """dtype bfloat16 with mixed precision: the one-process FSDP2 path, runnable on CPU."""
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(tr.Grader, "grade", lambda self, pairs: space_reward(pairs))
+    tr.train(_cfg(model_dir, tmp_path / "run", max_steps=2, dtype="bfloat16"), progress=False)
+    w = _weights(tmp_path / "run" / "checkpoint-2")
+    start = _weights(__import__("pathlib").Path(model_dir))
+    assert {v.dtype for v in w.values()} == {torch.float32}
+    assert sum(not torch.equal(w[n], start[n]) for n in w) > len(w) // 2
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "checkpoint-2").dtype == torch.bfloat16
 
 
 def test_config_errors_name_the_key():
