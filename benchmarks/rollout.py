@@ -154,9 +154,9 @@ def bench_rollouts(lm, args, batch: int, rates: dict | None, hf_static: bool) ->
                         batch_size=batch, stop_at_eos=False, cuda_graphs=not args.no_graphs, engine=args.engine)
     prefill = len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
     runners = {f"softtokens {m}": (ours(lm, questions, m, cfg), True) for m in ("hard", "soft", "fuzzy")}
-    if hf_static and DEVICE.startswith("cuda"):  # what compiling the decoder layers adds, once
+    if hf_static and DEVICE.startswith("cuda"):  # what compiling the layers and the step logic adds, once
         eager = dataclasses.replace(cfg, compile_decoder=False)
-        runners["softtokens soft, uncompiled layers"] = (ours(lm, questions, "soft", eager), True)
+        runners["softtokens soft, nothing compiled"] = (ours(lm, questions, "soft", eager), True)
     hf_tokens = args.hf_new_tokens or (args.cot + prefill + args.answer)
     if not args.skip_hf_dynamic:
         runners["HF generate, dynamic cache"] = (hf_generate(lm, questions, gens, hf_tokens, False), False)

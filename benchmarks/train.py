@@ -1,6 +1,7 @@
 """Seconds per training step, split into rollout, grading, scoring (forward + backward) and optimiser, and peak memory.
 
     python benchmarks/train.py [--config configs/demo.yaml] [--max-steps 4]
+    python benchmarks/train.py --config configs/qwen-2.5-3b-instruct_math_soft.yaml --random-shape qwen2.5-3b  # GPU
 
 Runs ``softtokens.trainer.train`` on the config (into a temporary output_dir, validation and
 before/after evaluation off), reads its metrics.jsonl, prints a table, appends it to
@@ -37,24 +38,43 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--random-shape", default=None,
+                    help="train a random-init model of this shape (benchmarks/rollout.py) instead of the config's; "
+                         "checkpoint writing is skipped")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
     with tempfile.TemporaryDirectory() as out:
         cfg = dataclasses.replace(cfg, max_steps=args.max_steps, eval_steps=0, eval_before_after=0, output_dir=out,
                                   save_steps=10**9)
+        if args.random_shape:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            import rollout as bench
+
+            from softtokens import trainer
+
+            bench.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+            lm = bench.random_model(args.random_shape, torch.bfloat16)
+            lm.model.save_pretrained(Path(out) / "model")
+            lm.tokenizer.save_pretrained(Path(out) / "model")
+            del lm
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            cfg = dataclasses.replace(cfg, model=str(Path(out) / "model"), output_dir=str(Path(out) / "run"))
+            trainer.save_checkpoint = lambda *a, **k: None  # a random model's checkpoint is not worth the disk time
         start = time.perf_counter()
         train(cfg, progress=False)
         total = time.perf_counter() - start
-        rows = read_metrics(out)
+        rows = read_metrics(cfg.output_dir)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
     if torch.cuda.is_available():
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
     mean = {p: sum(r[f"time/{p}_s"] for r in rows) / len(rows) for p in PHASES}
     lines = [
-        f"### training step time, {datetime.date.today()}, {Path(args.config).name} ({cfg.model}, {cfg.mode})",
+        f"### training step time, {datetime.date.today()}, {Path(args.config).name} "
+        f"({args.random_shape + ' shape, random init' if args.random_shape else cfg.model}, {cfg.mode})",
         "",
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "
+        f"machine: {torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()}"
+        f", {torch.get_num_threads()} threads; torch "
         f"{torch.__version__}, transformers {__import__('transformers').__version__}; B={cfg.prompts_per_step} x "
         f"G={cfg.num_generations}, CoT <= {cfg.max_cot_length}, answer <= {cfg.max_answer_length}, micro-batch "
         f"{cfg.micro_batch_size}; mean of {len(rows)} steps (the first included)",

@@ -33,22 +33,23 @@ def supports(model) -> bool:
 
 @dataclass
 class Layer:
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
+    """One block's weights: q/k/v and gate/up concatenated (one GEMM each), the rest the HF tensors themselves."""
+
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
     wo: torch.Tensor
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
+    w_gate_up: torch.Tensor
     w_down: torch.Tensor
     norm_in: torch.Tensor
     norm_post: torch.Tensor
 
 
 class StaticDecoder:
-    """Forward passes over (rows, n) new inputs at per-row positions, writing a preallocated KV cache."""
+    """Forward passes over (rows, n) new inputs at per-row positions, writing a preallocated KV cache.
+
+    q/k/v and gate/up weights are concatenated copies (fewer, larger GEMMs: decode is bound by launches and
+    weight reads), refreshed from the HF model by ``refresh()``; every other weight is the HF tensor itself.
+    """
 
     def __init__(self, model, rows: int, max_len: int, compile: bool = False):
         if not supports(model):
@@ -59,38 +60,50 @@ class StaticDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
+        self.blocks = list(base.layers)
         self.layers = []
-        for blk in base.layers:
+        for blk in self.blocks:
             att, mlp = blk.self_attn, blk.mlp
+            bias = att.q_proj.bias
             self.layers.append(Layer(
-                att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, att.o_proj.weight,
-                att.q_proj.bias, att.k_proj.bias, att.v_proj.bias,
-                mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
+                None if bias is None else torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]),
+                att.o_proj.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight,
                 blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
             ))
         self.norm = base.norm.weight
-        self.lm_head = model.get_output_embeddings().weight
         w = self.norm
         self.dtype, self.device = w.dtype, w.device
         self.rows, self.max_len = rows, max_len
         pos = torch.arange(max_len, device=self.device)[None]
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
-        shape = (len(self.layers), rows, self.n_kv, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # One tensor per layer (not views of one): identical inputs, so one compiled layer serves every layer.
+        shape = (rows, self.n_kv, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.compile, self._compile_checked = compile, False
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the HF model's current q/k/v and gate/up weights into the concatenated ones (after an update)."""
+        for L, blk in zip(self.layers, self.blocks):
+            att, mlp = blk.self_attn, blk.mlp
+            torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], out=L.w_qkv)
+            if L.b_qkv is not None:
+                torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], out=L.b_qkv)
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], out=L.w_gate_up)
+
     def _layer_fns(self, n: int):
-        """The per-layer halves, compiled for decode steps (n == 1) on CUDA when asked, else eager."""
+        """The block's two halves, compiled for decode steps (n == 1) on CUDA when asked, else eager."""
         if n == 1 and self.compile:
             try:
                 fns = compiled_fns()
                 if not self._compile_checked:  # compile now, outside any graph capture; fall back on failure
                     x = torch.zeros(self.rows, 1, self.norm.shape[0], dtype=self.dtype, device=self.device)
-                    L, cos = self.layers[0], self.cos[:1].expand(self.rows, 1, 1, -1)
-                    fns[0](x, L.norm_in, L.wq, L.bq, L.wk, L.bk, L.wv, L.bv, cos, cos, self.eps, self.n_heads,
-                           self.n_kv, self.head_dim)
+                    pos = torch.zeros(self.rows, 1, dtype=torch.long, device=self.device)
+                    scratch = [torch.zeros_like(self.k_cache[0]) for _ in range(2)]  # the real caches stay as they are
+                    self._run_layers(fns, x, pos, span=1, layers=1, caches=scratch)
                     self._compile_checked = True
                 return fns
             except Exception as e:  # an unusable compiler must not stop a rollout
@@ -105,29 +118,31 @@ class StaticDecoder:
         [0, span) at or before its own position, so ``span`` (a bucket >= the
         longest row) bounds the attention work.
         """
+        return self._run_layers(self._layer_fns(x.shape[1]), x, pos, span)
+
+    def _run_layers(self, fns, x, pos, span: int, layers: int | None = None, caches=None):
         R, n, _ = x.shape
-        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
-        G = H // KV
+        G = self.n_heads // self.n_kv
+        f_in, f_out = fns
         rows = torch.arange(R, device=x.device)[:, None].expand(R, n)
         cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, n, 1, hd)
         slots = torch.arange(span, device=x.device)
-        # Grouped-query attention without repeating K/V: the G query heads of a KV head are stacked
-        # along the query axis, so each KV head is read once (decode is bound by reading the cache).
-        mask = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
-        f_in, f_out = self._layer_fns(n)
-        for i, L in enumerate(self.layers):
-            q, k, v = f_in(x, L.norm_in, L.wq, L.bq, L.wk, L.bk, L.wv, L.bv, cos, sin, self.eps, H, KV, hd)
-            self.k_cache[i][rows, :, pos] = k  # (R, n, kv, hd) into slots pos
-            self.v_cache[i][rows, :, pos] = v
-            kc, vc = self.k_cache[i, :, :, :span], self.v_cache[i, :, :, :span]
-            q = q.transpose(1, 2).reshape(R, KV, G * n, hd)
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)  # (R, KV, G*n, hd)
-            o = o.reshape(R, H, n, hd).transpose(1, 2).reshape(R, n, H * hd)
-            x = f_out(x, o, L.wo, L.norm_post, L.w_gate, L.w_up, L.w_down, self.eps)
-        return rms_norm(x, self.norm, self.eps)
+        # An additive mask built once per forward (a boolean one is converted inside every attention call).
+        # Grouped-query attention without repeating K/V: the G query heads of a KV head are stacked along the
+        # query axis, so each KV head is read once (decode is bound by reading the cache).
+        allowed = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        delta = torch.zeros_like(x)
+        for i, L in enumerate(self.layers[:layers]):
+            kc, vc = caches or (self.k_cache[i], self.v_cache[i])
+            x, q = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
+                        self.n_heads, self.n_kv, self.head_dim)
+            o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
+            x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
+        return rms_norm(x + delta, self.norm, self.eps)
 
 
-# --- the layer halves: pure functions, so torch.compile can fuse their element-wise work ---------
+# --- one block as a pure function, so torch.compile can fuse its element-wise work -----------------
 
 
 def rms_norm(x, w, eps: float):
@@ -142,25 +157,32 @@ def rope(x, cos, sin):  # x (R, n, heads, hd); cos, sin (R, n, 1, hd)
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def attn_in(x, norm_w, wq, bq, wk, bk, wv, bv, cos, sin, eps: float, n_heads: int, n_kv: int, hd: int):
-    """Norm, q/k/v projections and RoPE: (R, n, d) -> q (R, n, H, hd), k and v (R, n, KV, hd)."""
+def attn_in(x, delta, norm_in, w_qkv, b_qkv, k_cache, v_cache, rows, pos, cos, sin, eps: float, n_heads: int,
+            n_kv: int, hd: int):
+    """The residual add of the previous block's MLP, norm, q/k/v, RoPE, and this block's keys and values
+    written into its cache. Returns the residual stream and q as (R, KV, G*n, hd) for attention."""
     R, n, _ = x.shape
-    h = rms_norm(x, norm_w, eps)
-    q = F.linear(h, wq, bq).view(R, n, n_heads, hd)
-    k = F.linear(h, wk, bk).view(R, n, n_kv, hd)
-    v = F.linear(h, wv, bv).view(R, n, n_kv, hd)
-    return rope(q, cos, sin), rope(k, cos, sin), v
+    x = x + delta  # the previous block's MLP output, added here so the add fuses with this norm
+    qkv = F.linear(rms_norm(x, norm_in, eps), w_qkv, b_qkv)
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    k_cache[rows, :, pos] = rope(k.view(R, n, n_kv, hd), cos, sin)  # (R, n, kv, hd) into slots pos
+    v_cache[rows, :, pos] = v.view(R, n, n_kv, hd)
+    q = rope(q.view(R, n, n_heads, hd), cos, sin)
+    return x, q.transpose(1, 2).reshape(R, n_kv, (n_heads // n_kv) * n, hd)
 
 
-def mlp_out(x, o, wo, norm_w, w_gate, w_up, w_down, eps: float):
-    """Attention output projection and residual, then the SwiGLU MLP and its residual."""
+def mlp_out(x, o, wo, norm_post, w_gate_up, w_down, eps: float):
+    """Attention output projection and residual, then the SwiGLU MLP; its output is returned apart."""
+    R, n_kv, Gn, hd = o.shape
+    n = x.shape[1]
+    o = o.reshape(R, n_kv * Gn // n, n, hd).transpose(1, 2).reshape(R, n, -1)
     x = x + F.linear(o, wo)
-    h = rms_norm(x, norm_w, eps)
-    return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
+    gate, up = F.linear(rms_norm(x, norm_post, eps), w_gate_up).chunk(2, dim=-1)
+    return x, F.linear(F.silu(gate) * up, w_down)
 
 
 @functools.cache
 def compiled_fns():
-    """The layer halves under torch.compile (fixed shapes; one compilation per batch bucket)."""
+    """The block's halves under torch.compile (fixed shapes; one compilation per batch bucket)."""
     return (torch.compile(attn_in, dynamic=False, fullgraph=True),
             torch.compile(mlp_out, dynamic=False, fullgraph=True))

@@ -19,6 +19,7 @@ engine), which stays the reference it must match. What changes is how it runs:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -92,14 +93,18 @@ class MarkerMatcher:
 class StaticEngine:
     """Decodes batches of up to ``rows`` rows on a static cache; ``static_engine`` keeps one per model."""
 
-    def __init__(self, setup: RolloutSetup, max_len: int, rows: int, cuda_graphs: bool = True):
+    def __init__(self, setup: RolloutSetup, max_len: int, rows: int, cuda_graphs: bool = True,
+                 compile: bool | None = None):
         lm, cfg = setup.lm, setup.cfg
         self.setup = setup
         self.prefill_len = max(len(v) for v in setup.prefills.values())
         self.max_len = max_len
         self.rows = rows
         self.use_graphs = cuda_graphs and lm.device.type == "cuda"
-        self.dec = StaticDecoder(lm.model, self.rows, self.max_len, compile=cfg.compile_decoder and self.use_graphs)
+        compile = cfg.compile_decoder and self.use_graphs if compile is None else compile
+        self.dec = StaticDecoder(lm.model, self.rows, self.max_len, compile=compile)
+        # The token / phase logic of a step, compiled too: ~100 small kernels fused into a few.
+        self._logic = torch.compile(self._logic_eager, dynamic=False, fullgraph=True) if compile else None
         self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, setup.marker_end_ids, lm.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
@@ -163,6 +168,24 @@ class StaticEngine:
 
     def _step(self, s: dict, span: int) -> None:
         """One decode step for every row, all on the device (no host sync): capturable."""
+        x, active = self._run_logic(s)
+        h = self.dec.forward(x[:, None], s["pos"][:, None], span)[:, 0]
+        s["z"].copy_(self.setup.lm.logits(h))
+        s["pos"].copy_(torch.where(active, s["pos"] + 1, s["pos"]).clamp(max=self.max_len - 1))
+        s["t"].add_(1)
+
+    def _run_logic(self, s: dict):
+        if self._logic is not None:
+            try:
+                return self._logic(s)
+            except Exception as e:  # an unusable compiler must not stop a rollout (it fails before running)
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eagerly")
+                self._logic = None
+        return self._logic_eager(s)
+
+    def _logic_eager(self, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything of a step but the forward pass: records, phase changes; returns the inputs and which rows
+        were active (their position advances after the forward)."""
         setup, cfg, lm = self.setup, self.setup.cfg, self.setup.lm
         R, L, A = self.rows, cfg.max_cot_length, cfg.max_answer_length
         t, phase, z = s["t"], s["phase"], s["z"]
@@ -213,11 +236,7 @@ class StaticEngine:
         s["ans_len"].copy_(s["ans_len"] + is_ans.long())
         ans_done = is_ans & (torch.isin(a, self.eos) | (s["ans_len"] == A))
         s["phase"].copy_(torch.where(stop, PREFILL, torch.where(pre_done, ANSWER, torch.where(ans_done, DONE, phase))))
-
-        h = self.dec.forward(x[:, None], s["pos"][:, None], span)[:, 0]
-        s["z"].copy_(lm.logits(h))
-        s["pos"].copy_(torch.where(active, s["pos"] + 1, s["pos"]).clamp(max=self.max_len - 1))
-        s["t"].add_(1)
+        return x, active
 
     def _run_step(self, s: dict, span: int) -> None:
         if not self.use_graphs:
@@ -246,6 +265,7 @@ class StaticEngine:
         lm, cfg = self.setup.lm, self.setup.cfg
         n, R, s = len(prompt_ids), self.rows, self.s
         assert n <= R, f"batch of {n} rows exceeds the engine's {R}"
+        self.dec.refresh()  # the weights may have changed since the last call (a training step)
         self._reset(prompt_ids, draws)
 
         # Prompts, right-padded: each row's cache holds its prompt from slot 0, no gaps.

@@ -136,3 +136,22 @@ def test_engine_is_reused_across_calls_and_resets_its_state(qwen2):
     _same(first, again, soft=True)
     generate_rollouts(qwen2, QUESTIONS[:1], CoTConfig("fuzzy"), cfg)
     assert qwen2._static_engine[1] is not engine, "new settings: a new engine replaces the old one"
+
+
+def test_compiled_step_and_layers_match_eager(qwen2):
+    """torch.compile of the step logic and the decoder halves (the CUDA default), run here by inductor on CPU."""
+    from softtokens.engine import StaticEngine
+    from softtokens.rollout import encode_prompts, prepare, row_draws, row_seed
+
+    cot_cfg, cfg = CoTConfig("soft"), RolloutConfig(**KW)
+    setup = prepare(qwen2, cot_cfg, cfg)
+    prompt_ids = encode_prompts(qwen2, QUESTIONS, cfg)
+    rows = [(q, g) for q in range(len(QUESTIONS)) for g in range(cfg.num_generations)]
+    draws = [row_draws(row_seed(cfg.seed, QUESTIONS[q], g), setup.E.shape[1], cot_cfg, cfg, "cpu", torch.float32)
+             for q, g in rows]
+    args = ([prompt_ids[q] for q, _ in rows], draws, [(QUESTIONS[q], g) for q, g in rows])
+    eager = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=False).decode(*args)
+    engine = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=True)
+    compiled = engine.decode(*args)
+    assert engine._logic is not None and engine.dec.compile, "compiled, not fallen back to eager"
+    _same(eager, compiled, soft=True)
