@@ -76,13 +76,14 @@ def peak_gb() -> float:
 
 def synthetic_tokenizer(vocab_size: int):
     """A word-level tokenizer over vocab_size ids: real prompt words, the marker's words, then fillers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<eos>", "<pad>", "<unk>"] + sorted(set(PROMPT_TEMPLATE.replace("{question}", "").split()) | {"\\boxed{"})
     words += [f"w{i}" for i in range(vocab_size - len(words))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces, also after a reload
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
