@@ -53,13 +53,13 @@ def main():
 
             from softtokens import trainer
 
+            from softtokens import policy
+            from softtokens.models import _DTYPES
+
             bench.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-            lm = bench.random_model(args.random_shape, torch.bfloat16)
-            lm.model.save_pretrained(Path(out) / "model")
-            lm.tokenizer.save_pretrained(Path(out) / "model")
-            del lm
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            cfg = dataclasses.replace(cfg, model=str(Path(out) / "model"), output_dir=str(Path(out) / "run"))
+            # The trainer's loader returns a random model of the shape, built on the device (no disk round trip).
+            policy.load_model = lambda name, dtype, device: bench.random_model(args.random_shape, _DTYPES[dtype])
+            cfg = dataclasses.replace(cfg, model=args.random_shape, output_dir=str(Path(out) / "run"))
             trainer.save_checkpoint = lambda *a, **k: None  # a random model's checkpoint is not worth the disk time
         start = time.perf_counter()
         train(cfg, progress=False)

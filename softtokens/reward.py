@@ -129,3 +129,19 @@ class Grader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class RewardFunction:
+    """Any Python reward, (gold, completion) pairs -> Grades, behind the Grader's interface (experiments, tests)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def submit(self, pairs: list[tuple[str, str]]):
+        return self.fn(pairs)
+
+    def result(self, handle) -> list[Grade]:
+        return handle
+
+    def grade(self, pairs: list[tuple[str, str]]) -> list[Grade]:
+        return self.fn(pairs)

@@ -18,6 +18,7 @@ engine must match.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -186,11 +187,13 @@ def generate_rollouts(
     sigma: float | None = None,
     progress: bool = False,
     rows: list[tuple[int, int]] | None = None,
+    on_batch: Callable[[list[Rollout]], None] | None = None,
 ) -> list[Rollout]:
     """Rollouts for each question x num_generations, question-major ([q0 g0, q0 g1, ..., q1 g0, ...]).
 
     ``rows`` picks (question index, sample index) pairs instead (a rank's share of a batch): each row's
-    rollout is the same as in the full call, since its randomness is its own.
+    rollout is the same as in the full call, since its randomness is its own. ``on_batch`` sees each
+    decoded batch at once (to start grading it while the next one decodes).
     """
     if isinstance(questions, str):
         questions = [questions]
@@ -214,7 +217,10 @@ def generate_rollouts(
             row_draws(row_seed(cfg.seed, questions[qi], g), setup.E.shape[1], cot_cfg, cfg, lm.device, torch.float32)
             for qi, g in batch
         ]
-        out += decode([prompt_ids[qi] for qi, _ in batch], draws, [(questions[qi], g) for qi, g in batch])
+        done = decode([prompt_ids[qi] for qi, _ in batch], draws, [(questions[qi], g) for qi, g in batch])
+        if on_batch is not None:
+            on_batch(done)
+        out += done
     return out
 
 

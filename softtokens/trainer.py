@@ -85,25 +85,31 @@ def _share(n: int, d: Dist) -> range:
     return range(d.rank * per, (d.rank + 1) * per)
 
 
-def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade, cfg: TrainConfig,
+def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grader, cfg: TrainConfig,
                sigma: float, problems: list[Problem], step: int, d: Dist = Dist()) -> dict:
     """Rollouts, rewards, advantages, loss, backward, clip, finite check, optimiser step.
 
     Each rank rolls out and scores its share of the B x G rows; rewards are gathered so every group's
-    baseline sees the whole group. ``grade`` maps (gold, completion) pairs to Grades: ``Grader.grade``, or
-    any reward for experiments.
+    baseline sees the whole group. ``grader`` is a ``Grader`` (or a ``RewardFunction`` for experiments);
+    each decoded batch is submitted at once, so grading overlaps the decoding of the next batch.
     """
     B, G = len(problems), cfg.num_generations
     N = B * G
     mine = _share(N, d)
+    golds, handles = [problems[j // G].answer for j in mine], []
+
+    def submit(batch):
+        start = sum(n for n, _ in handles)
+        handles.append((len(batch), grader.submit([(golds[start + i], r.completion) for i, r in enumerate(batch)])))
+
     t0 = time.perf_counter()
     policy.sync_rollout()
     policy.rollout.model.eval()
     rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(),
                                  rollout_config(cfg, cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
-                                 rows=[divmod(j, G) for j in mine])
+                                 rows=[divmod(j, G) for j in mine], on_batch=submit)
     t1 = time.perf_counter()
-    grades = grade([(problems[j // G].answer, r.completion) for j, r in zip(mine, rollouts)])
+    grades = [g for _, h in handles for g in grader.result(h)]
     summary = [(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
                 r.cot_length + len(r.prefill_ids) + len(r.answer_ids), len(r.prompt_ids)) for g, r in zip(grades, rollouts)]
     rows = [row for part in gather_objects(summary, d) for row in part]  # every row, in global order
@@ -266,7 +272,7 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
             bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
         while state["step"] < cfg.max_steps:
             step = state["step"]
-            metrics = train_step(policy, ref, optimizer, scheduler, grader.grade, cfg, state["sigma"],
+            metrics = train_step(policy, ref, optimizer, scheduler, grader, cfg, state["sigma"],
                                  problems_for_step(train_set, step, cfg.prompts_per_step, cfg.seed), step, d=d)
             state["step"] = step = step + 1
             last = step == cfg.max_steps

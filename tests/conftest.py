@@ -38,3 +38,18 @@ def model_dir(tmp_path_factory):
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return str(path)
+
+
+def space_reward(pairs):
+    """A reward a tiny random model can learn: the answer starts with a space (about 1 token in 6)."""
+    from softtokens.reward import Grade
+
+    return [Grade(100.0 if c.startswith("\\boxed{ ") else 0.0, c.startswith("\\boxed{ "), True) for _, c in pairs]
+
+
+def use_reward(monkeypatch, fn=space_reward):
+    """Make every Grader grade with ``fn`` (train() builds its own Grader)."""
+    from softtokens import reward
+
+    monkeypatch.setattr(reward.Grader, "submit", lambda self, pairs: fn(pairs))
+    monkeypatch.setattr(reward.Grader, "result", lambda self, handle: handle)

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from softtokens import trainer as tr
 from softtokens.config import TrainConfig
 
+from conftest import use_reward
+
 
 def _cfg(model_dir, out, **kw):
     base = dict(model=model_dir, dataset="gsm8k", val_size=2, mode="soft", prompts_per_step=2, num_generations=4,
@@ -25,19 +27,13 @@ import json, os, sys
 from softtokens import reward, trainer
 from softtokens.config import TrainConfig
 sys.path.insert(0, {tests!r})
-from test_distributed import space_reward
-reward.Grader.grade = lambda self, pairs: space_reward(pairs)
+from conftest import space_reward
+reward.Grader.submit = lambda self, pairs: space_reward(pairs)
+reward.Grader.result = lambda self, handle: handle
 summary = trainer.train(TrainConfig(**json.loads(open(sys.argv[1]).read())), progress=False)
 if os.environ["RANK"] == "0":
     print(json.dumps(summary))
 """
-
-
-def space_reward(pairs):
-    """A reward with signal on a tiny random model (about 1 answer in 6 starts with a space)."""
-    from softtokens.reward import Grade
-
-    return [Grade(100.0 if c.startswith("\\boxed{ ") else 0.0, c.startswith("\\boxed{ "), True) for _, c in pairs]
 
 
 def _torchrun(values: dict, tmp_path, nproc: int = 2, script: bool = True) -> subprocess.CompletedProcess:
@@ -57,9 +53,7 @@ def _metrics(out):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, monkeypatch):
-    from softtokens import reward
-
-    monkeypatch.setattr(reward.Grader, "grade", lambda self, pairs: space_reward(pairs))
+    use_reward(monkeypatch)
     extra = dict(use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2) if lora else {}
     one = tr.train(TrainConfig(**_cfg(model_dir, tmp_path / "one", **extra)), progress=False)
     run = _torchrun(_cfg(model_dir, tmp_path / "two", **extra), tmp_path)

@@ -59,6 +59,17 @@ def test_row_does_not_depend_on_its_batch(llama):
             torch.testing.assert_close(a.cot_embeds, b.cot_embeds, rtol=0, atol=1e-5)
 
 
+def test_a_rank_share_and_batches_seen_as_they_finish(llama):
+    """``rows`` (a rank's share) gives the same rows as the full call; ``on_batch`` sees each batch at once."""
+    cot_cfg, cfg = CoTConfig("soft"), _cfg(num_generations=3, batch_size=2)
+    full = generate_rollouts(llama, QUESTIONS[:2], cot_cfg, cfg)
+    seen = []
+    share = generate_rollouts(llama, QUESTIONS[:2], cot_cfg, cfg, rows=[(0, 2), (1, 0), (1, 1)], on_batch=seen.append)
+    assert [len(b) for b in seen] == [2, 1] and [r for b in seen for r in b] == share
+    for a, b in zip(full[2:5], share):
+        assert (a.question, a.sample_index, a.cot_ids, a.answer_ids) == (b.question, b.sample_index, b.cot_ids, b.answer_ids)
+
+
 def test_seeded(llama):
     cfg = _cfg()
     a = generate_rollouts(llama, QUESTIONS[:2], CoTConfig("hard"), cfg)

@@ -11,11 +11,11 @@ from softtokens.config import CoTConfig, RolloutConfig, TrainConfig, config_from
 from softtokens.estimators import grpo_advantages, kl_k3, policy_gradient_loss, rloo_advantages
 from softtokens.models import tiny_lm
 from softtokens.policy import Policy
-from softtokens.reward import Grade
+from softtokens.reward import RewardFunction
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
-from conftest import QUESTIONS
+from conftest import QUESTIONS, space_reward, use_reward
 
 
 def test_advantages_and_loss_by_hand():
@@ -53,11 +53,6 @@ def test_micro_batches_give_the_full_batch_gradient():
         torch.testing.assert_close(micro[n], full[n], rtol=0, atol=1e-5 * float(scale))
 
 
-def space_reward(pairs):
-    """A reward a tiny random model can learn: the answer starts with a space (about 1 token in 6)."""
-    return [Grade(100.0 if c.startswith("\\boxed{ ") else 0.0, c.startswith("\\boxed{ "), True) for _, c in pairs]
-
-
 @pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
 def test_reward_rises_and_every_parameter_moves(mode):
     lm = tiny_lm("llama", seed=1)
@@ -70,7 +65,7 @@ def test_reward_rises_and_every_parameter_moves(mode):
     problems = [tr.Problem(str(i), q, "1") for i, q in enumerate(QUESTIONS)]
     rewards = []
     for step in range(cfg.max_steps):
-        m = tr.train_step(Policy.plain(lm), None, opt, sched, space_reward, cfg, 0.01, tr.problems_for_step(problems, step, 2, 0), step)
+        m = tr.train_step(Policy.plain(lm), None, opt, sched, RewardFunction(space_reward), cfg, 0.01, tr.problems_for_step(problems, step, 2, 0), step)
         rewards.append(m["rollout/reward"])
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 25 and last > 50, f"{mode}: reward {first:.0f} -> {last:.0f}"
@@ -97,7 +92,7 @@ LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2)
 
 @pytest.mark.parametrize("extra", [{}, LORA], ids=["full", "lora"])
 def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch, extra):
-    monkeypatch.setattr(tr.Grader, "grade", lambda self, pairs: space_reward(pairs))  # a reward with signal
+    use_reward(monkeypatch)  # a reward with signal
     cfg = lambda *a, **kw: _cfg(*a, **extra, **kw)  # noqa: E731
     full = tr.train(cfg(model_dir, tmp_path / "full"), progress=False)
     real = tr.train_step
@@ -147,7 +142,7 @@ def test_lora_checkpoint_is_the_merged_model(model_dir, tmp_path, monkeypatch):
     from softtokens.models import load_model
     from softtokens.policy import build
 
-    monkeypatch.setattr(tr.Grader, "grade", lambda self, pairs: space_reward(pairs))
+    use_reward(monkeypatch)
     cfg = _cfg(model_dir, tmp_path / "run", max_steps=2, **LORA)
     tr.train(cfg, progress=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-2")
@@ -167,7 +162,7 @@ def test_bfloat16_trains_float32_master_weights(model_dir, tmp_path, monkeypatch
     """dtype bfloat16 with mixed precision: the one-process FSDP2 path, runnable on CPU."""
     from transformers import AutoConfig
 
-    monkeypatch.setattr(tr.Grader, "grade", lambda self, pairs: space_reward(pairs))
+    use_reward(monkeypatch)
     tr.train(_cfg(model_dir, tmp_path / "run", max_steps=2, dtype="bfloat16"), progress=False)
     w = _weights(tmp_path / "run" / "checkpoint-2")
     start = _weights(__import__("pathlib").Path(model_dir))
