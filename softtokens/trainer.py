@@ -14,6 +14,11 @@ and the baseline is leave-one-out within each prompt's group.
 Checkpoints every ``save_steps`` (and on SIGINT / SIGTERM) can be resumed with
 ``--resume``; the problem order and every rollout are functions of (seed,
 step), so a resumed run on CPU repeats the uninterrupted one step for step.
+
+    torchrun --nproc_per_node 8 -m softtokens.cli train --config ...
+
+runs the same loop on every rank: each rolls out and scores its share of the
+rows, and ``policy.py`` holds what sharding changes (FSDP2, the rollout copy).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -79,6 +85,19 @@ def rollout_config(cfg: TrainConfig, seed: int, generations: int, answer_tempera
                          batch_size=cfg.rollout_batch_size)
 
 
+class RowStats(NamedTuple):
+    """What the step's metrics need of one rollout (gathered from every rank)."""
+
+    reward: float
+    correct: bool
+    boxed: bool
+    cot_length: int
+    stop: str
+    entropy_sum: float
+    generated: int  # CoT + prefill + answer tokens
+    prompt: int
+
+
 def _share(n: int, d: Dist) -> range:
     """This rank's contiguous share of n rows (n divisible by the world size)."""
     per = n // d.world
@@ -110,10 +129,11 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
                                  rows=[divmod(j, G) for j in mine], on_batch=submit)
     t1 = time.perf_counter()
     grades = [g for _, h in handles for g in grader.result(h)]
-    summary = [(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
-                r.cot_length + len(r.prefill_ids) + len(r.answer_ids), len(r.prompt_ids)) for g, r in zip(grades, rollouts)]
-    rows = [row for part in gather_objects(summary, d) for row in part]  # every row, in global order
-    rewards = torch.tensor([row[0] for row in rows], dtype=torch.float32).view(B, G)
+    stats = [RowStats(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
+                      r.cot_length + len(r.prefill_ids) + len(r.answer_ids), len(r.prompt_ids))
+             for g, r in zip(grades, rollouts)]
+    rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
+    rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
     advantages = ESTIMATORS[cfg.estimator](rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
     t2 = time.perf_counter()
 
@@ -146,17 +166,17 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     t4 = time.perf_counter()
 
     losses = gather_objects((loss_sum, kl_sum), d)
-    tokens = sum(row[6] for row in rows)
-    scored = sum(row[6] + row[7] for row in rows)
-    stops = [row[4] for row in rows]
+    tokens = sum(row.generated for row in rows)
+    scored = sum(row.generated + row.prompt for row in rows)
+    stops = [row.stop for row in rows]
     return {
         "train/loss": sum(x[0] for x in losses) / d.world, "train/grad_norm": grad_norm,
         "train/learning_rate": lr, "train/skipped_nonfinite": int(not finite),
         "train/kl": sum(x[1] for x in losses) / N if ref is not None else 0.0,
-        "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(row[1] for row in rows) / N,
-        "rollout/boxed_rate": sum(row[2] for row in rows) / N,
-        "rollout/cot_length": sum(row[3] for row in rows) / N,
-        "rollout/entropy": sum(row[5] for row in rows) / max(1, sum(row[3] for row in rows)),
+        "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(row.correct for row in rows) / N,
+        "rollout/boxed_rate": sum(row.boxed for row in rows) / N,
+        "rollout/cot_length": sum(row.cot_length for row in rows) / N,
+        "rollout/entropy": sum(row.entropy_sum for row in rows) / max(1, sum(row.cot_length for row in rows)),
         **{f"rollout/stop_{k}": stops.count(k) / N for k in ("marker", "length", "eos")},
         "rollout/sigma": sigma,
         "time/rollout_s": t1 - t0, "time/grading_s": t2 - t1, "time/scoring_s": t3 - t2, "time/optimizer_s": t4 - t3,
