@@ -59,9 +59,11 @@ class Policy:
     def full_weights(self):
         """(name, tensor) in the plain model's names, LoRA merged; a collective when sharded (every rank calls)."""
         model = self.lm.model.get_base_model() if self.lora else self.lm.model
-        from peft.tuners.lora import LoraLayer
+        layers = {}
+        if self.lora:
+            from peft.tuners.lora import LoraLayer
 
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)} if self.lora else {}
+            layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
         for name, p in model.named_parameters():
             if ".lora_" in name:
                 continue
@@ -120,8 +122,7 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
         lm.model.gradient_checkpointing_enable()
     rollout = lm
     if sharded or cfg.use_peft or master != dtype:
-        rollout = CausalLM(copy.deepcopy(lm.model).to(_DTYPES[dtype]).eval().requires_grad_(False), lm.tokenizer,
-                           lm.name)
+        rollout = CausalLM(_copy_in(lm.model, _DTYPES[dtype]).eval(), lm.tokenizer, lm.name)
     if cfg.use_peft:
         lm = CausalLM(_lora(lm.model, cfg), lm.tokenizer, lm.name)
         if state is not None:
@@ -137,6 +138,14 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
     policy = Policy(lm, scorer, rollout, sharded, cfg.use_peft)
     policy.sync_rollout()
     return policy, state
+
+
+def _copy_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of the model with its parameters in ``dtype``, made without a second full-precision copy
+    (peak memory: the model plus the copy). Tied parameters stay tied; buffers keep their dtype."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 def _lora(model, cfg: TrainConfig):
