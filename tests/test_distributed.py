@@ -1,4 +1,5 @@
-"""Two gloo processes under torchrun (FSDP2) take the same steps as one process on the same global batch."""
+"""Two gloo processes under torchrun (FSDP2) take the same steps as one process on the same global batch,
+and their checkpoints resume in one process."""
 
 import json
 import os
@@ -77,6 +78,14 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, mon
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
     start = load_file(str(next(iter(__import__("pathlib").Path(model_dir).glob("*.safetensors")))))
     assert sum(not torch.equal(w1[n], start[n]) for n in w1 if n in start) >= len(w1) // 2, "the steps moved the weights"
+
+    # Checkpoints hold full, name-keyed state: the two-process run resumes in one process like the one-process run.
+    for run in ("one", "two"):
+        tr.train(TrainConfig(**_cfg(model_dir, tmp_path / run, max_steps=3, resume=True, **extra)), progress=False)
+    w1 = load_file(str(tmp_path / "one" / "checkpoint-3" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "checkpoint-3" / "model.safetensors"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-5, msg=name)
 
 
 def test_uneven_split_is_refused(model_dir, tmp_path):
