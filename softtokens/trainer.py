@@ -23,7 +23,6 @@ rows, and ``policy.py`` holds what sharding changes (FSDP2, the rollout copy).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -44,7 +43,7 @@ from softtokens.data import Problem, load_dataset
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss
 from softtokens.metrics import MetricsLogger
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
-from softtokens.models import CausalLM, resolve_device
+from softtokens.models import CausalLM, load_model, resolve_device
 from softtokens.ood import TABLE2, ood_eval, table2
 from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
@@ -151,7 +150,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
             kl = kl_k3(torch.cat([scores.cot_steps, scores.answer_steps], 1),
                        torch.cat([ref_scores.cot_steps, ref_scores.answer_steps], 1).to(scores.cot_steps.dtype))
             loss = loss + cfg.beta * kl.sum() / n
-            kl_sum += float(kl.sum())
+            kl_sum += float(kl.detach().sum())
         loss.backward()
         loss_sum += float(loss.detach())
     t3 = time.perf_counter()
@@ -267,8 +266,9 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
         sigma = cot.noise_scale(policy.rollout.embedding_matrix().float(), cfg.gamma)
         state = {"step": 0, "sigma": sigma, "best": None, "before": None}
     ref = None
-    if cfg.beta > 0:  # the initial policy, frozen, in the compute dtype
-        ref = CausalLM(copy.deepcopy(policy.rollout.model).eval().requires_grad_(False), policy.lm.tokenizer, "reference")
+    if cfg.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it
+        ref = load_model(cfg.model, dtype=dtype, device=device)
+        ref.model.requires_grad_(False)
     rollout_lm = policy.rollout
     if d.main:
         out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,20 @@ def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch,
     assert strip(metrics(tmp_path / "full")) == strip(metrics(tmp_path / "part"))
 
 
+def test_kl_penalty_to_the_initial_model_survives_a_resume(model_dir, tmp_path, monkeypatch):
+    """beta > 0: KL is exactly 0 before the first update, positive after; a resumed run keeps the initial model
+    as its reference (not the checkpoint it resumed from), so it repeats the uninterrupted run."""
+    use_reward(monkeypatch)
+    tr.train(_cfg(model_dir, tmp_path / "full", max_steps=3, beta=0.5, save_steps=2), progress=False)
+    tr.train(_cfg(model_dir, tmp_path / "part", max_steps=2, beta=0.5), progress=False)
+    tr.train(_cfg(model_dir, tmp_path / "part", max_steps=3, beta=0.5, resume=True), progress=False)
+    read = lambda d: [__import__("json").loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    full, part = read(tmp_path / "full"), read(tmp_path / "part")
+    assert full[0]["train/kl"] == 0 and full[1]["train/kl"] > 0
+    assert part[-1]["train/kl"] == pytest.approx(full[-1]["train/kl"], rel=1e-5)
+    assert part[-1]["train/loss"] == pytest.approx(full[-1]["train/loss"], rel=1e-5)
+
+
 def test_checkpoint_is_a_plain_hf_model_and_broken_ones_are_refused(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
