@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
 from softtokens.data import load_dataset  # noqa: E402
-from softtokens.models import CausalLM, load_model  # noqa: E402
+from softtokens.models import CausalLM, load_model, set_activation_checkpointing  # noqa: E402
 from softtokens.prompts import PROMPT_TEMPLATE, format_prompt  # noqa: E402
 from softtokens.rollout import generate_rollouts  # noqa: E402
 
@@ -197,7 +197,7 @@ def bench_scoring(lm, args, batch: int, rates: dict) -> dict:
     cfg = RolloutConfig(max_cot_length=args.cot, max_answer_length=args.answer, batch_size=batch, stop_at_eos=False)
     rollouts = generate_rollouts(lm, questions, CoTConfig("soft"), cfg)
     tokens = sum(len(r.prompt_ids) + r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
-    lm.model.gradient_checkpointing_enable()
+    set_activation_checkpointing(lm.model)
     lm.model.train()
 
     def step():
@@ -217,7 +217,7 @@ def bench_scoring(lm, args, batch: int, rates: dict) -> dict:
         traceback.print_exc()
         row = {"scoring": "forward+backward", "rows": batch, "error": f"{type(e).__name__}: {e}"[:200]}
     finally:
-        lm.model.gradient_checkpointing_disable()
+        set_activation_checkpointing(lm.model, False)
         lm.model.eval()
     print(json.dumps(row), flush=True)
     return row

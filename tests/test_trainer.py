@@ -172,6 +172,24 @@ def test_lora_checkpoint_is_the_merged_model(model_dir, tmp_path, monkeypatch):
               tmp_path / "run" / "checkpoint-2")
 
 
+@pytest.mark.parametrize("extra", [{}, LORA], ids=["full", "lora"])
+def test_activation_checkpointing_keeps_the_gradient(model_dir, tmp_path, extra):
+    """Recomputing activations in the backward pass gives the same gradients, full and LoRA."""
+    from softtokens.policy import build
+
+    grads = []
+    for ckpt in (False, True):
+        policy, _ = build(_cfg(model_dir, tmp_path, gradient_checkpointing=ckpt, **extra), "cpu", "float32", Dist())
+        rollouts = generate_rollouts(policy.rollout, QUESTIONS[:2], CoTConfig("soft"),
+                                     RolloutConfig(max_cot_length=4, max_answer_length=2, num_generations=2))
+        policy.lm.model.train()
+        policy.scorer(rollouts).total.sum().backward()
+        grads.append({n: p.grad for n, p in policy.lm.model.named_parameters() if p.requires_grad})
+    assert any(g.abs().sum() > 0 for g in grads[1].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_bfloat16_trains_float32_master_weights(model_dir, tmp_path, monkeypatch):
     """dtype bfloat16 with mixed precision: the one-process FSDP2 path, runnable on CPU."""
     from transformers import AutoConfig
