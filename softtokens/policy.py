@@ -39,6 +39,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Policy:
+    """The model being trained, and the two ways the trainer sees it: scoring (with gradients) and rollouts."""
+
     lm: CausalLM
     """The trained model (peft-wrapped with LoRA); its layers are FSDP2 modules when sharded."""
     scorer: Scorer
