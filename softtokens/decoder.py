@@ -44,6 +44,13 @@ class Layer:
     norm_post: torch.Tensor
 
 
+def _concatenated(blk):
+    """The HF tensors behind a block's concatenated weights: (q, k, v), their biases (or None), (gate, up)."""
+    att, mlp = blk.self_attn, blk.mlp
+    biases = None if att.q_proj.bias is None else (att.q_proj.bias, att.k_proj.bias, att.v_proj.bias)
+    return (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight), biases, (mlp.gate_proj.weight, mlp.up_proj.weight)
+
+
 class StaticDecoder:
     """Forward passes over (rows, n) new inputs at per-row positions, writing a preallocated KV cache.
 
@@ -63,13 +70,11 @@ class StaticDecoder:
         self.blocks = list(base.layers)
         self.layers = []
         for blk in self.blocks:
-            att, mlp = blk.self_attn, blk.mlp
-            bias = att.q_proj.bias
+            qkv, biases, gate_up = _concatenated(blk)
             self.layers.append(Layer(
-                torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
-                None if bias is None else torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]),
-                att.o_proj.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight,
-                blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
+                torch.cat(qkv), None if biases is None else torch.cat(biases), blk.self_attn.o_proj.weight,
+                torch.cat(gate_up), blk.mlp.down_proj.weight, blk.input_layernorm.weight,
+                blk.post_attention_layernorm.weight,
             ))
         self.norm = base.norm.weight
         w = self.norm
@@ -88,11 +93,11 @@ class StaticDecoder:
     def refresh(self) -> None:
         """Copy the HF model's current q/k/v and gate/up weights into the concatenated ones (after an update)."""
         for L, blk in zip(self.layers, self.blocks):
-            att, mlp = blk.self_attn, blk.mlp
-            torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], out=L.w_qkv)
-            if L.b_qkv is not None:
-                torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], out=L.b_qkv)
-            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], out=L.w_gate_up)
+            qkv, biases, gate_up = _concatenated(blk)
+            torch.cat(qkv, out=L.w_qkv)
+            if biases is not None:
+                torch.cat(biases, out=L.b_qkv)
+            torch.cat(gate_up, out=L.w_gate_up)
 
     def _layer_fns(self, n: int):
         """The block's two halves, compiled for decode steps (n == 1) on CUDA when asked, else eager."""

@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place among the ranks (rank 0 of 1 when not launched by torchrun)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
