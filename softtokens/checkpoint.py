@@ -139,14 +139,18 @@ def check_weights(path: Path, saved: dict, model) -> None:
                              f"the model's is {tuple(p.shape)}")
 
 
-def restore(policy, optimizer, scheduler, state: dict) -> dict:
+def restore(policy, optimizer, scheduler, state: dict, path: Path) -> dict:
     """Optimiser, scheduler and RNG from a trainer state (the weights went in when the policy was built)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     state = dict(state)
     state.pop("adapter", None)
-    set_optimizer_state_dict(policy.scorer, optimizer, state.pop("optimizer"), options=_options(policy, False))
-    scheduler.load_state_dict(state.pop("scheduler"))
+    try:
+        set_optimizer_state_dict(policy.scorer, optimizer, state.pop("optimizer"), options=_options(policy, False))
+        scheduler.load_state_dict(state.pop("scheduler"))
+    except Exception as e:  # noqa: BLE001  an optimiser state of other parameters, or of an older format
+        raise ValueError(f"checkpoint {path}: its optimiser state does not fit this run ({type(e).__name__}: "
+                         f"{str(e)[:200]}); delete it to resume from an earlier one") from None
     rng = state.pop("rng")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

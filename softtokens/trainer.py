@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.max_steps))
     if state is not None:
-        state = restore(policy, optimizer, scheduler, state)
+        state = restore(policy, optimizer, scheduler, state, found[-1])
         say(f"resuming from {found[-1]} at step {state['step']}")
     else:
         sigma = cot.noise_scale(policy.rollout.embedding_matrix().float(), cfg.gamma)

@@ -139,6 +139,13 @@ def test_checkpoint_is_a_plain_hf_model_and_broken_ones_are_refused(model_dir, t
     tr.train(_cfg(model_dir, tmp_path / "run", max_steps=2), progress=False)
     ckpt = tmp_path / "run" / "checkpoint-2"
     AutoModelForCausalLM.from_pretrained(ckpt)  # ordinary hard inference
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    good = dict(state)
+    state["optimizer"] = {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"lr": 1.0, "params": [0]}]}
+    torch.save(state, ckpt / "trainer_state.pt")  # an optimiser state keyed by position, not by parameter name
+    with pytest.raises(ValueError, match="checkpoint-2: its optimiser state does not fit this run"):
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
+    torch.save(good, ckpt / "trainer_state.pt")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="checkpoint-2 is corrupt"):
         tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
