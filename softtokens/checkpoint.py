@@ -67,7 +67,8 @@ def save_checkpoint(path: Path, policy, optimizer, scheduler, state: dict, d) ->
 
     from softtokens.distributed import barrier
 
-    policy.sync_rollout()
+    if policy.lora:  # its folder is the merged rollout copy; otherwise the master weights are written
+        policy.sync_rollout()
     weights = _model_state(policy)
     optim = get_optimizer_state_dict(policy.scorer, optimizer, options=_options(policy))
     if d.main:
@@ -88,7 +89,8 @@ def save_model(path: Path, policy, d) -> Path:
     """The model and tokenizer only (the best checkpoint, the final export)."""
     from softtokens.distributed import barrier
 
-    policy.sync_rollout()
+    if policy.lora:
+        policy.sync_rollout()
     weights = {} if policy.lora else _model_state(policy)
     if d.main:
         _write_dir(path, lambda folder: _write_hf(folder, policy, weights))
