@@ -53,6 +53,11 @@ SHAPES = {
     "tiny": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096),
 }
+# --variants: soft rollouts with one engine setting changed, to see what each part of the engine adds.
+VARIANTS = {
+    "eager": ("nothing compiled", dict(compile_decoder=False)),
+    "sdpa": ("SDPA attention", dict(attention_kernel=False)),
+}
 DEVICE = "cpu"
 
 
@@ -160,14 +165,14 @@ def bench_rollouts(lm, args, batch: int, rates: dict | None, hf_static: bool) ->
                         batch_size=batch, stop_at_eos=False, cuda_graphs=not args.no_graphs, engine=args.engine)
     prefill = len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
     runners = {f"softtokens {m}": (ours(lm, questions, m, cfg), True) for m in ("hard", "soft", "fuzzy")}
-    if hf_static and DEVICE.startswith("cuda"):  # what compiling the layers and the step logic adds, once
-        eager = dataclasses.replace(cfg, compile_decoder=False)
-        runners["softtokens soft, nothing compiled"] = (ours(lm, questions, "soft", eager), True)
     hf_tokens = args.hf_new_tokens or (args.cot + prefill + args.answer)
     if not args.skip_hf_dynamic:
         runners["HF generate, dynamic cache"] = (hf_generate(lm, questions, gens, hf_tokens, False), False)
     if hf_static:
         runners["HF generate, static cache (compiled)"] = (hf_generate(lm, questions, gens, hf_tokens, True), False)
+    for v in filter(None, args.variants.split(",")):  # soft again, one engine setting changed
+        name, change = VARIANTS[v]
+        runners[f"softtokens soft, {name}"] = (ours(lm, questions, "soft", dataclasses.replace(cfg, **change)), True)
     rows = []
     for name, (run, is_ours) in runners.items():
         try:
@@ -256,12 +261,16 @@ def main():
     ap.add_argument("--hf-static", action="store_true", help="also time HF generate with a compiled static cache")
     ap.add_argument("--skip-hf-dynamic", action="store_true", help="do not time HF generate with a dynamic cache")
     ap.add_argument("--score", action="store_true", help="also time the scoring pass (forward + backward)")
+    ap.add_argument("--variants", default="", help=f"also soft with: {', '.join(VARIANTS)} (comma-separated)")
     ap.add_argument("--engine", default="auto", help="auto, static or hf (RolloutConfig.engine)")
     ap.add_argument("--no-graphs", action="store_true", help="run the static engine's step eagerly")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
     DEVICE = args.device
+    unknown = set(filter(None, args.variants.split(","))) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown --variants {', '.join(sorted(unknown))}: choose from {', '.join(VARIANTS)}")
     cuda = DEVICE.startswith("cuda")
     args.cot = args.cot or (512 if cuda else 64)
     args.answer = args.answer or (32 if cuda else 16)

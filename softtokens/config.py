@@ -82,6 +82,8 @@ class RolloutConfig:
     """Capture the static engine's decode step in CUDA graphs (off: run it eagerly, for debugging)."""
     compile_decoder: bool = True
     """With CUDA graphs, also torch.compile the static decoder's layers and the step's token / phase logic (fuses norms, RoPE, SiLU, the vocabulary-wide sampling work); eager if it fails."""
+    attention_kernel: bool = True
+    """Static engine: decode attention with the split-KV Triton kernel (CUDA, Triton; one graph for every length); off: SDPA over length buckets."""
     record_means: bool = False
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0

@@ -37,11 +37,64 @@ def noise_scale(E: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> float:
     return float(gamma * E.to(compute_dtype(E.dtype)).pow(2).mean().sqrt())
 
 
+# Tokens per block of the vocabulary-wide work of a decode step (normalisers, argmax, the sampler's CDF).
+BLOCK = 256
+
+
+def blocks(x: torch.Tensor, fill: float, block: int = BLOCK) -> torch.Tensor:
+    """(R, V) -> (R, ceil(V / block), block), the tail padded with ``fill``.
+
+    Why: a decode step reduces a few dozen rows of 150k logits. Reduced row by
+    row, that is a few dozen GPU programs, each walking 150k values, on a few
+    dozen of the GPU's cores; reduced block by block and then over the blocks,
+    it is thousands of programs on all of them.
+    """
+    pad = (-x.shape[-1]) % block
+    return torch.nn.functional.pad(x, (0, pad), value=fill).view(*x.shape[:-1], -1, block)
+
+
+def _rollout_path(z: torch.Tensor) -> bool:
+    """Blocked reductions for a rollout's (R, V) logits; scoring (with gradients) keeps PyTorch's fused ones."""
+    return z.dim() == 2 and not (torch.is_grad_enabled() and z.requires_grad)
+
+
+def _max_and_log_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's max m and log sum exp(x - m), in blocks; x float (R, V). Both (R, 1)."""
+    b = blocks(x, float("-inf"))
+    m = b.amax(-1).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of -inf (or inf) stays -inf (or nan)
+    return m, (b - m[..., None]).exp().sum(-1).sum(-1, keepdim=True).log()
+
+
+def log_normaliser(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log sum_v exp(z_v / tau) over the last dim, in at least float32. (..., V) -> (...)."""
+    z = z.to(compute_dtype(z.dtype))
+    if temperature != 1.0:
+        z = z / temperature
+    if not _rollout_path(z):
+        return torch.logsumexp(z, dim=-1)
+    m, log_sum = _max_and_log_sum(z)
+    return (m + log_sum)[:, 0]
+
+
+def argmax(z: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest value, like ``z.argmax(-1)``, in blocks. (R, V) -> (R,) long."""
+    if z.dim() != 2:
+        return z.argmax(-1)
+    best, where = blocks(z, float("-inf")).max(-1)  # (R, n): each block's max and its first position
+    b = best.argmax(-1, keepdim=True)  # the first block holding the row's max
+    return (b * BLOCK + where.gather(1, b))[:, 0]
+
+
 def cot_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """p = softmax(z / tau) in at least float32. (..., V) -> (..., V)."""
     assert temperature > 0, "cot_probs needs tau > 0; tau = 0 is argmax, handled by the caller"
     z = z.to(compute_dtype(z.dtype))
-    return torch.softmax(z / temperature, dim=-1)
+    z = z / temperature
+    if not _rollout_path(z):
+        return torch.softmax(z, dim=-1)
+    m, log_sum = _max_and_log_sum(z)
+    return (z - m - log_sum).exp()  # z - m first, as softmax does: exact where a tiny tau makes z huge
 
 
 def mixture(p: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
@@ -80,6 +133,9 @@ def token_log_probs(z: torch.Tensor, ids: torch.Tensor, temperature: float) -> t
     z = z.to(compute_dtype(z.dtype))
     if temperature > 0:
         z = z / temperature
+    if _rollout_path(z):  # the chosen logit minus the normaliser: no vocabulary-wide log_softmax
+        m, log_sum = _max_and_log_sum(z)
+        return (z.gather(-1, ids.unsqueeze(-1)) - m - log_sum)[:, 0]
     return torch.log_softmax(z, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -89,32 +145,37 @@ def entropy(z: torch.Tensor) -> torch.Tensor:
     [choice] Recorded at tau = 1 for every mode, so that profiles compare across
     settings: at the fuzzy tau = 1e-4 the CoT distribution itself is one-hot.
     """
-    logp = torch.log_softmax(z.to(compute_dtype(z.dtype)), dim=-1)
-    return -(logp.exp() * logp).sum(-1).nan_to_num(0.0)
+    z = z.to(compute_dtype(z.dtype))
+    if _rollout_path(z):  # H = -sum_v p_v log p_v, log p = z - m - log_sum
+        m, log_sum = _max_and_log_sum(z)
+        logp = z - m - log_sum
+        p = logp.exp()
+        return -blocks(torch.where(p > 0, p * logp, 0.0), 0.0).sum(-1).sum(-1)
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0.0).sum(-1)
 
 
-def sample_categorical(p: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+def sample_categorical(p: torch.Tensor, u: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Inverse-CDF draw from each row of p with one uniform per row. (R, V), (R,) -> (R,) long.
 
     One pre-drawn uniform per row and step keeps each row's randomness its own
     (seeded per row) and needs no generator call inside the decode step. The
-    CDF is built in two levels (within blocks of ``block`` tokens, then over
-    the blocks): a scan over a 150k vocabulary for a few rows runs on a few
-    GPU cores, a scan over many short blocks on all of them. A token of
-    probability 0 is never drawn, whatever the rounding.
+    CDF is built in two levels: the blocks' sums (``block`` tokens each) and
+    their running total pick the block, and only that block's own CDF is
+    built (a scan over a 150k vocabulary for a few rows runs on a few GPU
+    cores). A token of probability 0 is never drawn, whatever the rounding.
     """
     R, V = p.shape
-    pad = (-V) % block
-    blocks = torch.nn.functional.pad(p, (0, pad)).view(R, -1, block)
-    inner = blocks.cumsum(-1)  # (R, n, block)
-    outer = inner[..., -1].cumsum(-1)  # (R, n)
+    b_p = blocks(p, 0.0, block)  # (R, n, block)
+    outer = b_p.sum(-1).cumsum(-1)  # (R, n)
     target = u.to(p.dtype) * outer[:, -1]
     b = torch.searchsorted(outer, target[:, None], right=True).clamp(max=outer.shape[1] - 1)  # (R, 1)
     before = torch.where(b > 0, outer.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target[:, None]))
     rows = torch.arange(R, device=p.device)
-    cdf = inner[rows, b[:, 0]] + before  # (R, block): the chosen block's CDF
-    i = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    chosen = b_p[rows, b[:, 0]]  # (R, block)
+    i = torch.searchsorted(chosen.cumsum(-1) + before, target[:, None], right=True)[:, 0]
     # Rounding can leave the target past the block's last partial sum: take its last token that has mass.
-    last = torch.where(blocks[rows, b[:, 0]] > 0, torch.arange(block, device=p.device), -1).amax(-1)
+    last = torch.where(chosen > 0, torch.arange(block, device=p.device), -1).amax(-1)
     i = torch.minimum(i, last.clamp(min=0))
     return (b[:, 0] * block + i).clamp(max=V - 1)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from softtokens import attention
+
 SUPPORTED = ("llama", "qwen2")
 
 
@@ -58,7 +60,7 @@ class StaticDecoder:
     weight reads), refreshed from the HF model by ``refresh()``; every other weight is the HF tensor itself.
     """
 
-    def __init__(self, model, rows: int, max_len: int, compile: bool = False):
+    def __init__(self, model, rows: int, max_len: int, compile: bool = False, attention_kernel: bool | None = None):
         if not supports(model):
             raise ValueError(f"the fast decoder supports {SUPPORTED} models without sliding windows or softcapping")
         cfg = model.config
@@ -88,6 +90,11 @@ class StaticDecoder:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.compile, self._compile_checked = compile, False
+        # Decode steps attend with the split-KV kernel where it runs (``attention.py``), else with SDPA over a
+        # span bucket and a mask. None: wherever it can.
+        usable = attention.usable(self.device, self.head_dim)
+        self.kernel = usable if attention_kernel is None else attention_kernel and usable
+        self._kernel_checked = False
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -116,12 +123,27 @@ class StaticDecoder:
                 self.compile = False
         return attn_in, mlp_out
 
+    def _use_kernel(self, n: int, q_shape, pos) -> bool:
+        """Whether this forward attends with the split-KV kernel: decode steps, once it has run here."""
+        if n != 1 or not self.kernel:
+            return False
+        if not self._kernel_checked:  # compile it now, outside any graph capture; fall back on failure
+            try:
+                q = torch.zeros(q_shape, dtype=self.dtype, device=self.device)
+                attention.decode_attention(q, self.k_cache[0], self.v_cache[0], pos[:, 0] + 1, self.cos, self.sin)
+                self._kernel_checked = True
+            except Exception as e:
+                warnings.warn(f"the decode attention kernel failed ({type(e).__name__}: {e}); using SDPA")
+                self.kernel = False
+        return self.kernel
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """Final hidden states (R, n, d) for inputs x (R, n, d) at positions pos (R, n).
 
         Keys are written at their positions; each query attends to cache slots
-        [0, span) at or before its own position, so ``span`` (a bucket >= the
-        longest row) bounds the attention work.
+        at or before its own position. With SDPA, attention covers slots
+        [0, span), a bucket >= the longest row that bounds its work; the
+        kernel stops at each row's own position and ignores ``span``.
         """
         return self._run_layers(self._layer_fns(x.shape[1]), x, pos, span)
 
@@ -131,18 +153,24 @@ class StaticDecoder:
         f_in, f_out = fns
         rows = torch.arange(R, device=x.device)[:, None].expand(R, n)
         cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, n, 1, hd)
-        slots = torch.arange(span, device=x.device)
-        # An additive mask built once per forward (a boolean one is converted inside every attention call).
         # Grouped-query attention without repeating K/V: the G query heads of a KV head are stacked along the
         # query axis, so each KV head is read once (decode is bound by reading the cache).
-        allowed = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        kernel = self._use_kernel(n, (R, self.n_kv, G, self.head_dim), pos)
+        if kernel:
+            lengths = pos[:, 0] + 1
+        else:  # an additive mask built once per forward (a boolean one is converted inside every attention call)
+            slots = torch.arange(span, device=x.device)
+            allowed = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         delta = torch.zeros_like(x)
         for i, L in enumerate(self.layers[:layers]):
             kc, vc = caches or (self.k_cache[i], self.v_cache[i])
             x, q = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
-                        self.n_heads, self.n_kv, self.head_dim)
-            o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
+                        self.n_heads, self.n_kv, self.head_dim, rope_q=not kernel)
+            if kernel:  # which also rotates q
+                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin)
+            else:
+                o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
             x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
         return rms_norm(x + delta, self.norm, self.eps)
 
@@ -163,15 +191,18 @@ def rope(x, cos, sin):  # x (R, n, heads, hd); cos, sin (R, n, 1, hd)
 
 
 def attn_in(x, delta, norm_in, w_qkv, b_qkv, k_cache, v_cache, rows, pos, cos, sin, eps: float, n_heads: int,
-            n_kv: int, hd: int):
+            n_kv: int, hd: int, rope_q: bool = True):
     """The residual add of the previous block's MLP, norm, q/k/v, RoPE, and this block's keys and values
-    written into its cache. Returns the residual stream and q as (R, KV, G*n, hd) for attention."""
+    written into its cache. Returns the residual stream and q as (R, KV, G*n, hd) for attention
+    (``rope_q=False``, one position per row: q not yet rotated, a view, for the kernel that rotates it)."""
     R, n, _ = x.shape
     x = x + delta  # the previous block's MLP output, added here so the add fuses with this norm
     qkv = F.linear(rms_norm(x, norm_in, eps), w_qkv, b_qkv)
     q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
     k_cache[rows, :, pos] = rope(k.view(R, n, n_kv, hd), cos, sin)  # (R, n, kv, hd) into slots pos
     v_cache[rows, :, pos] = v.view(R, n, n_kv, hd)
+    if not rope_q:
+        return x, q.view(R, n_kv, n_heads // n_kv, hd)
     q = rope(q.view(R, n, n_heads, hd), cos, sin)
     return x, q.transpose(1, 2).reshape(R, n_kv, (n_heads // n_kv) * n, hd)
 

@@ -92,15 +92,16 @@ class CausalLM:
         )
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output head on chosen hidden states only (never the whole batch x length), in compute dtype."""
+    def logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Output head on chosen hidden states only (never the whole batch x length), in compute dtype
+        (``upcast=False``: the model's dtype, for a consumer that upcasts inside its own kernels)."""
         from softtokens.cot import compute_dtype
 
         z = self.model.get_output_embeddings()(hidden)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
             z = torch.tanh(z / softcap) * softcap
-        return z.to(compute_dtype(z.dtype))
+        return z.to(compute_dtype(z.dtype)) if upcast else z
 
     @cached_property
     def eos_ids(self) -> list[int]:

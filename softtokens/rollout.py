@@ -260,18 +260,18 @@ def cot_step(setup: RolloutSetup, z: torch.Tensor, eps: torch.Tensor | None, u: 
     if cfg.record_top_k:
         top = tuple(cot.cot_probs(z, c.temperature or 1.0).topk(min(cfg.record_top_k, z.shape[-1])))
     if c.mode == "hard":
-        x = cot.sample_categorical(cot.cot_probs(z, c.temperature), u) if c.temperature > 0 else z.argmax(-1)
+        x = cot.sample_categorical(cot.cot_probs(z, c.temperature), u) if c.temperature > 0 else cot.argmax(z)
         return CoTStep(lm.embed(x), x, cot.token_log_probs(z, x, c.temperature), cot.entropy(z), None, top)
     mu = cot.mixture(cot.cot_probs(z, c.temperature), setup.E)  # (R, d)
     h = cot.soft_input(mu, eps, setup.sigma).to(lm.dtype)
     lp = cot.gaussian_log_density(h, mu, setup.sigma) if setup.sigma > 0 else torch.zeros_like(mu[:, 0])
-    return CoTStep(h, z.argmax(-1), lp, cot.entropy(z), mu, top)
+    return CoTStep(h, cot.argmax(z), lp, cot.entropy(z), mu, top)
 
 
 def answer_step(setup: RolloutSetup, z: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The next answer token (sampled at answer_temperature, or greedy) and its log-prob."""
     tau = setup.cfg.answer_temperature
-    a = cot.sample_categorical(cot.cot_probs(z, tau), u) if tau > 0 else z.argmax(-1)
+    a = cot.sample_categorical(cot.cot_probs(z, tau), u) if tau > 0 else cot.argmax(z)
     return a, cot.token_log_probs(z, a, tau)
 
 

@@ -6,7 +6,8 @@ import pytest
 from softtokens.cli import build_parser
 
 GENERATE_FLAGS = [
-    "--answer-temperature", "--batch-size", "--chat-template", "--compile-decoder", "--cuda-graphs", "--device",
+    "--answer-temperature", "--attention-kernel", "--batch-size", "--chat-template", "--compile-decoder",
+    "--cuda-graphs", "--device",
     "--dtype", "--engine", "--gamma", "--json",
     "--length-prefill", "--marker", "--marker-prefill", "--max-answer-length", "--max-cot-length", "--mode",
     "--model", "--noise", "--num-generations", "--prompt-template", "--question", "--seed", "--show-top-k",

@@ -66,3 +66,24 @@ def test_mode_defaults_and_bad_configs():
         RolloutConfig(max_cot_length=0)
     with pytest.raises(ValueError, match="question"):
         RolloutConfig(prompt_template="no slot")
+
+
+def test_blocked_reductions_match_pytorch():
+    """The rollout's blocked reductions (no gradients, (R, V) logits) against PyTorch's row-wise ones."""
+    torch.manual_seed(0)
+    z = torch.randn(5, 1000) * 4  # 1000 = 3 blocks of 256 + a padded tail
+    z[1, 700:] = float("-inf")  # masked tokens
+    z[2, [3, 600]] = 50.0  # a tie across blocks: the first index wins
+    z[3, 999] = 60.0  # the max in the padded block
+    zg = z.clone().requires_grad_(True)  # the scoring path: PyTorch's fused functions
+    for tau in (1.0, 0.5, 1e-4):
+        torch.testing.assert_close(cot.log_normaliser(z, tau), torch.logsumexp(z / tau, -1))
+        torch.testing.assert_close(cot.cot_probs(z, tau), cot.cot_probs(zg, tau).detach())
+        ids = torch.tensor([0, 5, 600, 999, 256])
+        torch.testing.assert_close(cot.token_log_probs(z, ids, tau), cot.token_log_probs(zg, ids, tau).detach())
+    assert cot.argmax(z).tolist() == z.argmax(-1).tolist() == [z[0].argmax().item(), z[1].argmax().item(), 3, 999,
+                                                              z[4].argmax().item()]
+    torch.testing.assert_close(cot.entropy(z), cot.entropy(zg).detach())
+    assert cot.entropy(z)[1] > 0, "masked tokens add nothing to the entropy (not nan, not 0)"
+    bf16 = z.bfloat16()
+    torch.testing.assert_close(cot.log_normaliser(bf16), torch.logsumexp(bf16.float(), -1))

@@ -113,13 +113,16 @@ def test_static_engine_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_replay_matches_eager_and_hf():
-    lm = tiny_lm("qwen2")
+@pytest.mark.parametrize("head_dim", [8, 16], ids=["sdpa", "kernel"])
+def test_cuda_graph_replay_matches_eager_and_hf(head_dim):
+    lm = tiny_lm("qwen2", hidden_size=4 * head_dim)
     lm.model.cuda()
     for cot_cfg in (CoTConfig("hard", temperature=0), CoTConfig("soft", noise=False), CoTConfig("fuzzy")):
-        kw = dict(KW, max_cot_length=140)  # crosses an attention-span bucket: two graphs
+        kw = dict(KW, max_cot_length=140)  # crosses an attention-span bucket: two graphs (SDPA)
         eager = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", cuda_graphs=False, **kw))
         graph = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", **kw))
+        engine = lm._static_engine[1]
+        assert engine.dec.kernel == (head_dim == 16) and len(engine.graphs) == (1 if engine.dec.kernel else 2)
         _same(eager, graph, cot_cfg.mode != "hard")
         if not cot_cfg.sampled:
             hf = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="hf", **kw))

@@ -1,0 +1,95 @@
+"""Decode attention alone: the split-KV kernel (several splits / block sizes) against SDPA as the engine calls it.
+
+    python benchmarks/attention.py            # CUDA only
+
+One query per row over a bf16 KV cache, every row at the same length, at the
+GQA shapes of the rollout benchmark. Each variant is captured in a CUDA graph
+(20 calls) and replayed, as in the engine, so Python launch cost is not
+counted. Bandwidth is the K and V bytes the rows' lengths cover, over the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from softtokens.attention import decode_attention  # noqa: E402
+
+SHAPES = {"qwen2.5-3b": (2, 8), "llama-3.2-3b": (8, 3), "llama-3.1-8b": (8, 4)}  # (KV heads, query heads per KV)
+VARIANTS = [(4, 64), (8, 32), (8, 64), (16, 32), (16, 64)]  # (splits, block_n)
+CALLS = 20
+
+
+def graph_time(fn) -> float:
+    """Seconds per call of fn, replayed from a CUDA graph of CALLS calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(CALLS):
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * CALLS)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="64,256")
+    ap.add_argument("--lengths", default="256,512,768")
+    ap.add_argument("--max-len", type=int, default=768)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    lines = [f"### decode attention, {datetime.date.today()}, {torch.cuda.get_device_name()}; torch {torch.__version__}",
+             "", f"bf16, head_dim 128, one query per row, cache of {args.max_len} slots; us per call (TB/s of K and V "
+             "read); SDPA as the engine calls it (additive mask, span = the length rounded up to 128)", "",
+             "| shape | rows | length | SDPA | " + " | ".join(f"kernel {s}x{b}" for s, b in VARIANTS) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(VARIANTS)]
+    print("\n".join(lines), flush=True)
+    for shape, (kv, g) in SHAPES.items():
+        for rows in map(int, args.rows.split(",")):
+            k, v = (torch.randn(rows, kv, args.max_len, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+            q = torch.randn(rows, kv, g, 128, dtype=torch.bfloat16, device="cuda")
+            for n in map(int, args.lengths.split(",")):
+                span = min(-(-n // 128) * 128, args.max_len)
+                lengths = torch.full((rows,), n, device="cuda")
+                mask = torch.zeros(rows, 1, g, span, dtype=torch.bfloat16, device="cuda")
+                mask[..., n:] = float("-inf")
+                kv_bytes = 2 * rows * kv * n * 128 * 2
+                cells = []
+                fns = [lambda: F.scaled_dot_product_attention(q, k[:, :, :span], v[:, :, :span], attn_mask=mask)]
+                fns += [lambda s=s, b=b: decode_attention(q, k, v, lengths, splits=s, block_n=b) for s, b in VARIANTS]
+                for fn in fns:
+                    try:
+                        secs = graph_time(fn)
+                        cells.append(f"{secs * 1e6:.1f} ({kv_bytes / secs / 1e12:.2f})")
+                    except Exception as e:  # one failing variant must not lose the others
+                        cells.append(f"failed: {type(e).__name__}")
+                line = f"| {shape} | {rows} | {n} | " + " | ".join(cells) + " |"
+                print(line, flush=True)
+                lines.append(line)
+            del k, v
+    if not args.no_write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
