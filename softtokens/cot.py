@@ -66,17 +66,6 @@ def _max_and_log_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, (b - m[..., None]).exp().sum(-1).sum(-1, keepdim=True).log()
 
 
-def log_normaliser(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log sum_v exp(z_v / tau) over the last dim, in at least float32. (..., V) -> (...)."""
-    z = z.to(compute_dtype(z.dtype))
-    if temperature != 1.0:
-        z = z / temperature
-    if not _rollout_path(z):
-        return torch.logsumexp(z, dim=-1)
-    m, log_sum = _max_and_log_sum(z)
-    return (m + log_sum)[:, 0]
-
-
 def argmax(z: torch.Tensor) -> torch.Tensor:
     """The first index of each row's largest value, like ``z.argmax(-1)``, in blocks. (R, V) -> (R,) long."""
     if z.dim() != 2:

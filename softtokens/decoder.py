@@ -92,8 +92,8 @@ class StaticDecoder:
         self.compile, self._compile_checked = compile, False
         # Decode steps attend with the split-KV kernel where it runs (``attention.py``), else with SDPA over a
         # span bucket and a mask. None: wherever it can.
-        usable = attention.usable(self.device, self.head_dim)
-        self.kernel = usable if attention_kernel is None else attention_kernel and usable
+        runs = attention.usable(self.device, self.head_dim)
+        self.kernel = runs if attention_kernel is None else attention_kernel and runs
         self._kernel_checked = False
 
     @torch.no_grad()
