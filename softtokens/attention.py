@@ -111,11 +111,11 @@ if triton is not None:
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m = m_new
-        base = (r * KV + h) * SPLITS + s
-        keep = (g < G) & (start < length)  # an empty piece writes nothing; the merge skips it
-        l = tl.where(l > 0, l, 1.0)
-        tl.store(Part + (base * G + g[:, None]) * HD + d[None, :], acc / l[:, None], mask=keep[:, None])
-        tl.store(Lse + base * G + g, m + tl.log(l), mask=keep)
+        if start < length:  # an empty piece writes nothing; the merge skips it
+            base = (r * KV + h) * SPLITS + s
+            l = tl.where(l > 0, l, 1.0)
+            tl.store(Part + (base * G + g[:, None]) * HD + d[None, :], acc / l[:, None], mask=g[:, None] < G)
+            tl.store(Lse + base * G + g, m + tl.log(l), mask=g < G)
 
     @triton.jit
     def _attn_merge_kernel(Part, Lse, Lengths, Out, G: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr,
