@@ -1,8 +1,9 @@
 """The split-KV decode attention kernel, run by Triton's interpreter on the CPU, against SDPA and the HF engine.
 
 The interpreter is chosen when Triton is imported, so each check runs in a
-fresh process with TRITON_INTERPRET=1. It has no bfloat16; the GPU test in
-test_engine.py runs the compiled kernel in bf16.
+fresh process with TRITON_INTERPRET=1. It has no bfloat16: the CUDA test at
+the end runs the compiled kernel in bf16, and test_engine.py's graph-replay
+test runs it inside the engine.
 """
 
 import os
