@@ -122,7 +122,8 @@ def test_cuda_graph_replay_matches_eager_and_hf(head_dim):
         eager = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", cuda_graphs=False, **kw))
         graph = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="static", **kw))
         engine = lm._static_engine[1]
-        assert engine.dec.kernel == (head_dim == 16) and len(engine.graphs) == (1 if engine.dec.kernel else 2)
+        assert engine.dec.kernel == (head_dim == 16), "the kernel where the head size allows it, else SDPA"
+        assert len(engine.graphs) == (1 if engine.dec.kernel else 2), "the kernel needs no span buckets"
         _same(eager, graph, cot_cfg.mode != "hard")
         if not cot_cfg.sampled:
             hf = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(engine="hf", **kw))
