@@ -72,20 +72,27 @@ def main():
                 lengths = torch.full((rows,), n, device="cuda")
                 mask = torch.zeros(rows, 1, g, span, dtype=torch.bfloat16, device="cuda")
                 mask[..., n:] = float("-inf")
-                kv_bytes = 2 * rows * kv * n * 128 * 2
-                cells = []
                 fns = [lambda: F.scaled_dot_product_attention(q, k[:, :, :span], v[:, :, :span], attn_mask=mask)]
                 fns += [lambda s=s, b=b: decode_attention(q, k, v, lengths, splits=s, block_n=b) for s, b in VARIANTS]
-                for fn in fns:
-                    try:
-                        secs = graph_time(fn)
-                        cells.append(f"{secs * 1e6:.1f} ({kv_bytes / secs / 1e12:.2f})")
-                    except Exception as e:  # one failing variant must not lose the others
-                        cells.append(f"failed: {type(e).__name__}")
-                line = f"| {shape} | {rows} | {n} | " + " | ".join(cells) + " |"
-                print(line, flush=True)
-                lines.append(line)
+                row(lines, f"| {shape} | {rows} | {n} | ", fns, nbytes=2 * rows * kv * n * 128 * 2)
             del k, v
+    finish(args, lines)
+
+
+def row(lines: list[str], head: str, fns, nbytes: int) -> None:
+    """One table row: "us (TB/s of nbytes)" per function, timed by graph_time; a failing one says so."""
+    cells = []
+    for fn in fns:
+        try:
+            secs = graph_time(fn)
+            cells.append(f"{secs * 1e6:.1f} ({nbytes / secs / 1e12:.2f})")
+        except Exception as e:  # one failing variant must not lose the others
+            cells.append(f"failed: {type(e).__name__}")
+    lines.append(head + " | ".join(cells) + " |")
+    print(lines[-1], flush=True)
+
+
+def finish(args, lines: list[str]) -> None:
     if not args.no_write:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
             f.write("\n" + "\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from attention import graph_time  # noqa: E402
+from attention import finish, row  # noqa: E402
 from rollout import SHAPES  # noqa: E402
 
 SPLIT_K = 4
@@ -59,20 +59,9 @@ def main():
                 x = torch.randn(rows, n_in, dtype=torch.bfloat16, device="cuda")
                 xs, ws = x.view(rows, SPLIT_K, -1).transpose(0, 1), w_t.view(SPLIT_K, -1, n_out)
                 fns = [lambda: F.linear(x, w), lambda: x @ w_t, lambda: torch.bmm(xs, ws).sum(0)]
-                cells = []
-                for fn in fns:
-                    try:
-                        secs = graph_time(fn)
-                        cells.append(f"{secs * 1e6:.1f} ({w.numel() * 2 / secs / 1e12:.2f})")
-                    except Exception as e:  # one failing formulation must not lose the others
-                        cells.append(f"failed: {type(e).__name__}")
-                line = f"| {shape} | {rows} | {name} ({n_out} x {n_in}) | " + " | ".join(cells) + " |"
-                print(line, flush=True)
-                lines.append(line)
+                row(lines, f"| {shape} | {rows} | {name} ({n_out} x {n_in}) | ", fns, nbytes=w.numel() * 2)
                 del w, w_t
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+    finish(args, lines)
 
 
 if __name__ == "__main__":
