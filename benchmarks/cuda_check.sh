@@ -1,8 +1,9 @@
 #!/bin/bash
 # One pass of the GPU checks, in the order that matters when GPU time is short: the CUDA tests of the
 # static engine and the attention kernel, the rollout benchmark (Qwen2.5-3B shape, 64 and 256 rows, with
-# HF generate on a compiled static cache), the decode products alone, a soft decode-step profile, then
-# the Llama-3.2-3B shape if time is left. Each benchmark appends its tables to benchmarks/RESULTS.md.
+# HF generate on a compiled static cache), decode attention and the decode products alone, a soft
+# decode-step profile, then the Llama-3.2-3B shape if time is left. Each benchmark appends its tables to
+# benchmarks/RESULTS.md.
 #
 #     bash benchmarks/cuda_check.sh [seconds]     # default 330: stops starting new parts after that
 set -o pipefail
@@ -16,6 +17,7 @@ echo "tests: $(( $(date +%s) - t0 )) s"
 timeout 240 python3 benchmarks/rollout.py --device cuda --shapes qwen2.5-3b --batch 64,256 --hf-static \
     --skip-hf-dynamic --repeats 2 2>&1 | grep -v '^{"env"' | tail -14
 echo "rollouts: $(( $(date +%s) - t0 )) s"
+[ "$(left)" -gt 40 ] && timeout 40 python3 benchmarks/attention.py --rows 64 2>&1 | tail -12
 [ "$(left)" -gt 40 ] && timeout 40 python3 benchmarks/gemm.py 2>&1 | tail -24
 [ "$(left)" -gt 50 ] && timeout 50 python3 benchmarks/profile_step.py --shape qwen2.5-3b --rows 64 --mode soft \
     --top 16 --write 2>&1 | grep -v -i warn | tail -34

@@ -95,6 +95,7 @@ class StaticDecoder:
         runs = attention.usable(self.device, self.head_dim)
         self.kernel = runs if attention_kernel is None else attention_kernel and runs
         self._kernel_checked = False
+        self.locks = attention.counters(rows, self.n_kv, self.device) if self.kernel else None
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -107,7 +108,8 @@ class StaticDecoder:
             torch.cat(gate_up, out=L.w_gate_up)
 
     def _layer_fns(self, n: int):
-        """The block's two halves, compiled for decode steps (n == 1) on CUDA when asked, else eager."""
+        """The block's two halves and the final norm, compiled for decode steps (n == 1) on CUDA when asked,
+        else eager."""
         if n == 1 and self.compile:
             try:
                 fns = compiled_fns()
@@ -121,7 +123,7 @@ class StaticDecoder:
             except Exception as e:  # an unusable compiler must not stop a rollout
                 warnings.warn(f"torch.compile of the decoder failed ({type(e).__name__}: {e}); running eagerly")
                 self.compile = False
-        return attn_in, mlp_out
+        return attn_in, mlp_out, final_norm
 
     def _use_kernel(self, n: int, q_shape, pos) -> bool:
         """Whether this forward attends with the split-KV kernel: decode steps, once it has run here."""
@@ -129,8 +131,11 @@ class StaticDecoder:
             return False
         if not self._kernel_checked:  # compile it now, outside any graph capture; fall back on failure
             try:
+                R, KV, _, hd = q_shape
                 q = torch.zeros(q_shape, dtype=self.dtype, device=self.device)
-                attention.decode_attention(q, self.k_cache[0], self.v_cache[0], pos[:, 0] + 1, self.cos, self.sin)
+                new, cache = torch.zeros(R, KV, hd, dtype=self.dtype, device=self.device), q.new_zeros(R, KV, 1, hd)
+                attention.decode_attention(q, cache, cache.clone(), torch.ones_like(pos[:, 0]), self.cos, self.sin,
+                                           k_new=new, v_new=new, locks=self.locks)  # on scratch caches
                 self._kernel_checked = True
             except Exception as e:
                 warnings.warn(f"the decode attention kernel failed ({type(e).__name__}: {e}); using SDPA")
@@ -150,29 +155,30 @@ class StaticDecoder:
     def _run_layers(self, fns, x, pos, span: int, layers: int | None = None, caches=None):
         R, n, _ = x.shape
         G = self.n_heads // self.n_kv
-        f_in, f_out = fns
-        rows = torch.arange(R, device=x.device)[:, None].expand(R, n)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, n, 1, hd)
+        f_in, f_out, f_norm = fns
         # Grouped-query attention without repeating K/V: the G query heads of a KV head are stacked along the
         # query axis, so each KV head is read once (decode is bound by reading the cache).
         kernel = self._use_kernel(n, (R, self.n_kv, G, self.head_dim), pos)
+        rows = cos = sin = None  # what attn_in needs to rotate and write, where the kernel does not
         if kernel:
             lengths = pos[:, 0] + 1
         else:  # an additive mask built once per forward (a boolean one is converted inside every attention call)
+            rows = torch.arange(R, device=x.device)[:, None].expand(R, n)
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, n, 1, hd)
             slots = torch.arange(span, device=x.device)
             allowed = (slots[None, None, :] <= pos[:, :, None])[:, None].repeat(1, 1, G, 1)  # (R, 1, G*n, span)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         delta = torch.zeros_like(x)
         for i, L in enumerate(self.layers[:layers]):
             kc, vc = caches or (self.k_cache[i], self.v_cache[i])
-            x, q = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
-                        self.n_heads, self.n_kv, self.head_dim, rope_q=not kernel)
-            if kernel:  # which also rotates q
-                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin)
+            x, q, k, v = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
+                              self.n_heads, self.n_kv, self.head_dim, kernel=kernel)
+            if kernel:  # which also rotates q and k and writes k and v into the cache
+                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin, k, v, self.locks)
             else:
                 o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
             x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
-        return rms_norm(x + delta, self.norm, self.eps)
+        return f_norm(x, delta, self.norm, self.eps)
 
 
 # --- one block as a pure function, so torch.compile can fuse its element-wise work -----------------
@@ -191,20 +197,21 @@ def rope(x, cos, sin):  # x (R, n, heads, hd); cos, sin (R, n, 1, hd)
 
 
 def attn_in(x, delta, norm_in, w_qkv, b_qkv, k_cache, v_cache, rows, pos, cos, sin, eps: float, n_heads: int,
-            n_kv: int, hd: int, rope_q: bool = True):
+            n_kv: int, hd: int, kernel: bool = False):
     """The residual add of the previous block's MLP, norm, q/k/v, RoPE, and this block's keys and values
-    written into its cache. Returns the residual stream and q as (R, KV, G*n, hd) for attention
-    (``rope_q=False``, one position per row: q not yet rotated, a view, for the kernel that rotates it)."""
+    written into its cache. Returns the residual stream, q as (R, KV, G*n, hd) for attention, and None, None.
+    With ``kernel`` (one position per row), nothing is rotated or written: q (R, KV, G, hd), k and v
+    (R, KV, hd) come back as views of the projection, for ``attention.decode_attention`` to do both."""
     R, n, _ = x.shape
     x = x + delta  # the previous block's MLP output, added here so the add fuses with this norm
     qkv = F.linear(rms_norm(x, norm_in, eps), w_qkv, b_qkv)
     q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    if kernel:
+        return x, q.view(R, n_kv, n_heads // n_kv, hd), k.view(R, n_kv, hd), v.view(R, n_kv, hd)
     k_cache[rows, :, pos] = rope(k.view(R, n, n_kv, hd), cos, sin)  # (R, n, kv, hd) into slots pos
     v_cache[rows, :, pos] = v.view(R, n, n_kv, hd)
-    if not rope_q:
-        return x, q.view(R, n_kv, n_heads // n_kv, hd)
     q = rope(q.view(R, n, n_heads, hd), cos, sin)
-    return x, q.transpose(1, 2).reshape(R, n_kv, (n_heads // n_kv) * n, hd)
+    return x, q.transpose(1, 2).reshape(R, n_kv, (n_heads // n_kv) * n, hd), None, None
 
 
 def mlp_out(x, o, wo, norm_post, w_gate_up, w_down, eps: float):
@@ -217,8 +224,13 @@ def mlp_out(x, o, wo, norm_post, w_gate_up, w_down, eps: float):
     return x, F.linear(F.silu(gate) * up, w_down)
 
 
+def final_norm(x, delta, norm, eps: float):
+    """The last block's MLP output added, then the model's final norm (one fused kernel when compiled)."""
+    return rms_norm(x + delta, norm, eps)
+
+
 @functools.cache
 def compiled_fns():
-    """The block's halves under torch.compile (fixed shapes; one compilation per batch bucket)."""
-    return (torch.compile(attn_in, dynamic=False, fullgraph=True),
-            torch.compile(mlp_out, dynamic=False, fullgraph=True))
+    """The block's halves and the final norm under torch.compile (fixed shapes; one compilation per batch
+    bucket)."""
+    return tuple(torch.compile(f, dynamic=False, fullgraph=True) for f in (attn_in, mlp_out, final_norm))

@@ -171,11 +171,9 @@ class StaticEngine:
 
     def _step(self, s: dict, span: int) -> None:
         """One decode step for every row, all on the device (no host sync): capturable."""
-        x, active = self._run_logic(s)
-        h = self.dec.forward(x[:, None], s["pos"][:, None], span)[:, 0]
-        s["z"].copy_(self.setup.lm.logits(h, upcast=False))
-        s["pos"].copy_(torch.where(active, s["pos"] + 1, s["pos"]).clamp(max=self.max_len - 1))
-        s["t"].add_(1)
+        x, pos = self._run_logic(s)
+        h = self.dec.forward(x[:, None], pos[:, None], span)[:, 0]
+        self.setup.lm.logits(h, out=s["z"])
 
     def _run_logic(self, s: dict):
         if self._logic is not None:
@@ -187,8 +185,8 @@ class StaticEngine:
         return self._logic_eager(s)
 
     def _logic_eager(self, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything of a step but the forward pass: records, phase changes; returns the inputs and which rows
-        were active (their position advances after the forward)."""
+        """Everything of a step but the forward pass: records, phase changes, the step count and positions
+        (advanced here, fused with the rest); returns the inputs and the positions they go to."""
         setup, cfg, lm = self.setup, self.setup.cfg, self.setup.lm
         R, L, A = self.rows, cfg.max_cot_length, cfg.max_answer_length
         t, phase, z = s["t"], s["phase"], s["z"]
@@ -240,7 +238,10 @@ class StaticEngine:
         s["ans_len"].copy_(s["ans_len"] + is_ans.long())
         ans_done = is_ans & (torch.isin(a, self.eos) | (s["ans_len"] == A))
         s["phase"].copy_(torch.where(stop, PREFILL, torch.where(pre_done, ANSWER, torch.where(ans_done, DONE, phase))))
-        return x, active
+        pos = s["pos"].clone()
+        s["pos"].copy_(torch.where(active, pos + 1, pos).clamp(max=self.max_len - 1))
+        s["t"].add_(1)
+        return x, pos
 
     def _span(self, n: int) -> int:
         """The cache slots a step's attention covers, given the longest row's n: a bucket, so graphs are reused."""
@@ -289,7 +290,7 @@ class StaticEngine:
         pos = torch.arange(P, device=lm.device)[None].expand(R, P)
         h = self.dec.forward(lm.embed(ids), pos, _round_up(P, SPAN_BUCKET) if self.use_graphs else P)
         last = (s["pos"] - 1).clamp(min=0)
-        s["z"].copy_(lm.logits(h[torch.arange(R, device=lm.device), last], upcast=False))
+        lm.logits(h[torch.arange(R, device=lm.device), last], out=s["z"])
 
         max_steps = cfg.max_cot_length + self.prefill_len + cfg.max_answer_length
         for step in range(max_steps):

@@ -92,13 +92,20 @@ class CausalLM:
         )
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, upcast: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """Output head on chosen hidden states only (never the whole batch x length), in compute dtype
-        (``upcast=False``: the model's dtype, for a consumer that upcasts inside its own kernels)."""
+        (``upcast=False``: the model's dtype, for a consumer that upcasts inside its own kernels). ``out``
+        (rows, V) in the model's dtype: written in place (the rollout engine's logits live at a fixed
+        address; a plain linear head writes them there directly, which saves a copy of rows x V)."""
         from softtokens.cot import compute_dtype
 
-        z = self.model.get_output_embeddings()(hidden)
+        head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if out is not None:
+            if type(head) is torch.nn.Linear and head.bias is None and not softcap and hidden.dim() == 2:
+                return torch.mm(hidden, head.weight.t(), out=out)
+            return out.copy_(self.logits(hidden, upcast=False))
+        z = head(hidden)
         if softcap:
             z = torch.tanh(z / softcap) * softcap
         return z.to(compute_dtype(z.dtype)) if upcast else z

@@ -48,31 +48,55 @@ def _rope(q, pos, cos, sin):
     return q.float() * cos[pos].float() + turned.float() * sin[pos].float()
 
 
-def kernel_matches_sdpa():
-    _interpreter_fix()
-    from softtokens.attention import decode_attention, usable
+# (rows, KV heads, query heads per KV head, head size, cache slots, dtype, splits, block_n)
+CPU_CASES = [(3, 2, 4, 16, 200, torch.float32, 4, 64), (2, 1, 3, 32, 70, torch.float32, 4, 16),
+             (4, 2, 8, 16, 1100, torch.float32, 8, 64), (3, 2, 2, 16, 90, torch.float16, 2, 32),
+             (3, 2, 4, 16, 150, torch.float32, 1, 64)]
+CUDA_CASES = [(64, 2, 8, 128, 700, torch.bfloat16, 4, 64), (5, 8, 3, 128, 300, torch.bfloat16, 4, 64),
+              (3, 8, 4, 128, 40, torch.bfloat16, 4, 64), (64, 2, 8, 128, 700, torch.bfloat16, 1, 64)]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
-    assert usable(torch.device("cpu"), 16) and not usable(torch.device("cpu"), 8)
+
+def kernel_matches_sdpa(device: str = "cpu", cases=CPU_CASES):
+    """Output, new key and value written into the caches, counters left zero: every case, with and without
+    RoPE and a new key / value."""
+    from softtokens.attention import counters, decode_attention, usable
+
+    if device == "cpu":
+        _interpreter_fix()
+        assert usable(torch.device("cpu"), 16) and not usable(torch.device("cpu"), 8)
     torch.manual_seed(0)
-    cases = [(3, 2, 4, 16, 200, torch.float32, 4, 64), (2, 1, 3, 32, 70, torch.float32, 4, 16),
-             (4, 2, 8, 16, 1100, torch.float32, 8, 64), (3, 2, 2, 16, 90, torch.float16, 2, 32)]
+    torch.set_default_device(device)
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=8e-3, atol=0)  # on CUDA, FMAs round the keys
     for R, KV, G, hd, max_len, dtype, splits, block_n in cases:
-        # q as the decoder passes it: a strided view into the q/k/v projection's output
+        locks = counters(R, KV, device)  # one set for every call: each call must leave it zero
+        # q, k and v as the decoder passes them: strided views into the q/k/v projection's output
         qkv = torch.randn(R, (KV * G + 2 * KV) * hd, dtype=dtype)
         q = qkv[:, : KV * G * hd].view(R, KV, G, hd)
-        k, v = torch.randn(R, KV, max_len, hd, dtype=dtype), torch.randn(R, KV, max_len, hd, dtype=dtype)
+        k_new, v_new = qkv[:, KV * G * hd :].view(R, 2, KV, hd).unbind(1)
         cos, sin = torch.randn(max_len, hd, dtype=dtype), torch.randn(max_len, hd, dtype=dtype)
         lengths = torch.randint(1, max_len + 1, (R,))
         lengths[0], lengths[-1] = 1, max_len  # one slot; the whole cache
         for rope in (False, True):
-            out = decode_attention(q, k, v, lengths, *((cos, sin) if rope else ()), splits=splits, block_n=block_n)
-            assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
-            for r in range(R):
-                n = int(lengths[r])
-                qr = _rope(q[r], n - 1, cos, sin).to(dtype) if rope else q[r]
-                ref = F.scaled_dot_product_attention(qr.float(), k[r, :, :n].float(), v[r, :, :n].float())
-                tol = 1e-5 if dtype == torch.float32 else 3e-3
-                torch.testing.assert_close(out[r].float(), ref, rtol=0, atol=tol, msg=f"row {r}, {n} slots, {rope=}")
+            for new in (False, True):
+                k, v = torch.randn(R, KV, max_len, hd, dtype=dtype), torch.randn(R, KV, max_len, hd, dtype=dtype)
+                k0, v0 = k.clone(), v.clone()
+                extra = dict(k_new=k_new, v_new=v_new) if new else {}
+                out = decode_attention(q, k, v, lengths, *((cos, sin) if rope else ()), **extra, locks=locks,
+                                       splits=splits, block_n=block_n)
+                assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+                assert not locks.any(), "the counters are zero again"
+                for r in range(R):
+                    n = int(lengths[r])
+                    if new:  # the new key (rotated) and value went into slot n - 1, and nothing else changed
+                        k0[r, :, n - 1] = _rope(k_new[r], n - 1, cos, sin).to(dtype) if rope else k_new[r]
+                        v0[r, :, n - 1] = v_new[r]
+                    qr = _rope(q[r], n - 1, cos, sin).to(dtype) if rope else q[r]
+                    ref = F.scaled_dot_product_attention(qr.float(), k0[r, :, :n].float(), v0[r, :, :n].float())
+                    msg = f"row {r}, {n} slots, {splits=}, {rope=}, {new=}"
+                    torch.testing.assert_close(out[r].float(), ref, rtol=0, atol=TOLERANCE[dtype], msg=msg)
+                torch.testing.assert_close(k, k0, **exact, msg=f"k cache, {rope=}, {new=}")
+                torch.testing.assert_close(v, v0, rtol=0, atol=0, msg=f"v cache, {rope=}, {new=}")
 
 
 def engine_with_kernel_matches_hf_engine():
@@ -82,7 +106,7 @@ def engine_with_kernel_matches_hf_engine():
     from softtokens.rollout import generate_rollouts
 
     from conftest import QUESTIONS
-    from test_engine import KW, _same
+    from test_engine import KW, _same, compiled_matches_eager
 
     lm = tiny_lm("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16
     kw = dict(KW, max_cot_length=8)
@@ -92,6 +116,9 @@ def engine_with_kernel_matches_hf_engine():
         engine = lm._static_engine[1]
         assert engine.dec.kernel and engine.dec._kernel_checked, "decoded with the kernel, not SDPA"
         _same(hf, static, cot_cfg.mode != "hard")
+    # the compiled decoder halves hand the kernel views of their projection (q, k, v unrotated)
+    engine = compiled_matches_eager(lm, QUESTIONS[:1], CoTConfig("soft"), RolloutConfig(**kw))
+    assert engine.dec.kernel and engine.dec._kernel_checked, "decoded with the kernel, not SDPA"
 
 
 def test_kernel_matches_sdpa():
@@ -100,6 +127,53 @@ def test_kernel_matches_sdpa():
 
 def test_engine_with_kernel_matches_hf_engine():
     _in_interpreter("engine_with_kernel_matches_hf_engine")
+
+
+def _compile_for_hopper(dtype: str, splits: int, precision: str):
+    """The kernel as the engine launches it (RoPE, new key and value), compiled by Triton for sm_90 to a cubin:
+    no GPU needed, and what the interpreter does not check (typing, lowering, register allocation) is.
+    Pointers and integer arguments are marked 16-divisible, as Triton's launcher marks the engine's (aligned
+    tensors, strides of 128-wide heads): without it, loads are not vectorised."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from softtokens.attention import _attn_kernel
+
+    consts = dict(G=8, HD=128, BLOCK_G=16, BLOCK_N=64, SPLITS=splits, ROPE=True, NEW=True, PRECISION=precision)
+    pointers = {"Lengths": "*i64", "Part": "*fp32", "Lse": "*fp32", "Locks": "*i32"}
+    sig = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "*" + dtype) if p.name[0].isupper()
+           else "fp32" if p.name == "scale" else "i32" for p in _attn_kernel.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(_attn_kernel.params)
+             if not p.is_constexpr and p.name != "scale"}
+    src = ASTSource(_attn_kernel, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+
+
+def _resources(kernel, tmp_path) -> dict[str, int]:
+    """REG, LOCAL (spilled bytes), ... of a compiled kernel, as the cuobjdump bundled with Triton reads its cubin."""
+    import triton
+
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in (f.split(":") for f in out.split("\n")[-2].split() if ":" in f)}
+
+
+def test_kernel_compiles_for_hopper(tmp_path):
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        merged = _compile_for_hopper(dtype, 4, precision)
+        # the merge's contract: the counter's add releases the pieces' stores, and the last piece reads them
+        # from L2 (.cg), not from its own L1
+        ptx = merged.asm["ptx"]
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, dtype
+        assert "atom." not in _compile_for_hopper(dtype, 1, precision).asm["ptx"], "one piece: no merge"
+        if dtype == "bf16":
+            # 4 programs of 4 warps per SM (the 512 programs of 64 rows of Qwen2.5-3B in one wave on 132 SMs)
+            # need <= 128 registers; new keys substituted inside the loop once took 205
+            use = _resources(merged, tmp_path)
+            assert use["REG"] <= 128 and use["LOCAL"] == 0, use
 
 
 def test_kernel_is_off_where_it_cannot_run(qwen2):
@@ -111,20 +185,7 @@ def test_kernel_is_off_where_it_cannot_run(qwen2):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernel_matches_sdpa_on_cuda_in_bf16():
-    from softtokens.attention import decode_attention
-
-    torch.manual_seed(0)
-    for R, KV, G, max_len in [(64, 2, 8, 700), (5, 8, 3, 300), (3, 8, 4, 40)]:
-        qkv = torch.randn(R, (KV * G + 2 * KV) * 128, dtype=torch.bfloat16, device="cuda")
-        q = qkv[:, : KV * G * 128].view(R, KV, G, 128)
-        k, v = (torch.randn(R, KV, max_len, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-        cos, sin = (torch.randn(max_len, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-        lengths = torch.randint(1, max_len + 1, (R,), device="cuda")
-        lengths[0], lengths[-1] = 1, max_len
-        for rope in (False, True):
-            out = decode_attention(q, k, v, lengths, *((cos, sin) if rope else ()))
-            for r in range(R):
-                n = int(lengths[r])
-                qr = _rope(q[r], n - 1, cos, sin).bfloat16() if rope else q[r]
-                ref = F.scaled_dot_product_attention(qr.float(), k[r, :, :n].float(), v[r, :, :n].float())
-                torch.testing.assert_close(out[r].float(), ref, rtol=0, atol=2e-2, msg=f"row {r}, {n} slots, {rope=}")
+    try:
+        kernel_matches_sdpa("cuda", CUDA_CASES)
+    finally:
+        torch.set_default_device(None)

@@ -142,20 +142,25 @@ def test_engine_is_reused_across_calls_and_resets_its_state(qwen2):
     assert qwen2._static_engine[1] is not engine, "new settings: a new engine replaces the old one"
 
 
-def test_compiled_step_and_layers_match_eager(qwen2):
-    """torch.compile of the step logic and the decoder halves (the CUDA default), run here by inductor on CPU."""
+def compiled_matches_eager(lm, questions, cot_cfg, cfg):
+    """The static engine with torch.compile of the step logic and the decoder halves (the CUDA default), run
+    by inductor on CPU, against the same engine eager; returns the compiled engine."""
     from softtokens.engine import StaticEngine
     from softtokens.rollout import encode_prompts, prepare, row_draws, row_seed
 
-    cot_cfg, cfg = CoTConfig("soft"), RolloutConfig(**KW)
-    setup = prepare(qwen2, cot_cfg, cfg)
-    prompt_ids = encode_prompts(qwen2, QUESTIONS, cfg)
-    rows = [(q, g) for q in range(len(QUESTIONS)) for g in range(cfg.num_generations)]
-    draws = [row_draws(row_seed(cfg.seed, QUESTIONS[q], g), setup.E.shape[1], cot_cfg, cfg, "cpu", torch.float32)
+    setup = prepare(lm, cot_cfg, cfg)
+    prompt_ids = encode_prompts(lm, questions, cfg)
+    rows = [(q, g) for q in range(len(questions)) for g in range(cfg.num_generations)]
+    draws = [row_draws(row_seed(cfg.seed, questions[q], g), setup.E.shape[1], cot_cfg, cfg, "cpu", torch.float32)
              for q, g in rows]
-    args = ([prompt_ids[q] for q, _ in rows], draws, [(QUESTIONS[q], g) for q, g in rows])
+    args = ([prompt_ids[q] for q, _ in rows], draws, [(questions[q], g) for q, g in rows])
     eager = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=False).decode(*args)
     engine = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=True)
     compiled = engine.decode(*args)
     assert engine._logic is not None and engine.dec.compile, "compiled, not fallen back to eager"
-    _same(eager, compiled, soft=True)
+    _same(eager, compiled, cot_cfg.mode != "hard")
+    return engine
+
+
+def test_compiled_step_and_layers_match_eager(qwen2):
+    compiled_matches_eager(qwen2, QUESTIONS, CoTConfig("soft"), RolloutConfig(**KW))

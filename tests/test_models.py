@@ -68,3 +68,17 @@ def test_embedded_smollm2_loads_and_rolls_out():
     assert lm.model.config.tie_word_embeddings and lm.embedding_matrix().shape == (49152, 576)
     r = generate_rollouts(lm, ["What is 2 + 2?"], CoTConfig("fuzzy"), RolloutConfig(max_cot_length=4, max_answer_length=2))[0]
     assert r.cot_length <= 4 and r.cot_embeds.shape[1] == 576 and r.sigma > 0
+
+
+def test_logits_written_in_place_match(llama, monkeypatch):
+    """The engine's logits buffer, written by the head directly or (a head that is not a plain linear) copied."""
+    h = torch.randn(3, llama.model.config.hidden_size)
+    with torch.no_grad():
+        ref = llama.logits(h, upcast=False)
+        buf = torch.full_like(ref, float("nan"))
+        assert llama.logits(h, out=buf) is buf
+        torch.testing.assert_close(buf, ref, rtol=1e-6, atol=1e-6)
+        monkeypatch.setattr(llama.model.config, "final_logit_softcapping", 3.0, raising=False)
+        buf.fill_(float("nan"))
+        llama.logits(h, out=buf)
+        torch.testing.assert_close(buf, torch.tanh(ref / 3.0) * 3.0, rtol=1e-6, atol=1e-6)
