@@ -158,7 +158,9 @@ def device_rates() -> dict:
     return {"copy_bytes_per_s": bw, "bf16_flops": 2 * 8192**3 * 10 / secs}
 
 
-def bench_rollouts(lm, args, batch: int, rates: dict | None, hf_static: bool) -> list[dict]:
+def bench_rollouts(lm, args, batch: int, rates: dict | None, baselines: bool) -> list[dict]:
+    """Our rollouts at this batch; with ``baselines``, HF generate too (dynamic cache unless --skip-hf-dynamic,
+    compiled static cache with --hf-static)."""
     gens = 1 if DEVICE.startswith("cuda") else args.num_generations
     questions = questions_for(lm, batch // gens, args.prompt_len)
     cfg = RolloutConfig(max_cot_length=args.cot, max_answer_length=args.answer, num_generations=gens,
@@ -166,9 +168,9 @@ def bench_rollouts(lm, args, batch: int, rates: dict | None, hf_static: bool) ->
     prefill = len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
     runners = {f"softtokens {m}": (ours(lm, questions, m, cfg), True) for m in ("hard", "soft", "fuzzy")}
     hf_tokens = args.hf_new_tokens or (args.cot + prefill + args.answer)
-    if not args.skip_hf_dynamic:
+    if baselines and not args.skip_hf_dynamic:
         runners["HF generate, dynamic cache"] = (hf_generate(lm, questions, gens, hf_tokens, False), False)
-    if hf_static:
+    if baselines and args.hf_static:
         runners["HF generate, static cache (compiled)"] = (hf_generate(lm, questions, gens, hf_tokens, True), False)
     for v in filter(None, args.variants.split(",")):  # soft again, one engine setting changed
         name, change = VARIANTS[v]
@@ -258,8 +260,10 @@ def main():
     ap.add_argument("--cot", type=int, default=None, help="CoT length (cpu 64, cuda 512)")
     ap.add_argument("--answer", type=int, default=None, help="answer length (cpu 16, cuda 32)")
     ap.add_argument("--hf-new-tokens", type=int, default=None, help="tokens for the HF baselines (default: ours)")
-    ap.add_argument("--hf-static", action="store_true", help="also time HF generate with a compiled static cache")
-    ap.add_argument("--skip-hf-dynamic", action="store_true", help="do not time HF generate with a dynamic cache")
+    ap.add_argument("--hf-static", action="store_true",
+                    help="also time HF generate with a compiled static cache (first shape, first batch)")
+    ap.add_argument("--skip-hf-dynamic", action="store_true",
+                    help="do not time HF generate with a dynamic cache (else: first shape, first batch)")
     ap.add_argument("--score", action="store_true", help="also time the scoring pass (forward + backward)")
     ap.add_argument("--variants", default="", help=f"also soft with: {', '.join(VARIANTS)} (comma-separated)")
     ap.add_argument("--engine", default="auto", help="auto, static or hf (RolloutConfig.engine)")
@@ -300,7 +304,8 @@ def main():
         lm = make()
         rows = []
         for j, batch in enumerate(batches):
-            rows += bench_rollouts(lm, args, batch, rates, hf_static=args.hf_static and i == 0 and j == 0)
+            # the HF baselines at the first model's first batch only: the comparison the targets name, and slow
+            rows += bench_rollouts(lm, args, batch, rates, baselines=i == 0 and j == 0)
         lines = [f"{name}, {dtype}, prompt {args.prompt_len or 'GSM8K'}, CoT {args.cot} + prefill + answer "
                  f"{args.answer}, best of {args.repeats}:", ""] + table(rows) + [""]
         if args.score:

@@ -110,7 +110,7 @@ def engine_with_kernel_matches_hf_engine():
 
     lm = tiny_lm("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16
     kw = dict(KW, max_cot_length=8)
-    for cot_cfg in (CoTConfig("soft", noise=False), CoTConfig("fuzzy"), CoTConfig("hard")):
+    for cot_cfg in (CoTConfig("soft", noise=False), CoTConfig("hard")):  # test_engine.py: every mode, SDPA
         hf = generate_rollouts(lm, QUESTIONS[:2], cot_cfg, RolloutConfig(engine="hf", **kw))
         static = generate_rollouts(lm, QUESTIONS[:2], cot_cfg, RolloutConfig(engine="static", **kw))
         engine = lm._static_engine[1]
@@ -129,7 +129,7 @@ def test_engine_with_kernel_matches_hf_engine():
     _in_interpreter("engine_with_kernel_matches_hf_engine")
 
 
-def _compile_for_hopper(dtype: str, splits: int, precision: str):
+def _compile_for_hopper(dtype: str, splits: int, precision: str, G: int = 8, HD: int = 128):
     """The kernel as the engine launches it (RoPE, new key and value), compiled by Triton for sm_90 to a cubin:
     no GPU needed, and what the interpreter does not check (typing, lowering, register allocation) is.
     Pointers and integer arguments are marked 16-divisible, as Triton's launcher marks the engine's (aligned
@@ -140,7 +140,7 @@ def _compile_for_hopper(dtype: str, splits: int, precision: str):
 
     from softtokens.attention import _attn_kernel
 
-    consts = dict(G=8, HD=128, BLOCK_G=16, BLOCK_N=64, SPLITS=splits, ROPE=True, NEW=True, PRECISION=precision)
+    consts = dict(G=G, HD=HD, BLOCK_G=16, BLOCK_N=64, SPLITS=splits, ROPE=True, NEW=True, PRECISION=precision)
     pointers = {"Lengths": "*i64", "Part": "*fp32", "Lse": "*fp32", "Locks": "*i32"}
     sig = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "*" + dtype) if p.name[0].isupper()
            else "fp32" if p.name == "scale" else "i32" for p in _attn_kernel.params}
@@ -162,13 +162,14 @@ def _resources(kernel, tmp_path) -> dict[str, int]:
 
 
 def test_kernel_compiles_for_hopper(tmp_path):
-    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
-        merged = _compile_for_hopper(dtype, 4, precision)
+    # bf16 at Qwen2.5-3B's heads; float32 at test_engine.py's CUDA graph test's (4 heads of 16, 2 per KV head)
+    for dtype, precision, G, HD in (("bf16", "tf32", 8, 128), ("fp32", "ieee", 2, 16)):
+        merged = _compile_for_hopper(dtype, 4, precision, G, HD)
         # the merge's contract: the counter's add releases the pieces' stores, and the last piece reads them
         # from L2 (.cg), not from its own L1
         ptx = merged.asm["ptx"]
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, dtype
-        assert "atom." not in _compile_for_hopper(dtype, 1, precision).asm["ptx"], "one piece: no merge"
+        assert "atom." not in _compile_for_hopper(dtype, 1, precision, G, HD).asm["ptx"], "one piece: no merge"
         if dtype == "bf16":
             # 4 programs of 4 warps per SM (the 512 programs of 64 rows of Qwen2.5-3B in one wave on 132 SMs)
             # need <= 128 registers; new keys substituted inside the loop once took 205
