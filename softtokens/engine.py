@@ -120,6 +120,13 @@ class StaticEngine:
         self.prefill_table, self.prefill_lens = table.to(lm.device), lens.to(lm.device)
         self.s = self._alloc()
 
+    def close(self) -> None:
+        """Free the cache, state and graphs now. A compiled engine is in a reference cycle (its compiled
+        step holds its own bound method), so dropping it leaves its memory to the garbage collector: on a
+        GPU, a second engine's worth (a batch's KV cache) held for an unknown while."""
+        self.graphs.clear()
+        self.s, self.dec, self._logic = {}, None, None
+
     # --- the captured step --------------------------------------------------------------------------
 
     def _alloc(self) -> dict:
@@ -349,6 +356,8 @@ def static_engine(setup: RolloutSetup, max_prompt: int, rows: int, cuda_graphs: 
     if held is not None and held[0] == key and held[1].max_len >= max_len:  # a longer cache serves shorter prompts
         held[1].setup = setup
         return held[1]
+    if held is not None:
+        held[1].close()
     setup.lm.__dict__["_static_engine"] = None
     engine = StaticEngine(setup, max_len, batch_bucket(rows), cuda_graphs)
     setup.lm.__dict__["_static_engine"] = (key, engine)

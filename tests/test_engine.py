@@ -140,6 +140,22 @@ def test_engine_is_reused_across_calls_and_resets_its_state(qwen2):
     _same(first, again, soft=True)
     generate_rollouts(qwen2, QUESTIONS[:1], CoTConfig("fuzzy"), cfg)
     assert qwen2._static_engine[1] is not engine, "new settings: a new engine replaces the old one"
+    assert engine.dec is None and not engine.s, "and the old one's cache and state are freed"
+
+
+def test_closing_an_engine_frees_its_memory_at_once(qwen2):
+    """A compiled engine (the CUDA default) is in a reference cycle: dropped, it would wait for the garbage
+    collector with its KV cache; close() frees it at once."""
+    import weakref
+
+    from softtokens.engine import StaticEngine
+    from softtokens.rollout import prepare
+
+    setup = prepare(qwen2, CoTConfig("soft"), RolloutConfig(**KW))
+    engine = StaticEngine(setup, 64, 8, cuda_graphs=False, compile=True)
+    cache, state = weakref.ref(engine.dec.k_cache[0]), weakref.ref(engine.s["z"])
+    engine.close()
+    assert cache() is None and state() is None
 
 
 def compiled_matches_eager(lm, questions, cot_cfg, cfg):
