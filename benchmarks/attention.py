@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from softtokens.attention import counters, decode_attention  # noqa: E402
+from softtokens.attention import counters, decode_attention, splits_for  # noqa: E402
 
 SHAPES = {"qwen2.5-3b": (2, 8), "llama-3.2-3b": (8, 3), "llama-3.1-8b": (8, 4)}  # (KV heads, query heads per KV)
 VARIANTS = [(1, 64), (2, 64), (4, 32), (4, 64), (8, 64)]  # (splits, block_n); 1: no merge
@@ -64,8 +64,8 @@ def main():
              "", f"bf16, head_dim 128, one query per row, cache of {args.max_len} slots; us per call (TB/s of K and V "
              "read); SDPA as the engine calls it (additive mask, span = the length rounded up to 128); the kernel "
              "as the engine calls it (RoPE of q and the new key, the new key and value written, one kernel)", "",
-             "| shape | rows | length | SDPA | " + " | ".join(f"kernel {s}x{b}" for s, b in VARIANTS) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(VARIANTS)]
+             "| shape | rows | length | engine's splits | SDPA | " + " | ".join(f"kernel {s}x{b}" for s, b in VARIANTS)
+             + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(VARIANTS)]
     print("\n".join(lines), flush=True)
     for shape, (kv, g) in SHAPES.items():
         for rows in map(int, args.rows.split(",")):
@@ -82,7 +82,8 @@ def main():
                 fns = [lambda: F.scaled_dot_product_attention(q, k[:, :, :span], v[:, :, :span], attn_mask=mask)]
                 fns += [lambda s=s, b=b: decode_attention(q, k, v, lengths, cos, sin, k_new, v_new, locks, s, b)
                         for s, b in VARIANTS]
-                row(lines, f"| {shape} | {rows} | {n} | ", fns, nbytes=2 * rows * kv * n * 128 * 2)
+                auto = splits_for(rows, kv, torch.device("cuda"))
+                row(lines, f"| {shape} | {rows} | {n} | {auto} | ", fns, nbytes=2 * rows * kv * n * 128 * 2)
             del k, v
     finish(args, lines)
 

@@ -96,6 +96,7 @@ class StaticDecoder:
         self.kernel = runs if attention_kernel is None else attention_kernel and runs
         self._kernel_checked = False
         self.locks = attention.counters(rows, self.n_kv, self.device) if self.kernel else None
+        self.splits = attention.splits_for(rows, self.n_kv, self.device)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -135,7 +136,7 @@ class StaticDecoder:
                 q = torch.zeros(q_shape, dtype=self.dtype, device=self.device)
                 new, cache = torch.zeros(R, KV, hd, dtype=self.dtype, device=self.device), q.new_zeros(R, KV, 1, hd)
                 attention.decode_attention(q, cache, cache.clone(), torch.ones_like(pos[:, 0]), self.cos, self.sin,
-                                           k_new=new, v_new=new, locks=self.locks)  # on scratch caches
+                                           new, new, self.locks, self.splits)  # on scratch caches
                 self._kernel_checked = True
             except Exception as e:
                 warnings.warn(f"the decode attention kernel failed ({type(e).__name__}: {e}); using SDPA")
@@ -174,7 +175,7 @@ class StaticDecoder:
             x, q, k, v = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
                               self.n_heads, self.n_kv, self.head_dim, kernel=kernel)
             if kernel:  # which also rotates q and k and writes k and v into the cache
-                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin, k, v, self.locks)
+                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin, k, v, self.locks, self.splits)
             else:
                 o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
             x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
