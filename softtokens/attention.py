@@ -211,7 +211,8 @@ if triton is not None:
         total = tl.where(total > 0, total, 1.0)
         o = tl.zeros([BLOCK_G, HD], tl.float32)
         for i in tl.static_range(SPLITS):
-            ok_i = (i * piece < length) & (g < G)
+            # a test per head, not a scalar one: Triton 3.9's interpreter refuses a mask of a scalar and a vector
+            ok_i = (g < G) & (g * 0 + i * piece < length)
             w = tl.exp(tl.load(Lse + (base + i) * G + g, mask=ok_i, other=float("-inf"), cache_modifier=".cg")
                        - top) / total
             part = tl.load(Part + ((base + i) * G + g[:, None]) * HD + d[None, :], mask=ok_i[:, None], other=0.0,

@@ -67,7 +67,7 @@ def kernel_matches_sdpa(device: str = "cpu", cases=CPU_CASES):
         assert usable(torch.device("cpu"), 16) and not usable(torch.device("cpu"), 8)
     torch.manual_seed(0)
     torch.set_default_device(device)
-    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=8e-3, atol=0)  # on CUDA, FMAs round the keys
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=8e-3, atol=1e-5)  # CUDA: FMAs, 1 bf16 ulp
     for R, KV, G, hd, max_len, dtype, splits, block_n in cases:
         locks = counters(R, KV, device)  # one set for every call: each call must leave it zero
         # q, k and v as the decoder passes them: strided views into the q/k/v projection's output
