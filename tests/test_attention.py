@@ -1,9 +1,11 @@
 """The split-KV decode attention kernel, run by Triton's interpreter on the CPU, against SDPA and the HF engine.
 
 The interpreter is chosen when Triton is imported, so each check runs in a
-fresh process with TRITON_INTERPRET=1. It has no bfloat16: the CUDA test at
-the end runs the compiled kernel in bf16, and test_engine.py's graph-replay
-test runs it inside the engine.
+fresh process with TRITON_INTERPRET=1. It has no bfloat16 and no concurrency:
+the kernel is also compiled for sm_90 here, without a GPU, to check what only
+the compiler decides (the merge's memory ordering, registers); the CUDA test
+at the end runs the compiled kernel in bf16, and test_engine.py's
+graph-replay test runs it inside the engine.
 """
 
 import os
