@@ -105,8 +105,10 @@ class StaticEngine:
         compile = cfg.compile_decoder and self.use_graphs if compile is None else compile
         self.dec = StaticDecoder(lm.model, self.rows, self.max_len, compile=compile,
                                  attention_kernel=cfg.attention_kernel)
-        # The token / phase logic of a step, compiled too: ~100 small kernels fused into a few.
-        self._logic = torch.compile(self._logic_eager, dynamic=False, fullgraph=True) if compile else None
+        # The token / phase logic of a step, compiled too: ~100 small kernels fused into a few. The function,
+        # not the bound method, with the engine passed in: a compiled bound method holds its engine, a reference
+        # cycle that kept a dropped engine's cache allocated until the garbage collector ran.
+        self._logic = torch.compile(StaticEngine._logic_eager, dynamic=False, fullgraph=True) if compile else None
         self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, setup.marker_end_ids, lm.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
@@ -119,13 +121,6 @@ class StaticEngine:
             lens[code] = len(ids)
         self.prefill_table, self.prefill_lens = table.to(lm.device), lens.to(lm.device)
         self.s = self._alloc()
-
-    def close(self) -> None:
-        """Free the cache, state and graphs now. A compiled engine is in a reference cycle (its compiled
-        step holds its own bound method), so dropping it leaves its memory to the garbage collector: on a
-        GPU, a second engine's worth (a batch's KV cache) held for an unknown while."""
-        self.graphs.clear()
-        self.s, self.dec, self._logic = {}, None, None
 
     # --- the captured step --------------------------------------------------------------------------
 
@@ -185,7 +180,7 @@ class StaticEngine:
     def _run_logic(self, s: dict):
         if self._logic is not None:
             try:
-                return self._logic(s)
+                return self._logic(self, s)
             except Exception as e:  # an unusable compiler must not stop a rollout (it fails before running)
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eagerly")
                 self._logic = None
@@ -356,9 +351,7 @@ def static_engine(setup: RolloutSetup, max_prompt: int, rows: int, cuda_graphs: 
     if held is not None and held[0] == key and held[1].max_len >= max_len:  # a longer cache serves shorter prompts
         held[1].setup = setup
         return held[1]
-    if held is not None:
-        held[1].close()
-    setup.lm.__dict__["_static_engine"] = None
+    setup.lm.__dict__["_static_engine"] = None  # the old engine is freed here, before the new one allocates
     engine = StaticEngine(setup, max_len, batch_bucket(rows), cuda_graphs)
     setup.lm.__dict__["_static_engine"] = (key, engine)
     return engine
