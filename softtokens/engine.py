@@ -27,7 +27,7 @@ import torch
 from softtokens import cot
 from softtokens.decoder import StaticDecoder
 from softtokens.rollout import (ANSWER, COT, DONE, PREFILL, RolloutSetup, RowDraws, _Row, answer_step, cot_step,
-                                records)
+                                marker_window, records)
 
 SYNC_EVERY = 16
 SPAN_BUCKET = 128
@@ -52,14 +52,14 @@ class MarkerMatcher:
     """Whether each row's CoT text ends with the marker, on the device, with no host round trip.
 
     Each row keeps its last ``width`` characters as code points; a token appends
-    its own text (``CausalLM.token_texts``). The test mirrors ``rollout.cot_stop``:
+    its own text (``CausalLM.token_texts``). The test is ``rollout.cot_stop``'s, on the same characters:
     only a token whose text ends in the marker's last character can complete it,
     and trailing whitespace is ignored.
     """
 
     def __init__(self, token_texts: list[str], marker: str, end_ids: frozenset[int], device):
         self.marker = torch.tensor([ord(c) for c in marker.rstrip()], device=device)
-        self.width = w = 2 * len(self.marker) + 32
+        self.width = w = marker_window(marker)
         table = torch.full((len(token_texts), w), -1, dtype=torch.long)
         lengths = torch.zeros(len(token_texts), dtype=torch.long)
         for i, text in enumerate(token_texts):

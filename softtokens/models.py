@@ -124,9 +124,17 @@ class CausalLM:
 
     @cached_property
     def token_texts(self) -> list[str]:
-        """Each vocabulary id decoded alone (for the cheap 'could this token end the marker?' test)."""
+        """Each vocabulary id's text as it reads inside a sequence; joined, they spell the CoT for the marker test.
+
+        Decoded after an anchor token and cut past the anchor's text: some tokenizers (SentencePiece with a
+        leading-space strip) drop a token's leading space when it is decoded alone.
+        """
         n = self.model.get_output_embeddings().weight.shape[0]
-        return self.tokenizer.batch_decode([[i] for i in range(n)])
+        anchor = self.tokenizer.encode("a", add_special_tokens=False)[-1:]
+        prefix = self.tokenizer.decode(anchor)
+        texts = self.tokenizer.batch_decode([anchor + [i] for i in range(n)])
+        alone = self.tokenizer.batch_decode([[i] for i in range(n)])
+        return [t[len(prefix):] if t.startswith(prefix) else a for t, a in zip(texts, alone)]
 
     def ids_ending_with(self, char: str) -> frozenset[int]:
         """Ids whose text, trailing whitespace stripped, ends with ``char``; cached per character."""

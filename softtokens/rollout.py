@@ -116,6 +116,7 @@ class RolloutSetup:
     prefills: dict[str, list[int]]
     marker_end_ids: frozenset[int]
     marker_window: int
+    """Characters of the CoT's tail that the marker test reads (both engines read the same tail)."""
     eos_ids: set[int] = field(default_factory=set)
 
 
@@ -137,8 +138,28 @@ def prepare(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float |
         raise ValueError(f"{lm.name}: the tokenizer cannot spell the marker {marker!r}, so no CoT could stop on it")
     # Only a token whose text ends in the marker's last character can complete it: decode the tail then.
     marker_end_ids = lm.ids_ending_with(marker[-1])
-    window = len(tok.encode(marker, add_special_tokens=False)) + 8
-    return RolloutSetup(lm, cot_cfg, cfg, sigma, E, prefills, marker_end_ids, window, set(lm.eos_ids))
+    return RolloutSetup(lm, cot_cfg, cfg, sigma, E, prefills, marker_end_ids, marker_window(marker), set(lm.eos_ids))
+
+
+def marker_window(marker: str) -> int:
+    """How many of the CoT's last characters the marker test reads: the marker and room for trailing whitespace."""
+    return 2 * len(marker.rstrip()) + 32
+
+
+def text_tail(token_texts: list[str], ids: list[int], width: int) -> str:
+    """The last ``width`` characters of the CoT's text, read as its tokens' texts joined.
+
+    Characters, not tokens: a marker spelled in many tokens (one per character, say) is still seen. The static
+    engine keeps the same characters on the device (``engine.MarkerMatcher``), so both engines stop on the same
+    token sequence.
+    """
+    parts, n = [], 0
+    for i in reversed(ids):
+        parts.append(token_texts[i])
+        n += len(parts[-1])
+        if n >= width:
+            break
+    return "".join(reversed(parts))[-width:]
 
 
 def encode_prompts(lm: CausalLM, questions: list[str], cfg: RolloutConfig) -> list[list[int]]:
@@ -169,8 +190,7 @@ def cot_stop(setup: RolloutSetup, ids: list[int], step: int) -> str | None:
     """Why the CoT ends after its latest token, or None to go on (METHOD.md §3)."""
     last = ids[-1]
     if last in setup.marker_end_ids:
-        tail = setup.lm.tokenizer.decode(ids[-setup.marker_window :])
-        if prompts.ends_with_marker(tail, setup.cfg.marker):
+        if prompts.ends_with_marker(text_tail(setup.lm.token_texts, ids, setup.marker_window), setup.cfg.marker):
             return "marker"
     if setup.cfg.stop_at_eos and last in setup.eos_ids:
         return "eos"

@@ -11,7 +11,7 @@ from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.decoder import StaticDecoder
 from softtokens.engine import MarkerMatcher, batch_bucket
 from softtokens.models import tiny_lm
-from softtokens.rollout import generate_rollouts
+from softtokens.rollout import cot_stop, generate_rollouts, prepare
 
 from conftest import QUESTIONS
 from test_rollout import SETTINGS
@@ -77,6 +77,8 @@ def test_marker_matcher_agrees_with_the_text_check(llama):
     rng = random.Random(0)
     rows = [tok.encode("".join(rng.choice(pieces) for _ in range(6))) for _ in range(40)]
     rows.append(tok.encode(" 3 + 4 = 7. The final answer is:"))
+    rows.append([tok.encode(c)[0] for c in " 3 + 4 = 7. The final answer is: \n"])  # one token per character
+    setup = prepare(llama, CoTConfig("hard"), RolloutConfig())
     n = max(len(r) for r in rows)
     buf = matcher.empty(len(rows))
     hits = 0
@@ -89,6 +91,7 @@ def test_marker_matcher_agrees_with_the_text_check(llama):
                 want = r[t] in {j for j, s in enumerate(llama.token_texts) if s.rstrip().endswith(":")} and \
                     prompts.ends_with_marker(tok.decode(r[: t + 1]))
                 assert bool(got[i]) == want, (tok.decode(r[: t + 1]), t)
+                assert (cot_stop(setup, r[: t + 1], 0) == "marker") == want, "the two engines' marker tests differ"
                 hits += want
     assert hits >= 5
 

@@ -5,7 +5,7 @@ from softtokens import cot
 from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.models import CausalLM, tiny_lm
 from softtokens.reference import reference_row
-from softtokens.rollout import encode_prompts, generate_rollouts, prepare, row_draws, row_seed
+from softtokens.rollout import cot_stop, encode_prompts, generate_rollouts, prepare, row_draws, row_seed
 
 from conftest import QUESTIONS
 
@@ -145,6 +145,23 @@ def test_marker_split_across_tokens_with_trailing_space(llama):
     lm, cot_ids = _scripted(llama, " so The final answer is:  ", "1}", cfg.marker_prefill, cfg)
     r = generate_rollouts(lm, [QUESTIONS[0]], CoTConfig("hard"), cfg)[0]
     assert r.stop_reason == "marker" and r.cot_text.rstrip().endswith("The final answer is:")
+
+
+def _char_per_token(tok, text):
+    return [tok.encode(c)[0] for c in text]
+
+
+def test_marker_spelled_one_token_per_character_stops_the_cot(llama):
+    """The marker test reads characters, not a window of tokens: 20 one-character tokens still end the CoT."""
+    cfg = _cfg(max_cot_length=60, num_generations=1, max_answer_length=4)
+    ids = _char_per_token(llama.tokenizer, " so The final answer is:")
+    assert len(ids) > len(llama.tokenizer.encode(cfg.marker)) + 8, "spelled in more tokens than a token window sees"
+    setup = prepare(llama, CoTConfig("hard"), cfg)
+    assert [cot_stop(setup, ids[: t + 1], t) for t in range(len(ids))] == [None] * (len(ids) - 1) + ["marker"]
+    lm = ScriptedLM(llama, ids + [0] * 3 + llama.tokenizer.encode("1}") + [0], len(encode_prompts(llama, [QUESTIONS[0]], cfg)[0]))
+    for mode in ("hard", "soft", "fuzzy"):
+        r = generate_rollouts(lm, [QUESTIONS[0]], CoTConfig(mode), cfg)[0]
+        assert r.stop_reason == "marker" and r.cot_ids == ids, mode
 
 
 def test_bad_input_errors(llama):
