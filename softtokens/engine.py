@@ -135,8 +135,8 @@ class StaticEngine:
 
         s = {name: zeros(R) for name in ("phase", "pos", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step")}
         s |= {
-            # Logits in the model's dtype (what the head computes): every consumer upcasts in its own kernel.
-            "t": zeros(1), "chars": self.matcher.empty(R), "z": zeros(R, V, dtype=lm.dtype),
+            # Float32 logits, the head's float32 result (``CausalLM.logits``): the scorer computes the same.
+            "t": zeros(1), "chars": self.matcher.empty(R), "z": zeros(R, V, dtype=fdt),
             "cot_ids": zeros(R, L + 1), "logprob": zeros(R, L + 1, dtype=fdt), "entropy": zeros(R, L + 1, dtype=fdt),
             "ans_ids": zeros(R, A), "ans_lp": zeros(R, A, dtype=fdt),
             "eps": None, "u_cot": None, "u_answer": None,

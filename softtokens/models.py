@@ -92,23 +92,26 @@ class CausalLM:
         )
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor, upcast: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Output head on chosen hidden states only (never the whole batch x length), in compute dtype
-        (``upcast=False``: the model's dtype, for a consumer that upcasts inside its own kernels). ``out``
-        (rows, V) in the model's dtype: written in place (the rollout engine's logits live at a fixed
-        address; a plain linear head writes them there directly, which saves a copy of rows x V)."""
-        from softtokens.cot import compute_dtype
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output head on chosen hidden states only (never the whole batch x length), as float32 logits.
 
+        Precision policy: softmax(z / tau) multiplies a logit's rounding error by 1 / tau (1e4 for fuzzy), and
+        bf16 logits near 20 are 0.125 apart, so the rollout engines and the scorer all take the head's float32
+        result: bf16 weights and hidden states, float32 accumulation (``float32_head``), no float32 copy of the
+        model. ``out`` (rows, V), float32: written in place (the static engine's logits live at a fixed address).
+        """
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        if out is not None:
-            if type(head) is torch.nn.Linear and head.bias is None and not softcap and hidden.dim() == 2:
-                return torch.mm(hidden, head.weight.t(), out=out)
-            return out.copy_(self.logits(hidden, upcast=False))
-        z = head(hidden)
+        if type(head) is torch.nn.Linear:
+            z = float32_head(hidden, head.weight, head.bias, out=None if softcap else out)
+            if out is not None and not softcap:
+                return z
+        else:  # a wrapped head (peft): its own forward, upcast
+            z = head(hidden).float()
         if softcap:
             z = torch.tanh(z / softcap) * softcap
-        return z.to(compute_dtype(z.dtype)) if upcast else z
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        return z if out is None else out.copy_(z)
 
     @cached_property
     def eos_ids(self) -> list[int]:
@@ -142,6 +145,55 @@ class CausalLM:
         if char not in cache:
             cache[char] = frozenset(i for i, t in enumerate(self.token_texts) if t.rstrip().endswith(char))
         return cache[char]
+
+
+class _Float32Head(torch.autograd.Function):
+    """z = h W^T with bf16 / fp16 operands and a float32 result; gradients in the weights' dtype, as autocast's."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return _float32_mm(h.reshape(-1, h.shape[-1]), w).view(*h.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        g = g.to(w.dtype)
+        gh = (g @ w) if ctx.needs_input_grad[0] else None
+        gw = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
+        return gh, gw
+
+
+def _float32_mm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (N, d) @ w (V, d)^T, float32 out. On CUDA one low-precision GEMM with a float32 result (``out_dtype``);
+    elsewhere the operands upcast (a bf16 x bf16 product is exact in float32, so it is the same sum)."""
+    kw = {} if out is None else {"out": out}
+    if a.is_cuda:
+        try:
+            return torch.mm(a, w.t(), out_dtype=torch.float32, **kw)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
+            pass
+    return torch.mm(a.float(), w.float().t(), **kw)
+
+
+def float32_head(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits h W^T (+ b) from a head of any dtype. (..., d), (V, d) -> (..., V) float32.
+
+    ``out`` (N, V) float32, for a 2-D h and no bias: written in place, without a temporary of N x V.
+    """
+    if w.dtype not in (torch.bfloat16, torch.float16):
+        z = torch.nn.functional.linear(h, w, bias) if out is None or bias is not None or h.dim() != 2 else \
+            torch.mm(h, w.t(), out=out)
+    elif out is not None and bias is None and h.dim() == 2 and not torch.is_grad_enabled():
+        z = _float32_mm(h, w, out=out)
+    else:
+        z = _Float32Head.apply(h, w)
+        if bias is not None:
+            z = z + bias.float()
+    if out is not None and z is not out:
+        return out.copy_(z)
+    return z if z.dtype != torch.float16 and z.dtype != torch.bfloat16 else z.float()
 
 
 def set_activation_checkpointing(model, on: bool = True) -> None:

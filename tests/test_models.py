@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from softtokens.config import CoTConfig, RolloutConfig
-from softtokens.models import CausalLM, embedded_model_path, load_model, tiny_model, tiny_tokenizer
+from softtokens.models import CausalLM, embedded_model_path, load_model, tiny_lm, tiny_model, tiny_tokenizer
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
@@ -74,7 +74,7 @@ def test_logits_written_in_place_match(llama, monkeypatch):
     """The engine's logits buffer, written by the head directly or (a head that is not a plain linear) copied."""
     h = torch.randn(3, llama.model.config.hidden_size)
     with torch.no_grad():
-        ref = llama.logits(h, upcast=False)
+        ref = llama.logits(h)
         buf = torch.full_like(ref, float("nan"))
         assert llama.logits(h, out=buf) is buf
         torch.testing.assert_close(buf, ref, rtol=1e-6, atol=1e-6)
@@ -82,3 +82,25 @@ def test_logits_written_in_place_match(llama, monkeypatch):
         buf.fill_(float("nan"))
         llama.logits(h, out=buf)
         torch.testing.assert_close(buf, torch.tanh(ref / 3.0) * 3.0, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_head_gives_float32_logits_with_float32_accumulation():
+    """bf16 weights and hidden states, float32 result: the exact sum of the bf16 products, not a bf16 rounding."""
+    lm = tiny_lm("qwen2", tie=False)
+    lm.model.to(torch.bfloat16)
+    h = (torch.randn(5, lm.model.config.hidden_size) * 4).to(torch.bfloat16).requires_grad_()
+    z = lm.logits(h)
+    exact = h.detach().double() @ lm.model.lm_head.weight.detach().double().t()
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), exact, rtol=1e-6, atol=1e-5)
+    assert (z.detach() != z.detach().bfloat16().float()).float().mean() > 0.9, "the result must not be rounded to bf16"
+    buf = torch.full((5, z.shape[1]), float("nan"))
+    with torch.no_grad():
+        assert lm.logits(h, out=buf) is buf
+    torch.testing.assert_close(buf, z.detach(), rtol=0, atol=0)
+    # Gradients reach the bf16 head and hidden states, as the bf16 linear's would.
+    (z * torch.linspace(-1, 1, z.shape[1])).sum().backward()
+    w = lm.model.lm_head.weight
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    g = torch.linspace(-1, 1, z.shape[1]).expand(5, -1)
+    torch.testing.assert_close(h.grad.float(), (g @ w.detach().float()), rtol=2e-2, atol=2e-2)
