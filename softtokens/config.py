@@ -194,6 +194,10 @@ class TrainConfig:
     """Advantage estimator: rloo (the paper) or grpo (std-normalised groups)."""
     beta: float = 0.0
     """KL penalty to a frozen copy of the initial model (k3 estimator); 0 = none, and no reference is loaded."""
+    rollout_correction: str = "none"
+    """Correct the rollout-scorer mismatch: none (the paper) or tis (truncated importance sampling: each rollout's loss weighted by min(exp(l_scored - l_rollout), tis_cap))."""
+    tis_cap: float = 2.0
+    """The cap C of truncated importance sampling's ratio (rollout_correction: tis)."""
     learning_rate: float = 6e-6
     """AdamW peak learning rate."""
     warmup_steps: int = 20
@@ -259,6 +263,10 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after", "ood_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rollout_correction not in ("none", "tis"):
+            raise ValueError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
+        if not self.tis_cap >= 1:
+            raise ValueError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
         if self.estimator not in ("rloo", "grpo"):
             raise ValueError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
         if self.estimator == "rloo" and self.num_generations < 2:

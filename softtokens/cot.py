@@ -75,6 +75,19 @@ def argmax(z: torch.Tensor) -> torch.Tensor:
     return (b * BLOCK + where.gather(1, b))[:, 0]
 
 
+def top2_gap(z: torch.Tensor) -> torch.Tensor:
+    """Each row's largest logit minus its second largest, in at least float32. (..., V) -> (...).
+
+    At a gap below a few tau the CoT's softmax(z / tau) mixes two tokens, and a rounding error of the logits
+    moves the mixture by error / tau: where rollout and rescoring can disagree (``mismatch.py``).
+    """
+    z = z.detach().to(compute_dtype(z.dtype))
+    if z.dim() == 2:  # blocked: each block's top two, then the top two of those
+        z = blocks(z, float("-inf")).topk(2, dim=-1).values.flatten(1)
+    top = z.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
 def cot_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """p = softmax(z / tau) in at least float32. (..., V) -> (..., V)."""
     assert temperature > 0, "cot_probs needs tau > 0; tau = 0 is argmax, handled by the caller"

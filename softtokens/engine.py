@@ -35,8 +35,8 @@ WHITESPACE = " \t\n\r\f\v"
 STOP_CODES = ("marker", "length", "eos")
 # State a step writes (restored after a graph's warm-up and capture); the rest is read-only or write-once per column.
 MUTABLE = ("phase", "t", "pos", "chars", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step", "ans_ids", "ans_lp", "z")
-RECORDED = ("stop", "cot_len", "ans_len", "cot_ids", "ans_ids", "ans_lp", "inputs", "logprob", "entropy", "mu",
-            "top_p", "top_ids")
+RECORDED = ("stop", "cot_len", "ans_len", "cot_ids", "ans_ids", "ans_lp", "inputs", "logprob", "entropy", "gap",
+            "mu", "top_p", "top_ids")
 
 
 def _round_up(n: int, k: int) -> int:
@@ -138,6 +138,7 @@ class StaticEngine:
             # Float32 logits, the head's float32 result (``CausalLM.logits``): the scorer computes the same.
             "t": zeros(1), "chars": self.matcher.empty(R), "z": zeros(R, V, dtype=fdt),
             "cot_ids": zeros(R, L + 1), "logprob": zeros(R, L + 1, dtype=fdt), "entropy": zeros(R, L + 1, dtype=fdt),
+            "gap": zeros(R, L + 1, dtype=fdt),
             "ans_ids": zeros(R, A), "ans_lp": zeros(R, A, dtype=fdt),
             "eps": None, "u_cot": None, "u_answer": None,
         }
@@ -205,6 +206,7 @@ class StaticEngine:
         s["cot_ids"].index_copy_(1, tcol, st.ids[:, None])
         s["logprob"].index_copy_(1, tcol, st.logprob[:, None].to(s["logprob"].dtype))
         s["entropy"].index_copy_(1, tcol, st.entropy[:, None].to(s["entropy"].dtype))
+        s["gap"].index_copy_(1, tcol, st.gap[:, None].to(s["gap"].dtype))
         if "inputs" in s:
             s["inputs"].index_copy_(1, tcol, st.inputs[:, None])
         if "mu" in s:
@@ -332,7 +334,7 @@ class StaticEngine:
             rows.append(_Row(DONE, host["cot_ids"][r, :T].tolist(), reason, self.setup.prefills[reason], 0,
                              host["ans_ids"][r, :A].tolist(), host["ans_lp"][r, :A].tolist()))
         cot_steps = {name: host[name].transpose(0, 1) if name in host else None
-                     for name in ("inputs", "logprob", "entropy", "mu", "top_p", "top_ids")}
+                     for name in ("inputs", "logprob", "entropy", "gap", "mu", "top_p", "top_ids")}
         return records(self.setup, prompt_ids, keys, rows, cot_steps)
 
 

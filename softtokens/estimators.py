@@ -8,6 +8,8 @@ neighbouring variants users know; the defaults reproduce the paper.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -29,13 +31,32 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
 
 
-def policy_gradient_loss(advantages: torch.Tensor, loglik: torch.Tensor, total_rows: int) -> torch.Tensor:
-    """-(1 / BG) sum A * l over the rows given (METHOD.md §5).
+def policy_gradient_loss(advantages: torch.Tensor, loglik: torch.Tensor, total_rows: int,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """-(1 / BG) sum w * A * l over the rows given (METHOD.md §5); w = 1 unless a rollout correction is on.
 
     Dividing by the whole batch's row count, not the micro-batch's, makes the
     gradients of micro-batches add up to the full batch's exactly.
     """
-    return -(advantages.detach().to(loglik.dtype) * loglik).sum() / total_rows
+    a = advantages.detach().to(loglik.dtype)
+    if weights is not None:
+        a = a * weights.detach().to(loglik.dtype)
+    return -(a * loglik).sum() / total_rows
+
+
+def tis_weights(scored: torch.Tensor, rolled: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling: min(exp(l_scored - l_rollout), cap) per rollout. (N,), (N,) -> (N,).
+
+    The rollouts were sampled by the rollout engine's rounding of the policy, the gradient is that of the
+    scorer's: the ratio reweights each rollout to the scored policy, and the cap bounds the variance a
+    rollout with a large ratio (a fuzzy argmax flip) would add (verl's rollout correction, sequence level).
+    Not in the paper; with identical engines the ratio is 1 and the gradient unchanged.
+    """
+    log_ratio = (scored.detach().double() - rolled.detach().to(scored.device).double()).clamp(max=math.log(cap))
+    return log_ratio.exp().to(scored.dtype)
+
+
+CORRECTIONS = ("none", "tis")
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
         mask = torch.ones(1, n, dtype=torch.long, device=dev)
         return lm.logits(lm.hidden(seq[None], mask, torch.arange(n, device=dev)[None])[0, -1])
 
-    cot_ids, cot_lp, cot_ent, cot_in = [], [], [], []
+    cot_ids, cot_lp, cot_ent, cot_gap, cot_in = [], [], [], [], []
     reason = None
     for t in range(cfg.max_cot_length):
         eps = None if draws.eps is None else draws.eps[t : t + 1]
@@ -35,6 +35,7 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
         cot_ids.append(int(st.ids[0]))
         cot_lp.append(float(st.logprob[0]))
         cot_ent.append(float(st.entropy[0]))
+        cot_gap.append(float(st.gap[0]))
         cot_in.append(st.inputs[0])
         reason = cot_stop(setup, cot_ids, t)
         if reason:
@@ -60,5 +61,6 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
         "cot_logprobs": torch.tensor(cot_lp),
         "answer_logprobs": torch.tensor(answer_lp),
         "cot_entropy": torch.tensor(cot_ent),
+        "cot_logit_gap": torch.tensor(cot_gap),
         "cot_embeds": torch.stack(cot_in).cpu() if setup.cot_cfg.mode != "hard" else None,
     }

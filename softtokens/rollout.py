@@ -58,6 +58,8 @@ class Rollout:
     answer_logprobs: torch.Tensor
     cot_entropy: torch.Tensor
     """Entropy of the model's next-token distribution (tau = 1) at each CoT step."""
+    cot_logit_gap: torch.Tensor | None = None
+    """Top-1 minus top-2 logit at each CoT step (near-ties are where rollout and scorer can disagree)."""
     cot_means: torch.Tensor | None = None
     """mu_t per soft/fuzzy step (T, d), kept only with ``record_means``."""
     cot_top_ids: torch.Tensor | None = None
@@ -269,6 +271,7 @@ class CoTStep:
     ids: torch.Tensor  # (R,) the token fed (hard) or the greedy shadow (soft / fuzzy)
     logprob: torch.Tensor  # (R,) Gaussian log-density or token log-prob; 0 for noise-free soft
     entropy: torch.Tensor  # (R,) of softmax(z), tau = 1
+    gap: torch.Tensor  # (R,) top-1 minus top-2 logit
     mu: torch.Tensor | None  # (R, d) soft / fuzzy mean
     top: tuple | None  # (probs, ids) each (R, k), with record_top_k
 
@@ -281,11 +284,12 @@ def cot_step(setup: RolloutSetup, z: torch.Tensor, eps: torch.Tensor | None, u: 
         top = tuple(cot.cot_probs(z, c.temperature or 1.0).topk(min(cfg.record_top_k, z.shape[-1])))
     if c.mode == "hard":
         x = cot.sample_categorical(cot.cot_probs(z, c.temperature), u) if c.temperature > 0 else cot.argmax(z)
-        return CoTStep(lm.embed(x), x, cot.token_log_probs(z, x, c.temperature), cot.entropy(z), None, top)
+        return CoTStep(lm.embed(x), x, cot.token_log_probs(z, x, c.temperature), cot.entropy(z), cot.top2_gap(z),
+                       None, top)
     mu = cot.mixture(cot.cot_probs(z, c.temperature), setup.E)  # (R, d)
     h = cot.soft_input(mu, eps, setup.sigma).to(lm.dtype)
     lp = cot.gaussian_log_density(h, mu, setup.sigma) if setup.sigma > 0 else torch.zeros_like(mu[:, 0])
-    return CoTStep(h, cot.argmax(z), lp, cot.entropy(z), mu, top)
+    return CoTStep(h, cot.argmax(z), lp, cot.entropy(z), cot.top2_gap(z), mu, top)
 
 
 def answer_step(setup: RolloutSetup, z: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,7 +407,7 @@ def _widen(st: CoTStep, live: torch.Tensor, R: int) -> CoTStep:
         return full
 
     top = None if st.top is None else (wide(st.top[0]), wide(st.top[1]))
-    return CoTStep(wide(st.inputs), wide(st.ids), wide(st.logprob), wide(st.entropy), wide(st.mu), top)
+    return CoTStep(wide(st.inputs), wide(st.ids), wide(st.logprob), wide(st.entropy), wide(st.gap), wide(st.mu), top)
 
 
 def stack_steps(steps: list[CoTStep], keep_means: bool) -> dict[str, torch.Tensor | None]:
@@ -416,6 +420,7 @@ def stack_steps(steps: list[CoTStep], keep_means: bool) -> dict[str, torch.Tenso
         "inputs": stacked(lambda s: s.inputs) if steps[0].mu is not None else None,
         "logprob": stacked(lambda s: s.logprob),
         "entropy": stacked(lambda s: s.entropy),
+        "gap": stacked(lambda s: s.gap),
         "mu": stacked(lambda s: s.mu) if keep_means else None,
         "top_p": stacked(lambda s: s.top and s.top[0]),
         "top_ids": stacked(lambda s: s.top and s.top[1]),
@@ -452,6 +457,7 @@ def records(setup: RolloutSetup, prompt_ids, keys, rows: list[_Row], cot: dict) 
                 cot_logprobs=cut("logprob"),
                 answer_logprobs=torch.as_tensor(row.answer_lp, dtype=cot["logprob"].dtype),
                 cot_entropy=cut("entropy"),
+                cot_logit_gap=cut("gap"),
                 cot_means=cut("mu"),
                 prefill_text=tok.decode(row.prefill),
                 cot_top_ids=cut("top_ids"),

@@ -36,6 +36,7 @@ class Scores(NamedTuple):
     cot_steps: torch.Tensor  # (N, T_max) per CoT step, 0 past each row's CoT
     answer_steps: torch.Tensor  # (N, A_max)
     cot_entropy: torch.Tensor  # (N, T_max) detached, tau = 1
+    cot_flips: torch.Tensor  # (N, T_max) bool: soft / fuzzy steps whose argmax differs from the recorded shadow
     cot_means: torch.Tensor | None = None  # (N, T_max, d) detached, with return_means
 
 
@@ -125,7 +126,7 @@ def score_rollouts(
         z = lm.logits(h)
         mu = cot.mixture(cot.cot_probs(z, tau), E)
         lp = cot.gaussian_log_density(target, mu, sigma) if sigma > 0 else torch.zeros_like(mu[:, 0])
-        return lp, cot.entropy(z).detach(), mu.detach() if return_means else mu[:, :0].detach()
+        return lp, cot.entropy(z).detach(), cot.argmax(z.detach()), mu.detach() if return_means else mu[:, :0].detach()
 
     def token_chunk(h, target, temperature):
         z = lm.logits(h)
@@ -145,14 +146,18 @@ def score_rollouts(
     cdt = cot.compute_dtype(hidden.dtype)
     cot_steps = torch.zeros(N, max(T) if T else 0, dtype=cdt, device=dev)
     cot_ent = torch.zeros_like(cot_steps)
+    flips = torch.zeros(cot_steps.shape, dtype=torch.bool, device=dev)
     means = None
     if cot_out is not None:
         t_idx = torch.tensor([t for i in range(N) for t in range(T[i])], dtype=torch.long, device=dev)
         cot_steps = cot_steps.index_put((cot_row, t_idx), cot_out[0])
         cot_ent = cot_ent.index_put((cot_row, t_idx), cot_out[1])
+        if soft:
+            shadow = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=dev)
+            flips = flips.index_put((cot_row, t_idx), cot_out[2] != shadow)
         if soft and return_means:
-            means = torch.zeros(N, max(T), E.shape[1], dtype=cdt, device=dev).index_put((cot_row, t_idx), cot_out[2])
+            means = torch.zeros(N, max(T), E.shape[1], dtype=cdt, device=dev).index_put((cot_row, t_idx), cot_out[3])
     a_idx = torch.tensor([k for i in range(N) for k in range(A[i])], dtype=torch.long, device=dev)
     answer_steps = torch.zeros(N, max(A), dtype=cdt, device=dev).index_put((ans_row, a_idx), ans_lp)
     cot_total, answer_total = cot_steps.sum(1), answer_steps.sum(1)
-    return Scores(cot_total + answer_total, cot_total, answer_total, cot_steps, answer_steps, cot_ent, means)
+    return Scores(cot_total + answer_total, cot_total, answer_total, cot_steps, answer_steps, cot_ent, flips, means)

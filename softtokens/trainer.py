@@ -36,11 +36,11 @@ from typing import NamedTuple
 import torch
 from torch.distributed.tensor import DTensor
 
-from softtokens import cot, distributed
+from softtokens import cot, distributed, mismatch
 from softtokens.checkpoint import checkpoints, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
-from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss
+from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
 from softtokens.metrics import MetricsLogger
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
 from softtokens.models import CausalLM, load_model, resolve_device
@@ -138,12 +138,17 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
 
     policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
-    n, loss_sum, kl_sum = len(rollouts), 0.0, 0.0
+    n, loss_sum, kl_sum, seen = len(rollouts), 0.0, 0.0, []
     for s in range(0, n, cfg.micro_batch_size):
         part = rollouts[s : s + cfg.micro_batch_size]
         scores = policy.scorer(part)
+        seen += mismatch.rollout_stats(part, scores, cfg.cot().temperature)
+        weights = None
+        if cfg.rollout_correction == "tis":
+            rolled = torch.tensor([r.cot_logprobs.double().sum() + r.answer_logprobs.double().sum() for r in part])
+            weights = tis_weights(scores.total, rolled, cfg.tis_cap)
         # Normalised by this rank's n rows: FSDP averages gradients over the ranks, which makes -(1/BG) sum A l.
-        loss = policy_gradient_loss(advantages[s : s + len(part)], scores.total, n)
+        loss = policy_gradient_loss(advantages[s : s + len(part)], scores.total, n, weights)
         if ref is not None:
             with torch.no_grad():
                 ref_scores = score_rollouts(ref, part)
@@ -165,6 +170,8 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     t4 = time.perf_counter()
 
     losses = gather_objects((loss_sum, kl_sum), d)
+    seen = [row for part in gather_objects(seen, d) for row in part]
+    capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / N
     tokens = sum(row.generated for row in rows)
     scored = sum(row.generated + row.prompt for row in rows)
     stops = [row.stop for row in rows]
@@ -178,6 +185,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         "rollout/entropy": sum(row.entropy_sum for row in rows) / max(1, sum(row.cot_length for row in rows)),
         **{f"rollout/stop_{k}": stops.count(k) / N for k in ("marker", "length", "eos")},
         "rollout/sigma": sigma,
+        **mismatch.summarize(seen), "mismatch/tis_capped": capped if cfg.rollout_correction == "tis" else 0.0,
         "time/rollout_s": t1 - t0, "time/grading_s": t2 - t1, "time/scoring_s": t3 - t2, "time/optimizer_s": t4 - t3,
         "time/rollout_tokens_per_s": tokens / (t1 - t0), "time/scoring_tokens_per_s": scored / (t3 - t2),
     }
@@ -275,7 +283,7 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]},
                                                         sort_keys=False))
     logger = MetricsLogger(out) if d.main else None
-    bar = None
+    bar, warned = None, not d.main
     with Grader(cfg.grading_workers) as grader, StopFlag() as stop:
         if cfg.eval_before_after and state["before"] is None:
             state["before"] = greedy_accuracy(rollout_lm, grader,
@@ -305,6 +313,9 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
                     save_model(out / "checkpoint-best", policy, d)
             if logger is not None and (step % cfg.logging_steps == 0 or last):
                 logger.log(step, metrics)
+            if not warned and (text := mismatch.warning(metrics)):
+                warned = True
+                (bar.write if bar is not None else say)(f"warning: step {step}: {text}")
             if bar is not None:
                 bar.set_postfix(reward=f"{metrics['rollout/reward']:.1f}", loss=f"{metrics['train/loss']:.3g}")
                 bar.update(1)

@@ -43,6 +43,7 @@ def _same(a, b, soft):
         torch.testing.assert_close(x.cot_logprobs, y.cot_logprobs, rtol=2e-5, atol=1e-4)
         torch.testing.assert_close(x.answer_logprobs, y.answer_logprobs, rtol=0, atol=1e-4)
         torch.testing.assert_close(x.cot_entropy, y.cot_entropy, rtol=0, atol=1e-4)
+        torch.testing.assert_close(x.cot_logit_gap, y.cot_logit_gap, rtol=0, atol=1e-4)
         torch.testing.assert_close(x.cot_top_probs, y.cot_top_probs, rtol=0, atol=1e-5)
         if soft:
             torch.testing.assert_close(x.cot_embeds, y.cot_embeds, rtol=0, atol=1e-5)

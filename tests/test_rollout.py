@@ -43,6 +43,7 @@ def test_engine_matches_reference(lm, cot_cfg):
         torch.testing.assert_close(r.cot_logprobs, ref["cot_logprobs"], rtol=0, atol=1e-4)
         torch.testing.assert_close(r.answer_logprobs, ref["answer_logprobs"], rtol=0, atol=1e-4)
         torch.testing.assert_close(r.cot_entropy, ref["cot_entropy"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(r.cot_logit_gap, ref["cot_logit_gap"], rtol=0, atol=1e-4)
         if cot_cfg.mode != "hard":
             torch.testing.assert_close(r.cot_embeds, ref["cot_embeds"], rtol=0, atol=1e-5)
 
