@@ -91,6 +91,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
+    from softtokens.mismatch import near_tie_rate
     from softtokens.models import load_model, resolve_device
     from softtokens.rollout import generate_rollouts
 
@@ -103,13 +104,16 @@ def cmd_generate(args) -> int:
     if args.json:
         for r in rollouts:
             keep = ("question", "sample_index", "mode", "sigma", "cot_text", "stop_reason", "prefill_text", "answer_text")
-            print(json.dumps({k: getattr(r, k) for k in keep} | {"cot_length": r.cot_length, "completion": r.completion}))
+            print(json.dumps({k: getattr(r, k) for k in keep} | {
+                "cot_length": r.cot_length, "completion": r.completion,
+                "near_tie_rate": near_tie_rate([r], cot_cfg.temperature)}))
         return 0
     n_params = sum(p.numel() for p in lm.model.parameters())
     print(f"model {args.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
     print(f"mode {cot_cfg.mode}  tau {cot_cfg.temperature:g}  sigma {rollouts[0].sigma:.5g} (gamma {cot_cfg.gamma:g})")
     for r in rollouts:
-        what = "sampled tokens" if r.mode == "hard" else "greedy shadow of the soft inputs"
+        what = ("argmax tokens" if cot_cfg.temperature == 0 else "sampled tokens") if r.mode == "hard" \
+            else "greedy shadow of the soft inputs"
         print(f"\n=== question {args.question.index(r.question)} sample {r.sample_index}")
         print(f"--- CoT ({what}; {r.cot_length} steps, stopped on {r.stop_reason})")
         print(r.cot_text)

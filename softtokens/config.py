@@ -147,6 +147,8 @@ class EvalConfig:
     """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
     grading_timeout: float = 5.0
     """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
+    require_number: bool = False
+    """Count a boxed answer as right only when it is a plain number (not an equal expression such as 20 + 10)."""
     save_cot_text: bool = True
     """Keep each sample's CoT text (the shadow text for soft/fuzzy) in the per-problem records."""
     out: str = "runs/eval"
@@ -244,8 +246,14 @@ class TrainConfig:
     """Log metrics every N steps."""
     grading_workers: int = 1
     """Grading worker processes (0 = grade in the main thread)."""
+    require_number: bool = False
+    """[choice] Count a boxed answer as right only when it is a plain number: Math-Verify alone also accepts an equal expression such as 20 + 10, which a policy can learn to copy from the question."""
     eval_before_after: int = 0
-    """Evaluate the first N GSM8K test problems (hard greedy) before and after training; 0 = skip."""
+    """Evaluate the first N problems of eval_dataset (greedy CoT in eval_mode, greedy answer) before and after training, with 95% intervals; 0 = skip."""
+    eval_dataset: str = "gsm8k"
+    """The held-out set of the before / after check (sums_test for the demo)."""
+    eval_mode: str = "hard"
+    """CoT mode of the before / after check, greedy: hard is the trained model deployed as a plain checkpoint."""
     ood_limit: int = 0
     """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
     output_dir: str = "runs/train"
@@ -267,6 +275,8 @@ class TrainConfig:
             raise ValueError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
         if not self.tis_cap >= 1:
             raise ValueError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
+        if self.eval_mode not in cot.MODES:
+            raise ValueError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
         if self.estimator not in ("rloo", "grpo"):
             raise ValueError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
         if self.estimator == "rloo" and self.num_generations < 2:

@@ -23,6 +23,8 @@ BUILTIN = {
     "olympiadbench": "olympiadbench.jsonl.gz",
     "math_train": "math_train.jsonl.gz",
     "math_train12k": "math_train12k.jsonl.gz",
+    "sums_train": "sums_train.jsonl.gz",
+    "sums_test": "sums_test.jsonl.gz",
 }
 HUB_ALIASES = {"deepscaler": "agentica-org/DeepScaleR-Preview-Dataset"}
 QUESTION_KEYS = ("question", "problem", "prompt")
@@ -45,6 +47,22 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.problems)
+
+
+def two_number_sums(low: int = 2, high: int = 30, test_size: int = 200, seed: int = 0) -> dict[str, list[dict]]:
+    """Every "What is a + b?" with low <= a, b <= high, shuffled and split into train and a held-out test.
+
+    The demo's task (``sums_train`` / ``sums_test``): the embedded SmolLM2-135M computes such sums in its CoT
+    but, with the paper's prompt, boxes the template's "[answer]" instead of the number; a few RL steps fix it.
+    No question of the test split is in the train split.
+    """
+    import random
+
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+    random.Random(seed).shuffle(pairs)
+    split = {"test": pairs[:test_size], "train": pairs[test_size:]}
+    return {name: [{"id": f"sums-{name}-{i:04d}", "question": f"What is {a} + {b}?", "answer": str(a + b)}
+                   for i, (a, b) in enumerate(ps)] for name, ps in split.items()}
 
 
 def jsonl_rows(path: Path, opener):

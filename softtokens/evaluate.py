@@ -22,6 +22,7 @@ from pathlib import Path
 from softtokens import cot
 from softtokens.config import CoTConfig, EvalConfig, RolloutConfig
 from softtokens.data import load_dataset
+from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
 from softtokens.passk import mean_pass_at_k
 from softtokens.reward import Grader
@@ -40,7 +41,7 @@ KS = (1, 2, 4, 8, 16, 32)
 PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
 # Keys of config.json that must match for --resume to continue a run.
 RESUME_KEYS = ("model", "datasets", "settings", "num_samples", "limit", "max_cot_length", "max_answer_length",
-               "seed", "gamma")
+               "seed", "gamma", "require_number")
 
 
 def setting_config(name: str, gamma: float) -> CoTConfig:
@@ -78,7 +79,7 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         if not cfg.resume:
             raise ValueError(f"{out} already holds an evaluation: pass --resume to continue it, or choose another --out")
         old = json.loads(saved.read_text())
-        diff = [k for k in RESUME_KEYS if old.get(k) != run.get(k)]
+        diff = [k for k in RESUME_KEYS if k in old and old[k] != run.get(k)]  # a key an older run lacks is not compared
         if diff:
             raise ValueError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
@@ -95,7 +96,7 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True) -> dict:
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma)}
     del run["resume"], run["out"]
     _start(cfg, run)
-    with Grader(cfg.grading_workers, cfg.grading_timeout) as grader:
+    with Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number) as grader:
         for name, ds in datasets.items():
             for setting in settings:
                 _evaluate_one(lm, cfg, run["sigma"], grader, name, ds, setting, progress)
@@ -152,7 +153,8 @@ def _write(path: Path, ds, grader: Grader, idx, rollouts, handle, n: int, cfg: E
                 "correct": sum(g.correct for g in gs),
                 "samples": [
                     {"answer": r.completion, "correct": g.correct, "reward": g.reward, "boxed": g.boxed,
-                     "stop_reason": r.stop_reason, "cot_length": r.cot_length}
+                     "stop_reason": r.stop_reason, "cot_length": r.cot_length,
+                     "near_tie_rate": round(near_tie_rate([r], r.cot_temperature), 5)}
                     | ({"cot": r.cot_text} if cfg.save_cot_text else {})
                     for r, g in zip(rs, gs)
                 ],

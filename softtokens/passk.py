@@ -1,4 +1,4 @@
-"""The unbiased pass@k estimator (Chen et al. 2021; METHOD.md §6)."""
+"""The unbiased pass@k estimator (Chen et al. 2021; METHOD.md §6) and a binomial confidence interval."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def mean_pass_at_k(counts: list[tuple[int, int]], k: int) -> float:
     if not counts:
         raise ValueError("no problems to average pass@k over")
     return sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of correct / n (95% for z = 1.96); sound at 0 and n correct."""
+    if not 0 <= correct <= n or n < 1:
+        raise ValueError(f"a binomial interval needs 0 <= correct <= n and n >= 1, got {correct} of {n}")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

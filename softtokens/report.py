@@ -91,28 +91,70 @@ def plot_entropy(runs: list[dict], path: Path) -> None:
     _per_dataset(runs, path, _draw_entropy, "CoT position", "mean entropy of next-token distribution (nats)")
 
 
-TRAINING_CURVES = ("rollout/reward", "rollout/accuracy", "eval/greedy_accuracy", "train/loss", "rollout/cot_length",
-                   "rollout/entropy")
+# Panels of training.png: title -> the metrics drawn in it (each with a moving average when noisy).
+TRAINING_PANELS = {
+    "reward (100 right, 10 boxed, 0 none)": ("rollout/reward",),
+    "accuracy": ("rollout/accuracy", "eval/greedy_accuracy"),
+    "CoT length (tokens)": ("rollout/cot_length",),
+    "boxed answers and CoT stops on the marker": ("rollout/boxed_rate", "rollout/stop_marker"),
+    "rollout-scorer mismatch (nats per rollout)": ("mismatch/log_ratio_abs_mean",),
+    "entropy of the CoT's next-token distribution": ("rollout/entropy",),
+}
+
+
+def _smooth(ys: list[float], k: int) -> list[float]:
+    return [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
 
 
 def training_report(run_dir: str | Path) -> str:
-    """training.png (the curves above against the step) and a one-screen summary of a training output_dir."""
+    """training.png (the curves against the step, the before / after check) and a one-line summary."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from softtokens.metrics import read_metrics
+    from softtokens.passk import wilson_interval
 
     rows = read_metrics(run_dir)
-    plt, fig, axes = _grid(len(TRAINING_CURVES))
-    for ax, key in zip(axes, TRAINING_CURVES):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set(title=key, xlabel="step")
+    summary_path = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    k = max(1, len(rows) // 10)
+    for ax, (title, keys) in zip(axes.flat, TRAINING_PANELS.items()):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if not pts:
+                continue
+            x, y = zip(*pts)
+            label = key.split("/")[-1].replace("_", " ")
+            if key.startswith("eval/"):
+                ax.plot(x, y, "o-", label=f"greedy validation ({label})")
+                continue
+            line = ax.plot(x, y, ".", alpha=0.35)[0]
+            ax.plot(x, _smooth(list(y), k) if k > 1 else y, "-", color=line.get_color(),
+                    label=label + (f" ({k}-step mean)" if k > 1 else ""))
+        if title == "accuracy" and summary.get("after") is not None and summary.get("before") is not None:
+            n = summary.get("held_out", {}).get("n")
+            for step, acc, name in ((0, summary["before"], "held-out before"), (rows[-1]["step"], summary["after"], "held-out after")):
+                err = None
+                if n:
+                    low, high = wilson_interval(round(acc * n), n)
+                    err = [[acc - low], [high - acc]]
+                ax.errorbar([step], [acc], yerr=err, fmt="s", capsize=4, label=f"{name} ({acc:.2f})")
+        ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{run_dir}")
     fig.tight_layout()
     fig.savefig(Path(run_dir) / "training.png", dpi=100)
     plt.close(fig)
     last = rows[-1]
     return (f"{run_dir}: {len(rows)} logged steps, last step {last['step']}: reward {last['rollout/reward']:.1f}, "
-            f"accuracy {last['rollout/accuracy']:.3f}, loss {last['train/loss']:.4g}; curves in {run_dir}/training.png")
+            f"accuracy {last['rollout/accuracy']:.3f}; curves in {run_dir}/training.png")
 
 
 def report(run_dirs: list[str], out: str | None = None) -> str:

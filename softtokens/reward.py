@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import re
 import threading
 from dataclasses import dataclass
 
@@ -41,13 +42,28 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def grade_one(gold: str, completion: str, timeout: float = 5.0) -> Grade:
-    """Gold first: verify(parse(gold), parse(boxed prediction)). Any failure is a wrong answer, not an error."""
+NUMBER = re.compile(r"-?(\d+(,\d{3})*|\d*)(\.\d+)?")
+
+
+def is_number(text: str) -> bool:
+    """Whether a boxed answer is a plain number (``-12``, ``1,250``, ``0.5``), not an expression."""
+    text = text.strip().strip("$").strip().rstrip(".")
+    return bool(text) and any(c.isdigit() for c in text) and NUMBER.fullmatch(text) is not None
+
+
+def grade_one(gold: str, completion: str, timeout: float = 5.0, require_number: bool = False) -> Grade:
+    """Gold first: verify(parse(gold), parse(boxed prediction)). Any failure is a wrong answer, not an error.
+
+    ``require_number``: a boxed answer that is not a plain number is wrong, equal or not (Math-Verify
+    evaluates ``\\boxed{20 + 10}`` to 30, which a policy can learn to exploit by copying the question).
+    """
     from math_verify import parse, verify
 
     boxed = last_boxed(completion[-MAX_CHARS:])
     if boxed is None or not boxed.strip():
         return Grade(NONE, False, False)
+    if require_number and not is_number(boxed):
+        return Grade(BOXED, False, True)
     seconds = max(1, int(round(timeout)))
     try:
         gold_parsed = parse(f"${gold}$", parsing_timeout=seconds)
@@ -58,17 +74,17 @@ def grade_one(gold: str, completion: str, timeout: float = 5.0) -> Grade:
     return Grade(CORRECT if ok else BOXED, ok, True)
 
 
-def _grade_many(pairs: list[tuple[str, str]], timeout: float) -> list[Grade]:
-    return [grade_one(g, c, timeout) for g, c in pairs]
+def _grade_many(pairs: list[tuple[str, str]], timeout: float, require_number: bool = False) -> list[Grade]:
+    return [grade_one(g, c, timeout, require_number) for g, c in pairs]
 
 
 class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
-    def __init__(self, workers: int = 2, timeout: float = 5.0):
+    def __init__(self, workers: int = 2, timeout: float = 5.0, require_number: bool = False):
         if workers < 0:
             raise ValueError(f"grading workers must be >= 0, got {workers}")
-        self.workers, self.timeout = workers, timeout
+        self.workers, self.timeout, self.require_number = workers, timeout, require_number
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def _executor(self) -> cf.ProcessPoolExecutor:
@@ -82,9 +98,10 @@ class Grader:
         if self.workers == 0:
             if threading.current_thread() is not threading.main_thread():
                 raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
-            return _grade_many(pairs, self.timeout)
+            return _grade_many(pairs, self.timeout, self.require_number)
         chunk = max(1, len(pairs) // (4 * self.workers))
-        return [(pairs[i : i + chunk], self._executor().submit(_grade_many, pairs[i : i + chunk], self.timeout))
+        return [(pairs[i : i + chunk],
+                 self._executor().submit(_grade_many, pairs[i : i + chunk], self.timeout, self.require_number))
                 for i in range(0, len(pairs), chunk)]
 
     def result(self, handle) -> list[Grade]:
@@ -103,7 +120,7 @@ class Grader:
                     out += zeros
                 except (cf.process.BrokenProcessPool, cf.CancelledError):
                     if attempt == 0:
-                        fut = self._executor().submit(_grade_many, pairs, self.timeout)
+                        fut = self._executor().submit(_grade_many, pairs, self.timeout, self.require_number)
                         continue
                     out += zeros
                 break

@@ -45,6 +45,8 @@ from softtokens.metrics import MetricsLogger
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
 from softtokens.models import CausalLM, load_model, resolve_device
 from softtokens.ood import TABLE2, ood_eval, table2
+from softtokens.passk import wilson_interval
+from softtokens.report import training_report
 from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
@@ -192,10 +194,11 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
 
 
 def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_cfg: CoTConfig, cfg: TrainConfig,
-                    d: Dist = Dist()) -> float:
+                    d: Dist = Dist(), examples: list | None = None) -> float:
     """Accuracy with a noise-free CoT (hard: argmax tokens; soft / fuzzy: no noise) and greedy answers.
 
-    Ranks take every world-th problem and pool their counts.
+    Ranks take every world-th problem and pool their counts; ``examples`` gets this rank's (question, CoT,
+    graded answer) triples.
     """
     greedy = (dataclasses.replace(cot_cfg, temperature=0.0) if cot_cfg.mode == "hard"
               else dataclasses.replace(cot_cfg, noise=False))
@@ -203,7 +206,21 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, rollout_config(cfg, cfg.seed, 1, 0.0),
                                  rows=[(i, 0) for i in mine])
     grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)])
+    if examples is not None:
+        examples += [(r.question, r.cot_text, r.completion) for r in rollouts]
     return sum(gather_objects(sum(g.correct for g in grades), d)) / len(problems)
+
+
+def held_out_check(lm: CausalLM, grader: Grader, cfg: TrainConfig, d: Dist, when: str, say) -> float:
+    """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset."""
+    problems, examples = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after).problems, []
+    acc = greedy_accuracy(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
+    low, high = wilson_interval(round(acc * len(problems)), len(problems))
+    say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
+        f"on {len(problems)} held-out problems")
+    for question, cot_text, answer in examples[:2]:
+        say(f"    {question!r}  CoT {cot_text!r}  answer {answer!r}")
+    return acc
 
 
 class StopFlag:
@@ -284,13 +301,9 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
                                                         sort_keys=False))
     logger = MetricsLogger(out) if d.main else None
     bar, warned = None, not d.main
-    with Grader(cfg.grading_workers) as grader, StopFlag() as stop:
+    with Grader(cfg.grading_workers, require_number=cfg.require_number) as grader, StopFlag() as stop:
         if cfg.eval_before_after and state["before"] is None:
-            state["before"] = greedy_accuracy(rollout_lm, grader,
-                                              load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
-                                              CoTConfig("hard", temperature=0.0), cfg, d)
-            say(f"before training: GSM8K test hard-greedy accuracy {state['before']:.3f} "
-                f"on {cfg.eval_before_after} problems")
+            state["before"] = held_out_check(rollout_lm, grader, cfg, d, "before training", say)
         if cfg.ood_limit and state["step"] == 0 and d.main:  # the base model's scores, before any update
             ood_eval(rollout_lm, list(OOD_SETS), out / "ood-before", cfg.ood_limit, progress=progress)
         barrier(d)
@@ -336,10 +349,9 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
         summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"]}
         if cfg.eval_before_after and state["step"] == cfg.max_steps:
             policy.sync_rollout()
-            summary["after"] = greedy_accuracy(rollout_lm, grader,
-                                               load_dataset("gsm8k", limit=cfg.eval_before_after).problems,
-                                               CoTConfig("hard", temperature=0.0), cfg, d)
-            say(f"after training:  GSM8K test hard-greedy accuracy {summary['after']:.3f}")
+            summary["after"] = held_out_check(rollout_lm, grader, cfg, d, "after training ", say)
+            summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
+                                   "n": len(load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after))}
         if cfg.ood_limit and state["step"] == cfg.max_steps and d.main and (out / "ood-before" / "results.json").exists():
             before = json.loads((out / "ood-before" / "results.json").read_text())
             after = ood_eval(rollout_lm, list(OOD_SETS), out / "ood-after", cfg.ood_limit, progress=progress)
@@ -350,4 +362,6 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
     if logger is not None:
         logger.close()
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if (out / "metrics.jsonl").exists():
+            print(training_report(out))
     return summary

@@ -18,15 +18,17 @@ GENERATE_FLAGS = [
 FLAGS = {
     "generate": GENERATE_FLAGS,
     "eval": ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout", "--grading-workers",
-             "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples", "--out", "--resume",
-             "--save-cot-text", "--seed", "--settings"],
+             "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples", "--out",
+             "--require-number", "--resume", "--save-cot-text", "--seed", "--settings"],
     "train": ["--adam-beta1", "--adam-beta2", "--answer-temperature", "--beta", "--config", "--dataset", "--device",
-              "--dtype", "--estimator", "--eval-before-after", "--eval-steps", "--gamma", "--gradient-checkpointing",
+              "--dtype", "--estimator", "--eval-before-after", "--eval-dataset", "--eval-mode", "--eval-steps", "--gamma",
+              "--gradient-checkpointing",
               "--grading-workers", "--learning-rate", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
               "--lora-target-modules", "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps",
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
-              "--output-dir", "--prompts-per-step", "--resume", "--rollout-batch-size", "--save-steps", "--seed",
-              "--temperature", "--use-peft", "--val-size", "--warmup-steps", "--weight-decay"],
+              "--output-dir", "--prompts-per-step", "--require-number", "--resume", "--rollout-batch-size",
+              "--rollout-correction", "--save-steps", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
+              "--warmup-steps", "--weight-decay"],
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--model", "--out", "--resume"],
     "report": ["--out"],
 }
@@ -61,6 +63,7 @@ def test_generate_json(model_dir):
     assert out.returncode == 0, out.stderr
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["mode"] == "hard" and rec["cot_length"] <= 4 and rec["completion"].startswith("\\boxed{")
+    assert 0 <= rec["near_tie_rate"] <= 1
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,19 @@ def test_builtin_sets():
     assert set(sizes) <= set(BUILTIN)
 
 
+def test_shipped_sums_are_the_generator_output_and_the_splits_are_disjoint():
+    from softtokens.data import two_number_sums
+
+    made = two_number_sums()
+    for split in ("train", "test"):
+        shipped = load_dataset(f"sums_{split}").problems
+        assert [(p.id, p.question, p.answer) for p in shipped] == [(r["id"], r["question"], r["answer"]) for r in made[split]]
+    train, test = ({p.question for p in load_dataset(f"sums_{s}").problems} for s in ("train", "test"))
+    assert len(train) == 641 and len(test) == 200 and not train & test
+    a, b = map(int, load_dataset("sums_test").problems[0].question[8:-1].split(" + "))
+    assert str(a + b) == load_dataset("sums_test").problems[0].answer
+
+
 def test_user_files_with_named_columns(tmp_path):
     jl = tmp_path / "mine.jsonl"
     jl.write_text(json.dumps({"problem": "1+1?", "final": "2"}) + "\n\n" + json.dumps({"problem": "2+2?", "final": "4"}) + "\n")

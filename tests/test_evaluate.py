@@ -34,7 +34,7 @@ def test_six_settings_end_to_end_write_every_output(llama, tmp_path):
         assert len(hs["entropy"]) <= 6 and sum(hs["stop_reasons"].values()) == 12
         recs = [json.loads(x) for x in (out / "records" / ds / "soft_sample.jsonl").read_text().splitlines()]
         assert [r["index"] for r in recs] == [0, 1, 2] and len(recs[0]["samples"]) == 4
-        assert {"cot", "answer", "correct", "stop_reason", "cot_length"} <= set(recs[0]["samples"][0])
+        assert {"cot", "answer", "correct", "stop_reason", "cot_length", "near_tie_rate"} <= set(recs[0]["samples"][0])
         assert recs[0]["samples"][0]["answer"].startswith("\\boxed{")
     assert "| model | HG | HS1 | HS4 | FG | FS1 | FS4 | SG | SS1 | SS4 |" in table
 

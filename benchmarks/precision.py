@@ -1,0 +1,175 @@
+"""bf16 rollouts against their rescoring, and what float32 logits cost: the embedded model (or tiny ones) on CPU.
+
+    python benchmarks/precision.py [--models smollm2,llama,qwen2] [--rows 16] [--cot 24]
+
+For each model in bf16, each engine (hf, static) and each CoT mode (hard, soft, fuzzy: the training
+settings), rolls out ``--rows`` rows, rescores them with the teacher-forced scorer and reports, per CoT
+step, |l_rollout - l_scored| on steps whose argmax agrees (median, max), the flip rate (argmax differs),
+its cost per flip, and the near-tie rate. Once with float32 logits (``CausalLM.logits``) and once with the
+head's bf16 output upcast (what the engines did before). Then times the output head, one HF decode step
+and one scoring pass (forward and backward) both ways. Appends the tables to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from softtokens import mismatch  # noqa: E402
+from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
+from softtokens.models import CausalLM, load_model, tiny_lm  # noqa: E402
+from softtokens.rollout import generate_rollouts  # noqa: E402
+from softtokens.scoring import score_rollouts  # noqa: E402
+
+QS = ["What is 3 + 4?", "Janet has 3 apples and buys 4 more apples. How many apples does Janet have now?",
+      "7 * 9 = ?", "What is 12 + 29?"]
+
+
+@contextlib.contextmanager
+def bf16_logits(on: bool):
+    """The head's output rounded to bf16 and upcast, in both engines and the scorer (the former formulation)."""
+    real = CausalLM.logits
+
+    def rounded(self, hidden, out=None):
+        z = self.model.get_output_embeddings()(hidden).float()  # the bf16 linear's bf16 result, upcast
+        return z if out is None else out.copy_(z)
+
+    if on:
+        CausalLM.logits = rounded
+    try:
+        yield
+    finally:
+        CausalLM.logits = real
+
+
+def model(name: str) -> CausalLM:
+    if name == "smollm2":
+        return load_model("smollm2", dtype="bfloat16")
+    lm = tiny_lm(name, tie=name == "llama")
+    with torch.no_grad():
+        lm.model.model.norm.weight.mul_(60.0)  # logits of a trained model's size (as tests/test_bf16.py)
+    return CausalLM(lm.model.to(torch.bfloat16), lm.tokenizer, name=f"tiny-{name}")
+
+
+def gaps(lm, mode, engine, rows, cot):
+    rollouts = generate_rollouts(lm, QS, CoTConfig(mode), RolloutConfig(
+        max_cot_length=cot, max_answer_length=4, num_generations=max(1, rows // len(QS)), engine=engine))
+    with torch.no_grad():
+        scores = score_rollouts(lm, rollouts)
+    same, flipped = [], []
+    for i, r in enumerate(rollouts):
+        d = (r.cot_logprobs.double() - scores.cot_steps[i, : r.cot_length].double()).abs()
+        f = scores.cot_flips[i, : r.cot_length]
+        same += d[~f].tolist()
+        flipped += d[f].tolist()
+    steps = len(same) + len(flipped)
+    return {"steps": steps, "median": statistics.median(same) if same else 0.0, "max": max(same, default=0.0),
+            "flip_rate": len(flipped) / steps, "flip_cost": statistics.median(flipped) if flipped else None,
+            "near_tie_rate": mismatch.near_tie_rate(rollouts, CoTConfig(mode).temperature)}
+
+
+def timed(fn, repeat: int = 5) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def costs(lm: CausalLM, rows: int) -> dict:
+    """ms of the head alone, of one HF decode step (forward + head) and of one scoring pass, fwd + bwd."""
+    d = lm.embedding_matrix().shape[1]
+    h = torch.randn(rows, d, dtype=lm.dtype)
+    ids = torch.randint(0, 1000, (rows, 96))
+    cache_ids = torch.ones(rows, 97, dtype=torch.long)
+
+    def step():
+        with torch.no_grad():
+            cache = lm.new_cache()
+            lm.hidden(lm.embed(ids), cache_ids[:, :96], torch.arange(96).expand(rows, 96), cache)
+            lm.logits(lm.hidden(lm.embed(ids[:, :1]), cache_ids, torch.full((rows, 1), 96), cache)[:, -1])
+
+    rollouts = generate_rollouts(lm, QS, CoTConfig("soft"), RolloutConfig(max_cot_length=16, max_answer_length=4,
+                                                                          num_generations=max(1, rows // len(QS))))
+
+    def score():
+        lm.model.zero_grad(set_to_none=True)
+        score_rollouts(lm, rollouts).total.sum().backward()
+
+    out = {}
+    for name, on in (("float32", False), ("bf16", True)):
+        with bf16_logits(on), torch.no_grad():
+            out[name] = {"head": timed(lambda: lm.logits(h))}
+        with bf16_logits(on):
+            out[name]["prefill+step"] = timed(step, 3)
+            out[name]["scoring"] = timed(score, 2)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,llama,qwen2")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--cot", type=int, default=24)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lines = [
+        f"### bf16 rollouts against their rescoring, {datetime.date.today()}, on cpu",
+        "",
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "
+        f"{torch.__version__}, transformers {__import__('transformers').__version__}. `python "
+        f"benchmarks/precision.py --models {args.models} --rows {args.rows} --cot {args.cot}`: {args.rows} rows "
+        f"(the GSM8K-style questions of tests/test_bf16.py), CoT <= {args.cot}, the training settings (hard tau 1, "
+        "soft tau 0.5, fuzzy tau 1e-4, noise on). |dl| per CoT step on steps whose argmax agrees in both passes; "
+        "flips: steps whose argmax differs, and their median |dl|; near-ties: top-2 logit gap < 4 tau.",
+        "",
+        "| model | engine | mode | logits | steps | median |dl| | max |dl| | flip rate | nats per flip | near-ties |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    record = {}
+    cost = None
+    for name in args.models.split(","):
+        lm = model(name)
+        for engine in ("hf", "static"):
+            for mode in ("hard", "soft", "fuzzy"):
+                for logits in ("float32", "bf16"):
+                    with bf16_logits(logits == "bf16"):
+                        g = gaps(lm, mode, engine, args.rows, args.cot)
+                    record[f"{name}/{engine}/{mode}/{logits}"] = g
+                    flip = "-" if g["flip_cost"] is None else f"{g['flip_cost']:.3g}"
+                    lines.append(f"| {lm.name} | {engine} | {mode} | {logits} | {g['steps']} | {g['median']:.3g} | "
+                                 f"{g['max']:.3g} | {100 * g['flip_rate']:.1f}% | {flip} | "
+                                 f"{100 * g['near_tie_rate']:.1f}% |")
+                    print(lines[-1], flush=True)
+        if cost is None and name == "smollm2":
+            cost = costs(lm, args.rows)
+    if cost is not None:
+        lines += ["", f"Cost of float32 logits, SmolLM2-135M in bf16 on this CPU, {args.rows} rows (ms; the head "
+                  "alone, a 96-token prompt prefill plus one decode step, one scoring pass forward and backward):", "",
+                  "| logits | head | prefill + step | scoring |", "|---|---:|---:|---:|"]
+        for name, c in cost.items():
+            lines.append(f"| {name} | {c['head']:.1f} | {c['prefill+step']:.0f} | {c['scoring']:.0f} |")
+        record["cost_ms"] = cost
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write("\n" + text + "\n")
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
