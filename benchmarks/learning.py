@@ -1,6 +1,6 @@
 """Our small-scale reproduction: hard, soft and fuzzy RL of the embedded SmolLM2-135M on two-number sums.
 
-    python benchmarks/learning.py [--seeds 0,1,2] [--steps 30] [--limit 64] [--num-samples 4] [--out runs/learning]
+    python benchmarks/learning.py [--seeds 0,1,2] [--steps 25] [--limit 48] [--num-samples 4] [--out runs/learning]
 
 Trains each mode with ``configs/demo.yaml``'s recipe (only the mode, the seed and the steps change), evaluates
 the base model and each run's best checkpoint (greedy validation) in the paper's six settings on the held-out
@@ -113,9 +113,9 @@ def plot(args, seeds: list[int], path: Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--eval-steps", type=int, default=5)
-    ap.add_argument("--limit", type=int, default=64, help="held-out problems evaluated")
+    ap.add_argument("--limit", type=int, default=48, help="held-out problems evaluated")
     ap.add_argument("--num-samples", type=int, default=4, help="samples per problem in the sampled settings (pass@k)")
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--no-write", action="store_true")
@@ -123,7 +123,12 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
 
-    summaries = {(m, s): run_training(recipe(args, m, s)) for m in MODES for s in seeds}
+    summaries = {}
+    for m in MODES:
+        for s in seeds:
+            summaries[(m, s)] = run_training(recipe(args, m, s))
+            print(f"trained {m} seed {s}: best greedy validation {summaries[(m, s)]['best']}, "
+                  f"{(time.perf_counter() - start) / 60:.0f} min", flush=True)
     train_s = time.perf_counter() - start
     base = cells(run_eval(args, "smollm2", Path(args.out) / "eval-base"), args.num_samples)
     trained = {key: cells(run_eval(args, str(Path(args.out) / f"{key[0]}-seed{key[1]}" / "checkpoint-best"),

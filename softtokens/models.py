@@ -191,9 +191,7 @@ def float32_head(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         z = _Float32Head.apply(h, w)
         if bias is not None:
             z = z + bias.float()
-    if out is not None and z is not out:
-        return out.copy_(z)
-    return z if z.dtype != torch.float16 and z.dtype != torch.bfloat16 else z.float()
+    return out.copy_(z) if out is not None and z is not out else z
 
 
 def set_activation_checkpointing(model, on: bool = True) -> None:

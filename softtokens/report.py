@@ -96,7 +96,8 @@ TRAINING_PANELS = {
     "reward (100 right, 10 boxed, 0 none)": ("rollout/reward",),
     "accuracy": ("rollout/accuracy", "eval/greedy_accuracy"),
     "CoT length (tokens)": ("rollout/cot_length",),
-    "boxed answers and CoT stops on the marker": ("rollout/boxed_rate", "rollout/stop_marker"),
+    "boxed answers, and how the CoT ended": ("rollout/boxed_rate", "rollout/stop_marker", "rollout/stop_length",
+                                             "rollout/stop_eos"),
     "rollout-scorer mismatch (nats per rollout)": ("mismatch/log_ratio_abs_mean",),
     "entropy of the CoT's next-token distribution": ("rollout/entropy",),
 }
@@ -129,9 +130,9 @@ def training_report(run_dir: str | Path) -> str:
             if not pts:
                 continue
             x, y = zip(*pts)
-            label = key.split("/")[-1].replace("_", " ")
+            label = key.split("/")[-1].replace("_", " ").replace("stop ", "CoT ended: ")
             if key.startswith("eval/"):
-                ax.plot(x, y, "o-", label=f"greedy validation ({label})")
+                ax.plot(x, y, "o-", label="greedy validation")
                 continue
             line = ax.plot(x, y, ".", alpha=0.35)[0]
             ax.plot(x, _smooth(list(y), k) if k > 1 else y, "-", color=line.get_color(),
@@ -142,7 +143,7 @@ def training_report(run_dir: str | Path) -> str:
                 err = None
                 if n:
                     low, high = wilson_interval(round(acc * n), n)
-                    err = [[acc - low], [high - acc]]
+                    err = [[max(0.0, acc - low)], [max(0.0, high - acc)]]
                 ax.errorbar([step], [acc], yerr=err, fmt="s", capsize=4, label=f"{name} ({acc:.2f})")
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)

@@ -8,7 +8,7 @@ their bf16 activations differently. The bounds, per CoT step, |l_rollout - l_sco
 - soft (tau 0.5): the Gaussian log-density, median at most ``SOFT_MEDIAN`` nats. Its tail is wider: a
   logit error dz moves mu by about p dz / tau, and the density's error is that over sigma^2;
 - fuzzy (tau 1e-4): a step whose argmax is the same in both passes agrees to ``FUZZY_SAME_MAX`` (mu is
-  the argmax's embedding in both); a step whose argmax differs (a flip, at a near-tie) costs thousands of
+  the argmax's embedding in both, give or take a runner-up's tiny weight); a step whose argmax differs (a flip, at a near-tie) costs thousands of
   nats whatever the logits' precision. Flips must be rare (``FLIP_RATE_MAX``); the monitor counts them
   and truncated importance sampling caps their ratio.
 
@@ -30,7 +30,7 @@ from softtokens.scoring import score_rollouts
 
 HARD_MAX = 1.0
 SOFT_MEDIAN = 0.5
-FUZZY_SAME_MAX = 1e-2
+FUZZY_SAME_MAX = 1.0
 FLIP_RATE_MAX = 0.03
 QS = ["What is 3 + 4?", "Janet has 3 apples and buys 4 more apples. How many apples does Janet have now?",
       "7 * 9 = ?", "What is 12 + 29?"]

@@ -224,3 +224,27 @@ def test_ood_hook_reports_before_and_after(model_dir, tmp_path):
     summary = tr.train(_cfg(model_dir, tmp_path / "run", max_steps=1, ood_limit=2), progress=False)
     assert set(summary["ood"]["before"]) == {"hellaswag", "arc_challenge", "mmlu"}
     assert summary["ood"]["after"]["arc_challenge"]["items"] == 2
+
+
+def test_before_after_check_on_a_held_out_set(model_dir, tmp_path, capsys):
+    """eval_before_after on any built-in set, in the chosen greedy mode, with its interval; training.png is written."""
+    out = tmp_path / "run"
+    summary = tr.train(_cfg(model_dir, out, max_steps=1, eval_before_after=3, eval_dataset="sums_test",
+                            eval_mode="soft"), progress=False)
+    assert summary["held_out"] == {"dataset": "sums_test", "mode": "soft", "n": 3}
+    assert 0 <= summary["before"] <= 1 and 0 <= summary["after"] <= 1
+    printed = capsys.readouterr().out
+    assert "before training: sums_test soft-greedy accuracy" in printed and "95% interval" in printed
+    assert "'What is 20 + 10?'" in printed, "example answers are printed"
+    assert (out / "training.png").exists()
+
+
+def test_wilson_interval():
+    from softtokens.passk import wilson_interval
+
+    low, high = wilson_interval(0, 100)
+    assert low == 0 and high == pytest.approx(0.037, abs=1e-3)
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
