@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from softtokens import cot, prompts
+from softtokens.estimators import CORRECTIONS
 
 
 @dataclass
@@ -271,7 +272,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after", "ood_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.rollout_correction not in ("none", "tis"):
+        if self.rollout_correction not in CORRECTIONS:
             raise ValueError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
         if not self.tis_cap >= 1:
             raise ValueError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")

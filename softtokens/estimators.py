@@ -56,7 +56,7 @@ def tis_weights(scored: torch.Tensor, rolled: torch.Tensor, cap: float) -> torch
     return log_ratio.exp().to(scored.dtype)
 
 
-CORRECTIONS = ("none", "tis")
+CORRECTIONS = ("none", "tis")  # rollout_correction values (config.TrainConfig)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

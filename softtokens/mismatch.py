@@ -37,14 +37,12 @@ def rollout_stats(rollouts, scores, tau: float) -> list[dict]:
         T, A = r.cot_length, len(r.answer_ids)
         d_cot = (r.cot_logprobs.double() - scores.cot_steps[i, :T].detach().double().cpu()).abs()
         d_ans = (r.answer_logprobs.double() - scores.answer_steps[i, :A].detach().double().cpu()).abs()
-        rolled = float(r.cot_logprobs.double().sum() + r.answer_logprobs.double().sum())
-        gap = r.cot_logit_gap
         out.append({
             "cot_abs_mean": float(d_cot.mean()) if T else 0.0, "cot_abs_max": float(d_cot.max()) if T else 0.0,
             "answer_abs_mean": float(d_ans.mean()) if A else 0.0, "answer_abs_max": float(d_ans.max()) if A else 0.0,
-            "log_ratio": float(scores.total[i].detach()) - rolled,
+            "log_ratio": float(scores.total[i].detach()) - float(r.loglik),
             "steps": T,
-            "near_ties": int((gap < NEAR_TIE * tau).sum()) if gap is not None and T else 0,
+            "near_ties": _near_ties(r, tau),
             "flips": int(scores.cot_flips[i, :T].sum()),
         })
     return out
@@ -68,10 +66,13 @@ def summarize(stats: list[dict]) -> dict[str, float]:
 
 def near_tie_rate(rollouts, tau: float) -> float:
     """Share of the rollouts' CoT steps that are near-ties (for generate --json and eval records)."""
-    tau = tau or 1.0
-    gaps = [r.cot_logit_gap for r in rollouts if r.cot_logit_gap is not None and r.cot_length]
-    steps = sum(len(g) for g in gaps)
-    return sum(int((g < NEAR_TIE * tau).sum()) for g in gaps) / steps if steps else 0.0
+    steps = sum(r.cot_length for r in rollouts if r.cot_logit_gap is not None)
+    return sum(_near_ties(r, tau or 1.0) for r in rollouts) / steps if steps else 0.0
+
+
+def _near_ties(r, tau: float) -> int:
+    """CoT steps of one rollout whose top-2 logit gap is below NEAR_TIE * tau."""
+    return 0 if r.cot_logit_gap is None else int((r.cot_logit_gap < NEAR_TIE * tau).sum())
 
 
 def warning(metrics: dict) -> str | None:

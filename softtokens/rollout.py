@@ -72,6 +72,11 @@ class Rollout:
         return len(self.cot_ids)
 
     @property
+    def loglik(self) -> torch.Tensor:
+        """l as the rollout recorded it: CoT plus answer log-likelihood, summed in float64 (prefill excluded)."""
+        return self.cot_logprobs.double().sum() + self.answer_logprobs.double().sum()
+
+    @property
     def completion(self) -> str:
         """The graded answer text: ``\\boxed{`` followed by the answer (METHOD.md §3)."""
         return prompts.ANSWER_PREFIX + self.answer_text

@@ -147,7 +147,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         seen += mismatch.rollout_stats(part, scores, cfg.cot().temperature)
         weights = None
         if cfg.rollout_correction == "tis":
-            rolled = torch.stack([r.cot_logprobs.double().sum() + r.answer_logprobs.double().sum() for r in part])
+            rolled = torch.stack([r.loglik for r in part])
             weights = tis_weights(scores.total, rolled, cfg.tis_cap)
         # Normalised by this rank's n rows: FSDP averages gradients over the ranks, which makes -(1/BG) sum A l.
         loss = policy_gradient_loss(advantages[s : s + len(part)], scores.total, n, weights)
