@@ -6,7 +6,7 @@ For each model in bf16, each engine (hf, static) and each CoT mode (hard, soft, 
 settings), rolls out ``--rows`` rows, rescores them with the teacher-forced scorer and reports, per CoT
 step, |l_rollout - l_scored| on steps whose argmax agrees (median, max), the flip rate (argmax differs),
 its cost per flip, and the near-tie rate. Once with float32 logits (``CausalLM.logits``) and once with the
-head's bf16 output upcast (what the engines did before). Then times the output head, one HF decode step
+head's bf16 output upcast (the bf16 formulation, for comparison). Then times the output head, one HF decode step
 and one scoring pass (forward and backward) both ways. Appends the tables to benchmarks/RESULTS.md.
 """
 

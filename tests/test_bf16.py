@@ -12,7 +12,7 @@ their bf16 activations differently. The bounds, per CoT step, |l_rollout - l_sco
   nats whatever the logits' precision. Flips must be rare (``FLIP_RATE_MAX``); the monitor counts them
   and truncated importance sampling caps their ratio.
 
-With bf16 logits (the head's bf16 output upcast), fuzzy steps at bf16 ties disagreed by hundreds of nats
+With bf16 logits (the head's bf16 output upcast), fuzzy steps at bf16 ties disagree by hundreds of nats
 without a flip on the embedded model; ``test_bf16_logits_would_fail`` keeps that failure visible.
 """
 
@@ -102,7 +102,7 @@ def test_scorer_reproduces_bf16_rollouts(bf16_lm, mode, engine):
 
 
 def test_bf16_logits_would_fail(monkeypatch):
-    """The same check on the embedded model with the head's output rounded to bf16 (as before float32 logits):
+    """The same check on the embedded model with the head's output rounded to bf16 (the bf16 formulation):
     fuzzy steps without a flip disagree by far more than FUZZY_SAME_MAX, so that bound is float32 logits' doing.
     (The tiny models' few layers round both passes alike: only the real model shows it.)"""
     lm = _smollm2()
