@@ -3,10 +3,14 @@
 A checkpoint directory loads with ``AutoModelForCausalLM.from_pretrained`` for
 ordinary hard inference. It is written to a temporary folder and renamed, so
 an interruption never leaves a half-written checkpoint under its final name.
+``checksums.json`` holds each file's SHA-256, checked before a resume, so a
+flipped byte on disk is an error naming the file, never a silent load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 import shutil
@@ -15,6 +19,43 @@ from pathlib import Path
 import torch
 
 STATE = "trainer_state.pt"
+CHECKSUMS = "checksums.json"
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files are not the ones that were written."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file listed in checksums.json is there with its SHA-256 (a checkpoint without the list passes)."""
+    path = Path(path)
+    listed = path / CHECKSUMS
+    if not listed.is_file():
+        return
+    try:
+        sums = json.loads(listed.read_text())
+    except ValueError:
+        raise CorruptCheckpoint(f"checkpoint {path}: {CHECKSUMS} is corrupt") from None
+    for name, digest in sums.items():
+        if not (path / name).is_file():
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its SHA-256 (the file was damaged "
+                                    "after it was written)")
 
 
 def _write_dir(path: Path, write) -> Path:
@@ -23,6 +64,7 @@ def _write_dir(path: Path, write) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    _write_checksums(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path

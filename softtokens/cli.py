@@ -13,11 +13,15 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
 import typing
 
 from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, TrainConfig, config_from_dict, field_docs
 from softtokens.models import EMBEDDED_MODEL
+from softtokens.outdir import FolderLock, prepare
 
 
 def _flag_type(hint):
@@ -132,6 +136,7 @@ def cmd_eval(args) -> int:
     from softtokens.report import report
 
     cfg = config_from_args(EvalConfig, args)
+    prepare(cfg.out, "--out")  # a bad path fails before the model loads
     device, dtype = resolve_device(args.device, args.dtype)
     lm = load_model(args.model, dtype=dtype, device=device)
     evaluate(lm, cfg)
@@ -143,7 +148,7 @@ def cmd_eval(args) -> int:
 def cmd_train(args) -> int:
     import yaml
 
-    from softtokens.trainer import train
+    from softtokens.trainer import Stopped, train
 
     values, source = {}, "flags"
     if args.config:
@@ -158,7 +163,13 @@ def cmd_train(args) -> int:
         source = args.config
     values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = config_from_dict(TrainConfig, values, source)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Stopped as e:
+        again = sys.argv[1:] + ([] if cfg.resume else ["--resume"])
+        print(f"softtokens: stopped at step {e.step} ({signal.Signals(e.signum).name}); the checkpoint is saved; "
+              f"resume with: softtokens {' '.join(shlex.quote(a) for a in again)}", file=sys.stderr)
+        return e.exit_code
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         print(json.dumps(summary))
     return 0
@@ -178,11 +189,12 @@ def cmd_ood(args) -> int:
     device, dtype = resolve_device(args.device, args.dtype)
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     runs = {}
-    for role, name in (("model", args.model), ("base", args.base)):
-        if name is not None:
-            lm = load_model(name, dtype=dtype, device=device)
-            runs[role] = ood_eval(lm, names, out / role, args.limit, args.batch_size)
-            del lm
+    with FolderLock(prepare(out, "--out"), "--out"):
+        for role, name in (("model", args.model), ("base", args.base)):
+            if name is not None:
+                lm = load_model(name, dtype=dtype, device=device)
+                runs[role] = ood_eval(lm, names, out / role, args.limit, args.batch_size)
+                del lm
     table = table2([runs["model"]], runs.get("base"))
     (out / "ood.json").write_text(json.dumps(runs, indent=1))
     (out / "ood.md").write_text(table + "\n")
@@ -199,17 +211,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so eval and ood write what is graded before they exit."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # train's own: checkpoint, then stop
     try:
         commands = {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "ood": cmd_ood, "report": cmd_report}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"softtokens: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("softtokens: interrupted; finished work is on disk, rerun with --resume to continue", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

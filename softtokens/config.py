@@ -167,6 +167,12 @@ class EvalConfig:
             raise ValueError("datasets must name at least one dataset")
 
 
+# TrainConfig fields a resumed run may change: the schedule's length, intervals, memory and process knobs.
+# Any other change is a different run and --resume refuses it.
+RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
+             "rollout_batch_size", "gradient_checkpointing", "device", "output_dir", "resume", "resume_from_previous")
+
+
 @dataclass
 class TrainConfig:
     """An RL run (METHOD.md §5). The defaults are the paper's; YAML files under configs/ set the rest."""
@@ -260,7 +266,9 @@ class TrainConfig:
     output_dir: str = "runs/train"
     """Checkpoints, metrics.jsonl, TensorBoard events and the resolved config."""
     resume: bool = False
-    """Continue from the last checkpoint in output_dir."""
+    """Continue from the last checkpoint in output_dir (its config must match, but for RESUMABLE fields)."""
+    resume_from_previous: bool = False
+    """With --resume: when the last checkpoint fails its SHA-256 check, resume from the one before it."""
 
     def __post_init__(self):
         if self.mode not in cot.MODES:

@@ -67,8 +67,13 @@ def two_number_sums(low: int = 2, high: int = 30, test_size: int = 200, seed: in
 
 def jsonl_rows(path: Path, opener):
     """(line number, object, error) per non-empty line; a broken line comes back as an error, not an exception."""
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-save the file as UTF-8"
+                continue
             if not line.strip():
                 continue
             try:
@@ -81,8 +86,13 @@ def jsonl_rows(path: Path, opener):
 
 def _rows_csv(path: Path):
     with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
-            yield line_no, row, None
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                yield reader.line_num, row, None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}) after line {reader.line_num}; "
+                             "re-save the file as UTF-8") from None
 
 
 def _rows_parquet(path: Path):

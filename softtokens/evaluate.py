@@ -7,8 +7,9 @@ samples per forward pass); while a batch generates, the previous one is graded
 in worker processes. Each problem's record (its samples, verdicts and
 per-position entropy sums) is appended to ``records/<dataset>/<setting>.jsonl``
 as soon as it is graded, so an interrupted evaluation resumed with
-``--resume`` redoes nothing finished. Per-row seeds make the resumed samples
-the same ones an uninterrupted run would have drawn. ``summarize`` turns the
+``--resume`` redoes nothing finished (``jsonl.py``: a kill never tears a
+record into the next one). Per-row seeds make the resumed samples the same
+ones an uninterrupted run would have drawn. The folder is locked for the run. ``summarize`` turns the
 records into ``results.json``; ``report.py`` makes the tables and plots.
 """
 
@@ -19,11 +20,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from softtokens import cot
+from softtokens import cot, jsonl
 from softtokens.config import CoTConfig, EvalConfig, RolloutConfig
 from softtokens.data import load_dataset
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
+from softtokens.outdir import FolderLock, prepare
 from softtokens.passk import mean_pass_at_k
 from softtokens.reward import Grader
 from softtokens.rollout import generate_rollouts
@@ -58,21 +60,11 @@ def parse_settings(spec: str) -> list[str]:
 
 def read_records(path: Path) -> list[dict]:
     """Records of one dataset x setting; a last line cut short by an interruption is dropped."""
-    if not path.exists():
-        return []
-    out, lines = [], path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1}: corrupt record; delete the file to redo this setting") from None
-            path.write_text("".join(x + "\n" for x in lines[:-1]))  # an interrupted write: drop it
-    return out
+    return jsonl.read(path)
 
 
 def _start(cfg: EvalConfig, run: dict) -> None:
-    """Create --out, or check that a resumed run is the same evaluation."""
+    """Write config.json, or check that a resumed run is the same evaluation."""
     out = Path(cfg.out)
     saved = out / "config.json"
     if saved.exists():
@@ -83,7 +75,6 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         if diff:
             raise ValueError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
-    out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(run, indent=2))
 
 
@@ -95,8 +86,9 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True) -> dict:
     run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma)}
     del run["resume"], run["out"]
-    _start(cfg, run)
-    with Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number) as grader:
+    with FolderLock(prepare(cfg.out, "--out"), "--out"), \
+            Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number) as grader:
+        _start(cfg, run)
         for name, ds in datasets.items():
             for setting in settings:
                 _evaluate_one(lm, cfg, run["sigma"], grader, name, ds, setting, progress)
@@ -106,7 +98,7 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True) -> dict:
 def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, ds, setting: str, progress: bool):
     path = Path(cfg.out) / "records" / name / f"{setting}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["index"] for r in read_records(path)}
+    done = {r["index"] for r in jsonl.read(path, repair=True)}
     todo = [i for i in range(len(ds)) if i not in done]
     cot_cfg = setting_config(setting, cfg.gamma)
     n = cfg.num_samples if cot_cfg.sampled else 1
@@ -137,32 +129,31 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
 
 def _write(path: Path, ds, grader: Grader, idx, rollouts, handle, n: int, cfg: EvalConfig, bar) -> None:
     """Append one record per problem of a graded batch."""
-    grades = grader.result(handle)
-    with open(path, "a") as f:
-        for j, i in enumerate(idx):
-            rs, gs = rollouts[j * n : (j + 1) * n], grades[j * n : (j + 1) * n]
-            T = max(r.cot_length for r in rs)
-            ent_sum, ent_count = [0.0] * T, [0] * T
-            for r in rs:
-                for t, e in enumerate(r.cot_entropy.tolist()):
-                    ent_sum[t] += e
-                    ent_count[t] += 1
-            p = ds.problems[i]
-            rec = {
-                "index": i, "id": p.id, "question": p.question, "gold": p.answer, "n": n,
-                "correct": sum(g.correct for g in gs),
-                "samples": [
-                    {"answer": r.completion, "correct": g.correct, "reward": g.reward, "boxed": g.boxed,
-                     "stop_reason": r.stop_reason, "cot_length": r.cot_length,
-                     "near_tie_rate": round(near_tie_rate([r], r.cot_temperature), 5)}
-                    | ({"cot": r.cot_text} if cfg.save_cot_text else {})
-                    for r, g in zip(rs, gs)
-                ],
-                "entropy_sum": [round(x, 5) for x in ent_sum],
-                "entropy_count": ent_count,
-            }
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
+    grades, records = grader.result(handle), []
+    for j, i in enumerate(idx):
+        rs, gs = rollouts[j * n : (j + 1) * n], grades[j * n : (j + 1) * n]
+        T = max(r.cot_length for r in rs)
+        ent_sum, ent_count = [0.0] * T, [0] * T
+        for r in rs:
+            for t, e in enumerate(r.cot_entropy.tolist()):
+                ent_sum[t] += e
+                ent_count[t] += 1
+        p = ds.problems[i]
+        rec = {
+            "index": i, "id": p.id, "question": p.question, "gold": p.answer, "n": n,
+            "correct": sum(g.correct for g in gs),
+            "samples": [
+                {"answer": r.completion, "correct": g.correct, "reward": g.reward, "boxed": g.boxed,
+                 "stop_reason": r.stop_reason, "cot_length": r.cot_length,
+                 "near_tie_rate": round(near_tie_rate([r], r.cot_temperature), 5)}
+                | ({"cot": r.cot_text} if cfg.save_cot_text else {})
+                for r, g in zip(rs, gs)
+            ],
+            "entropy_sum": [round(x, 5) for x in ent_sum],
+            "entropy_count": ent_count,
+        }
+        records.append(rec)
+    jsonl.append(path, records)
     if bar is not None:
         bar.update(len(idx))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from softtokens import cot
+from softtokens import cot, jsonl
 from softtokens.data import jsonl_rows
 from softtokens.models import CausalLM
 
@@ -175,7 +175,7 @@ def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | No
     for name in datasets:
         items = load_mc(name, limit)
         path = out / "records" / f"{name}.jsonl"
-        done = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        done = jsonl.read(path, repair=True)
         done_ids = {r["id"] for r in done}
         todo = [it for it in items if it.id not in done_ids]
         bar = None
@@ -185,8 +185,7 @@ def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | No
             bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"ood {name}", unit="item")
         for s in range(0, len(todo), chunk):
             recs = score_items(lm, todo[s : s + chunk], name, batch_size)
-            with open(path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in recs)
+            jsonl.append(path, recs)
             done += recs
             if bar is not None:
                 bar.update(len(recs))

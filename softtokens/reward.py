@@ -6,12 +6,19 @@ runs in worker processes, each in its own main thread with Math-Verify's
 timeouts on, behind an outer wall-clock guard that kills a worker stuck in C
 code (a huge power in sympy, say). ``Grader(workers=0)`` grades inline, in
 the main thread only.
+
+A worker that dies (killed, out of memory) breaks the whole pool: the Grader
+builds a new one and regrades only the chunks that were lost. Each worker
+watches its parent through multiprocessing's parent sentinel (a pipe that
+closes when the parent dies, whatever killed it) and exits with it, so a
+kill -9 of a run leaves no grading processes behind.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -78,6 +85,21 @@ def _grade_many(pairs: list[tuple[str, str]], timeout: float, require_number: bo
     return [grade_one(g, c, timeout, require_number) for g, c in pairs]
 
 
+def _exit_with_parent() -> None:
+    """Worker initializer: a thread that ends this process when the parent's sentinel pipe closes."""
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
@@ -90,7 +112,8 @@ class Grader:
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             # spawn: a forked child of a process running torch threads can deadlock
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent)
         return self._pool
 
     def submit(self, pairs: list[tuple[str, str]]):
@@ -100,27 +123,37 @@ class Grader:
                 raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
             return _grade_many(pairs, self.timeout, self.require_number)
         chunk = max(1, len(pairs) // (4 * self.workers))
-        return [(pairs[i : i + chunk],
-                 self._executor().submit(_grade_many, pairs[i : i + chunk], self.timeout, self.require_number))
-                for i in range(0, len(pairs), chunk)]
+        return [self._submit(pairs[i : i + chunk]) for i in range(0, len(pairs), chunk)]
+
+    def _submit(self, pairs: list[tuple[str, str]]):
+        for _ in range(2):
+            pool = self._executor()
+            try:
+                return pairs, pool, pool.submit(_grade_many, pairs, self.timeout, self.require_number)
+            except cf.process.BrokenProcessPool:  # a worker died while the pool was idle
+                self._kill()
+        raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")
 
     def result(self, handle) -> list[Grade]:
         """The grades of a submitted batch. A chunk that outlives its guard (3 Math-Verify calls per pair,
-        each under the timeout) scores 0 and its worker is killed; chunks caught in that kill are regraded."""
+        each under the timeout) scores 0 and its worker is killed. A chunk lost to a dead worker is regraded
+        in a fresh pool, twice at most (then it scores 0: its input kills workers)."""
         if self.workers == 0:
             return handle
         out = []
-        for pairs, fut in handle:
+        for pairs, pool, fut in handle:
             zeros = [Grade(NONE, False, last_boxed(c[-MAX_CHARS:]) is not None) for _, c in pairs]
-            for attempt in range(2):
+            for attempt in range(3):
                 try:
                     out += fut.result(timeout=self.timeout * (3 * len(pairs) + 1) + 5)
                 except cf.TimeoutError:
                     self._kill()
                     out += zeros
                 except (cf.process.BrokenProcessPool, cf.CancelledError):
-                    if attempt == 0:
-                        fut = self._executor().submit(_grade_many, pairs, self.timeout, self.require_number)
+                    if attempt < 2:
+                        if self._pool is pool:  # the pool that lost it is broken for good: start a new one
+                            self._kill()
+                        _, pool, fut = self._submit(pairs)
                         continue
                     out += zeros
                 break

@@ -11,9 +11,13 @@ accumulate over micro-batches, are clipped, and AdamW takes one step
 backpropagated through the CoT's time steps (the stored noisy inputs are data),
 and the baseline is leave-one-out within each prompt's group.
 
-Checkpoints every ``save_steps`` (and on SIGINT / SIGTERM) can be resumed with
-``--resume``; the problem order and every rollout are functions of (seed,
-step), so a resumed run on CPU repeats the uninterrupted one step for step.
+Checkpoints every ``save_steps`` (and on SIGINT / SIGTERM, after which the run
+exits 130 / 143 so a scheduler requeues it) can be resumed with ``--resume``;
+the problem order and every rollout are functions of (seed, step), so a
+resumed run on CPU repeats the uninterrupted one step for step. A resume cuts
+metrics.jsonl (and TensorBoard) back to the checkpoint's step, so each step has
+one row whatever was killed where; ``resume.py`` says which checkpoint and
+which config changes are accepted; the output folder is locked for the run.
 
     torchrun --nproc_per_node 8 -m softtokens.cli train --config ...
 
@@ -37,6 +41,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from softtokens import cot, distributed, mismatch
+from contextlib import nullcontext
+
 from softtokens.checkpoint import checkpoints, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
@@ -45,11 +51,13 @@ from softtokens.metrics import MetricsLogger
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
 from softtokens.models import CausalLM, load_model, resolve_device
 from softtokens.ood import TABLE2, ood_eval, table2
+from softtokens.outdir import FolderLock, prepare
 from softtokens.passk import wilson_interval
 from softtokens.report import training_report
 from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
+from softtokens.resume import set_aside_later, start_point
 from softtokens.reward import Grader
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
@@ -223,11 +231,20 @@ def held_out_check(lm: CausalLM, grader: Grader, cfg: TrainConfig, d: Dist, when
     return acc
 
 
+class Stopped(Exception):
+    """A run stopped by SIGINT / SIGTERM after its checkpoint: not finished, to be resumed."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum = step, signum
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal killed: 130, 143
+
+
 class StopFlag:
     """SIGINT / SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT stops at once."""
 
     def __init__(self):
-        self.set, self._old = False, {}
+        self.set, self.signum, self._old = False, signal.SIGTERM, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -240,7 +257,7 @@ class StopFlag:
     def _handle(self, signum, frame):
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop now)")
 
     def __exit__(self, *exc):
@@ -254,28 +271,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
     """
     out = Path(cfg.output_dir)
-    found = checkpoints(out)
-    if found and not cfg.resume:
-        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another output_dir")
-    if cfg.resume and not found:
-        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if (cfg.prompts_per_step * cfg.num_generations) % world:
-        raise ValueError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} rows "
-                         f"do not split evenly over {world} processes")
-    d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
-    try:
-        return _train(cfg, out, found, device, dtype, d, progress)
-    finally:
-        distributed.close()
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        prepare(out, "output_dir")
+    with FolderLock(out, "output_dir") if main else nullcontext():
+        start = start_point(cfg, out)
+        device, dtype = resolve_device(cfg.device, cfg.dtype)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if (cfg.prompts_per_step * cfg.num_generations) % world:
+            raise ValueError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
+                             f"rows do not split evenly over {world} processes")
+        d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
+        try:
+            return _train(cfg, out, start, device, dtype, d, progress)
+        finally:
+            distributed.close()
 
 
-def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: str, d: Dist, progress: bool) -> dict:
+def _train(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: str, d: Dist, progress: bool) -> dict:
     import yaml
 
     say = print if d.main else (lambda *a, **k: None)
-    policy, state = build_policy(cfg, device, dtype, d, found[-1] if cfg.resume else None)
+    policy, state = build_policy(cfg, device, dtype, d, start)
     data = load_dataset(cfg.dataset)
     if cfg.val_size >= len(data):
         raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
@@ -285,8 +302,8 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.max_steps))
     if state is not None:
-        state = restore(policy, optimizer, scheduler, state, found[-1])
-        say(f"resuming from {found[-1]} at step {state['step']}")
+        state = restore(policy, optimizer, scheduler, state, start)
+        say(f"resuming from {start} at step {state['step']}")
     else:
         sigma = cot.noise_scale(policy.rollout.embedding_matrix().float(), cfg.gamma)
         state = {"step": 0, "sigma": sigma, "best": None, "before": None}
@@ -296,10 +313,13 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
         ref.model.requires_grad_(False)
     rollout_lm = policy.rollout
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]},
-                                                        sort_keys=False))
-    logger = MetricsLogger(out) if d.main else None
+        if start is not None:
+            set_aside_later(out, start)
+        tmp = out / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]}, sort_keys=False))
+        tmp.replace(out / "config.yaml")
+    barrier(d)
+    logger = MetricsLogger(out, state["step"]) if d.main else None
     bar, warned = None, not d.main
     with Grader(cfg.grading_workers, require_number=cfg.require_number) as grader, StopFlag() as stop:
         if cfg.eval_before_after and state["before"] is None:
@@ -311,6 +331,7 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
+        stopping = False
         while state["step"] < cfg.max_steps:
             step = state["step"]
             metrics = train_step(policy, ref, optimizer, scheduler, grader, cfg, state["sigma"],
@@ -346,6 +367,10 @@ def _train(cfg: TrainConfig, out: Path, found: list[Path], device: str, dtype: s
                 break
         if bar is not None:
             bar.close()
+        if stopping and state["step"] < cfg.max_steps:
+            if logger is not None:
+                logger.close()
+            raise Stopped(state["step"], stop.signum)
         summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"]}
         if cfg.eval_before_after and state["step"] == cfg.max_steps:
             policy.sync_rollout()

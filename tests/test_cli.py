@@ -1,8 +1,12 @@
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from softtokens.checkpoint import checkpoints
 from softtokens.cli import build_parser
 
 GENERATE_FLAGS = [
@@ -26,7 +30,7 @@ FLAGS = {
               "--grading-workers", "--learning-rate", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
               "--lora-target-modules", "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps",
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
-              "--output-dir", "--prompts-per-step", "--require-number", "--resume", "--rollout-batch-size",
+              "--output-dir", "--prompts-per-step", "--require-number", "--resume", "--resume-from-previous", "--rollout-batch-size",
               "--rollout-correction", "--save-steps", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
               "--warmup-steps", "--weight-decay"],
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--model", "--out", "--resume"],
@@ -129,3 +133,60 @@ def test_ood_command_compares_with_base(model_dir, tmp_path):
         assert (out / name).exists()
     again = run_cli(*args)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+def _unwritable(tmp_path):
+    """Paths no run can use: a file, and (where /sys exists) a folder even root cannot create."""
+    (tmp_path / "a-file").write_text("")
+    paths = [(str(tmp_path / "a-file"), "is a file, not a folder"), (str(tmp_path / "a-file" / "sub"), "is a file")]
+    if os.path.isdir("/sys/kernel"):
+        paths.append(("/sys/softtokens-out", "not writable"))
+    return paths
+
+
+def test_bad_output_paths_are_one_line_errors(model_dir, tmp_path):
+    for path, message in _unwritable(tmp_path):
+        for args in (["train", "--model", model_dir, "--dataset", "gsm8k", "--max-steps", "1", "--output-dir", path],
+                     ["eval", "--model", model_dir, "--datasets", "gsm8k", "--limit", "1", "--out", path]):
+            res = run_cli(*args)
+            assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+def _started(proc, marker: str, timeout: float = 240) -> str:
+    """Read the process's stderr until ``marker`` appears (the run is under way)."""
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline and marker not in seen:
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        seen += ch
+    return seen
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_sigterm_exits_143_after_saving(model_dir, tmp_path, command):
+    """A preempted run must not look finished: a scheduler requeues on 143."""
+    out = tmp_path / "out"
+    if command == "train":
+        args = ["train", "--model", model_dir, "--dataset", "gsm8k", "--val-size", "2", "--prompts-per-step", "1",
+                "--num-generations", "2", "--max-cot-length", "3", "--max-answer-length", "2", "--max-steps", "100000",
+                "--save-steps", "0", "--eval-steps", "0", "--grading-workers", "0", "--output-dir", str(out)]
+        marker = "train (soft)"
+    else:
+        args = ["eval", "--model", model_dir, "--datasets", "gsm8k", "--settings", "soft_sample", "--num-samples", "2",
+                "--batch-size", "2", "--max-cot-length", "3", "--max-answer-length", "2", "--out", str(out)]
+        marker = "gsm8k soft_sample"
+    proc = subprocess.Popen([sys.executable, "-m", "softtokens.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    head = _started(proc, marker)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = head + err
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    if command == "train":
+        assert "stopped at step" in err and "--resume" in err and checkpoints(out), err[-500:]
+        assert not (out / "summary.json").exists()
+    else:
+        assert "rerun with --resume" in err and list((out / "records" / "gsm8k").glob("*.jsonl"))

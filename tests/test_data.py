@@ -56,6 +56,17 @@ def test_bad_rows_name_file_and_line(tmp_path, lines, message):
         load_dataset(str(path))
 
 
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"question": "a", "answer": "1"}\n{"question": "caf\u00e9", "answer": "2"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        load_dataset(str(path))
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes("question,answer\ncaf\u00e9,2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv: not UTF-8 text \(byte 0xe9\)"):
+        load_dataset(str(csv_path))
+
+
 def test_skip_bad_counts_and_reports(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": ""}\nnot json\n')

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from softtokens import evaluate as ev
+from softtokens.outdir import FolderLock
 from softtokens.config import EvalConfig
 from softtokens.report import report
 
@@ -62,7 +63,13 @@ def test_interrupted_run_resumes_to_the_same_results(llama, tmp_path, monkeypatc
         ev.evaluate(llama, _cfg(part, datasets="gsm8k"), progress=False)
     with pytest.raises(ValueError, match="num_samples was 4, now 8"):
         ev.evaluate(llama, _cfg(part, datasets="gsm8k", num_samples=8, resume=True), progress=False)
-    resumed = ev.evaluate(llama, _cfg(part, datasets="gsm8k", resume=True), progress=False)
+    with FolderLock(part, "--out"), pytest.raises(ValueError, match="in use by another run"):
+        ev.evaluate(llama, _cfg(part, datasets="gsm8k", resume=True), progress=False)
+    torn = next((part / "records" / "gsm8k").glob("*.jsonl"))
+    with open(torn, "a") as f:
+        f.write('{"index": 99, "samples": [{"answ')  # a kill inside a record's write
+    with pytest.warns(UserWarning, match="unterminated last line"):
+        resumed = ev.evaluate(llama, _cfg(part, datasets="gsm8k", resume=True), progress=False)
     assert _records(part) == _records(full)
     assert resumed["datasets"] == json.loads((full / "results.json").read_text())["datasets"]
 

@@ -1,3 +1,7 @@
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -77,3 +81,57 @@ def test_grading_off_the_main_thread():
     t.join(120)
     assert [g.reward for g in out["grades"]] == [100, 100, 10]
     assert "main thread" in out["inline"]
+
+
+def _kill_workers(grader: Grader) -> None:
+    for p in list(grader._pool._processes.values()):
+        os.kill(p.pid, signal.SIGKILL)
+
+
+def test_a_dead_worker_costs_only_its_chunk():
+    """An out-of-memory kill of one worker breaks the pool: the Grader regrades in a new one, not the run."""
+    pairs = [("7", "\\boxed{7}"), ("3", "\\boxed{4}"), ("5", "\\boxed{5}"), ("2", "no box")]
+    with Grader(workers=2, timeout=2) as grader:
+        assert [g.reward for g in grader.grade(pairs)] == [100, 10, 100, 0]
+        handle = grader.submit(pairs + [("18", ADVERSARIAL[-1])])  # the last chunk keeps a worker busy
+        _kill_workers(grader)
+        assert [g.reward for g in grader.result(handle)][:4] == [100, 10, 100, 0]
+        _kill_workers(grader)  # a pool that broke while idle
+        time.sleep(1)
+        assert [g.reward for g in grader.grade(pairs)] == [100, 10, 100, 0]
+
+
+WATCHED = """
+import multiprocessing.resource_tracker as rt, os, sys, time
+from softtokens.reward import Grader
+g = Grader(workers=2, timeout=2)
+g.grade([("1", "\\\\boxed{1}")] * 8)
+print(" ".join(str(p.pid) for p in g._pool._processes.values()), rt._resource_tracker._pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for a reaper is dead too
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def test_workers_die_with_a_killed_parent():
+    """kill -9 skips every handler: the workers notice the parent's death through its sentinel pipe."""
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split() if x != "None"]
+        assert len(pids) >= 2 and all(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)], "grading workers (or the resource tracker) outlived their parent"

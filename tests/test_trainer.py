@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import signal
 
@@ -104,18 +105,33 @@ def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch,
         return out
 
     monkeypatch.setattr(tr, "train_step", interrupted)
-    part = tr.train(cfg(model_dir, tmp_path / "part"), progress=False)
-    assert part["step"] == 2 and (tmp_path / "part" / "checkpoint-2").is_dir()
+    with pytest.raises(tr.Stopped) as stopped:
+        tr.train(cfg(model_dir, tmp_path / "part"), progress=False)
+    assert stopped.value.step == 2 and stopped.value.exit_code == 130, "a stopped run is not a finished one"
+    assert (tmp_path / "part" / "checkpoint-2").is_dir() and not (tmp_path / "part" / "summary.json").exists()
     monkeypatch.setattr(tr, "train_step", real)
     with pytest.raises(ValueError, match="pass --resume"):
         tr.train(cfg(model_dir, tmp_path / "part"), progress=False)
-    resumed = tr.train(cfg(model_dir, tmp_path / "part", resume=True), progress=False)
+
+    def killed(path, *args, **kw):  # a kill after steps 3 and 4 were logged, before their checkpoint
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(tr, "save_checkpoint", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        tr.train(cfg(model_dir, tmp_path / "part", resume=True), progress=False)
+    monkeypatch.undo()
+    use_reward(monkeypatch)
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')  # and a kill inside a write
+    with pytest.warns(UserWarning, match="unterminated last line"):
+        resumed = tr.train(cfg(model_dir, tmp_path / "part", resume=True), progress=False)
     assert resumed["step"] == 4 and resumed["best"] == full["best"]
     a, b = _weights(tmp_path / "full" / "checkpoint-4"), _weights(tmp_path / "part" / "checkpoint-4")
     for n in a:
         assert torch.equal(a[n], b[n]), n
     metrics = lambda d: [line for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if not k.startswith("time/")} for x in lines]  # noqa: E731
+    assert [r["step"] for r in strip(metrics(tmp_path / "part"))] == [1, 2, 3, 4], "one row per step"
     assert strip(metrics(tmp_path / "full")) == strip(metrics(tmp_path / "part"))
 
 
@@ -143,18 +159,71 @@ def test_checkpoint_is_a_plain_hf_model_and_broken_ones_are_refused(model_dir, t
     good = dict(state)
     state["optimizer"] = {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"lr": 1.0, "params": [0]}]}
     torch.save(state, ckpt / "trainer_state.pt")  # an optimiser state keyed by position, not by parameter name
+    sums = (ckpt / "checksums.json").read_text()
+    (ckpt / "checksums.json").unlink()  # as a checkpoint written without checksums
     with pytest.raises(ValueError, match="checkpoint-2: its optimiser state does not fit this run"):
         tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
     torch.save(good, ckpt / "trainer_state.pt")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="checkpoint-2 is corrupt"):
         tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
+    (ckpt / "checksums.json").write_text(sums)
+    with pytest.raises(ValueError, match="model.safetensors does not match its SHA-256"):
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
     other = tmp_path / "other"
     tiny_lm("llama", hidden_size=48).model.save_pretrained(other)
     tiny_lm("llama").tokenizer.save_pretrained(other)
     tr.train(_cfg(str(other), tmp_path / "run2", max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="another configuration \\(model: "):
+        tr.train(_cfg(model_dir, tmp_path / "run2", max_steps=2, resume=True), progress=False)
+    (tmp_path / "run2" / "config.yaml").unlink()  # without the saved config, the weights still tell
     with pytest.raises(ValueError, match="does not match the model"):
         tr.train(_cfg(model_dir, tmp_path / "run2", max_steps=2, resume=True), progress=False)
+
+
+def test_bit_rot_is_caught_and_the_previous_checkpoint_can_take_over(model_dir, tmp_path, monkeypatch):
+    use_reward(monkeypatch)
+    full = tmp_path / "full"
+    tr.train(_cfg(model_dir, full, max_steps=3, eval_steps=0, save_steps=1), progress=False)
+    run = tmp_path / "run"
+    tr.train(_cfg(model_dir, run, max_steps=2, eval_steps=0, save_steps=1), progress=False)
+    weights = run / "checkpoint-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-200:-136] = bytes(b ^ 0xFF for b in data[-200:-136])  # 64 flipped bytes in the tensor data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checkpoint-2: model.safetensors does not match its SHA-256"):
+        tr.train(_cfg(model_dir, run, max_steps=3, eval_steps=0, save_steps=1, resume=True), progress=False)
+    with pytest.warns(UserWarning, match="resuming from checkpoint-1"):
+        tr.train(_cfg(model_dir, run, max_steps=3, eval_steps=0, save_steps=1, resume=True, resume_from_previous=True),
+                 progress=False)
+    assert (run / "checkpoint-2.corrupt").is_dir(), "the damaged checkpoint is set aside, not deleted"
+    a, b = _weights(full / "checkpoint-3"), _weights(run / "checkpoint-3")
+    assert all(torch.equal(a[n], b[n]) for n in a), "steps 2 and 3 redone from checkpoint-1 match the uninterrupted run"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_resume_is_the_same_run_and_a_folder_holds_one_run(model_dir, tmp_path, monkeypatch):
+    from softtokens.outdir import FolderLock
+
+    use_reward(monkeypatch)
+    run = tmp_path / "run"
+    tr.train(_cfg(model_dir, run, max_steps=1), progress=False)
+    with pytest.raises(ValueError, match=r"another configuration \(learning_rate: 0.001 -> 0.5; seed: 0 -> 7\)"):
+        tr.train(_cfg(model_dir, run, max_steps=2, learning_rate=0.5, seed=7, resume=True), progress=False)
+    assert "learning_rate: 0.001" in (run / "config.yaml").read_text(), "a refused resume leaves config.yaml alone"
+    with FolderLock(run, "output_dir"):  # another run holds the folder
+        with pytest.raises(ValueError, match=f"in use by another run \\(PID {os.getpid()}\\)"):
+            tr.train(_cfg(model_dir, run, max_steps=2, resume=True), progress=False)
+    assert tr.train(_cfg(model_dir, run, max_steps=2, logging_steps=2, resume=True), progress=False)["step"] == 2
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl of an earlier run"):
+        tr.train(_cfg(model_dir, fresh, max_steps=1), progress=False)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        tr.train(_cfg(model_dir, tmp_path / "a-file", max_steps=1), progress=False)
 
 
 def test_lora_checkpoint_is_the_merged_model(model_dir, tmp_path, monkeypatch):

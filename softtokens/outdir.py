@@ -1,0 +1,62 @@
+"""Output folders of train, eval and ood: created with clear errors, and held by one run at a time.
+
+The lock is an ``fcntl`` lock on ``<folder>/.lock``. The kernel releases it when
+the holder dies, however it dies, so a kill -9 never leaves a stale lock; the
+file keeps the holder's PID for the message a second run gets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCK = ".lock"
+
+
+def prepare(path: str | Path, what: str) -> Path:
+    """Create the folder (and its parents) or say in one line why it cannot be used."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder: choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError:
+        raise ValueError(f"{what} {path} is not writable: check its permissions or choose another path") from None
+    except NotADirectoryError:
+        raise ValueError(f"{what} {path}: a parent of it is a file, not a folder") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written ({e.strerror})") from None
+    return path
+
+
+class FolderLock:
+    """An exclusive lock on an output folder for the life of a run (a context manager)."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path, self.what, self._fd = Path(path), what, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{self.what} {self.path} is in use by another run (PID {holder}): wait for it, "
+                             "stop it, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock; the file stays (removing it would race a waiter)
+            self._fd = None

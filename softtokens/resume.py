@@ -1,0 +1,66 @@
+"""Which checkpoint a training run starts from, and what a resume may not change.
+
+A fresh run needs a folder without checkpoints or metrics (two runs' rows in
+one metrics.jsonl cannot be told apart). A resumed run must be the same run:
+its config is compared with the saved ``config.yaml``, and only the fields in
+``config.RESUMABLE`` may differ. The last checkpoint must pass its SHA-256
+check; with ``resume_from_previous`` a damaged one is set aside and the one
+before it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+from softtokens.checkpoint import CorruptCheckpoint, checkpoints, verify_checkpoint
+from softtokens.config import RESUMABLE, TrainConfig
+
+
+def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'name: old -> new' for each field outside RESUMABLE that differs (a field the saved config lacks is not compared)."""
+    now = dataclasses.asdict(cfg)
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k not in RESUMABLE and k in saved and saved[k] != v]
+
+
+def start_point(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), or a one-line error saying why the folder cannot be used."""
+    import yaml
+
+    found = checkpoints(out)
+    if not cfg.resume:
+        if found:
+            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another output_dir")
+        if (out / "metrics.jsonl").exists():
+            raise ValueError(f"{out} holds metrics.jsonl of an earlier run but no checkpoint to resume: delete the "
+                             "folder, or choose another output_dir")
+        return None
+    if not found:
+        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
+    saved = out / "config.yaml"
+    if saved.is_file():
+        changed = changed_fields(yaml.safe_load(saved.read_text()) or {}, cfg)
+        if changed:
+            raise ValueError(f"cannot resume {out} with another configuration ({'; '.join(changed)}); only "
+                             f"{', '.join(RESUMABLE[:-3])} may change on resume")
+    for i in range(len(found) - 1, -1, -1):
+        try:
+            verify_checkpoint(found[i])
+            return found[i]
+        except CorruptCheckpoint as e:
+            if not cfg.resume_from_previous:
+                raise ValueError(f"{e}; pass --resume-from-previous to resume from the checkpoint before it") from None
+            if i == 0:
+                raise ValueError(f"{e}, and no earlier checkpoint is left to resume from") from None
+            warnings.warn(f"{e}: resuming from {found[i - 1].name}")
+    raise AssertionError("unreachable")
+
+
+def set_aside_later(out: Path, start: Path) -> None:
+    """Rename checkpoints after ``start`` (damaged ones skipped by resume_from_previous) to *.corrupt."""
+    step = int(start.name.split("-")[1])
+    for path in checkpoints(out):
+        if int(path.name.split("-")[1]) > step:
+            path.rename(path.with_name(path.name + ".corrupt"))
