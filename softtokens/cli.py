@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print("softtokens: interrupted; finished work is on disk, rerun with --resume to continue", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old)
+        if main_thread:  # as the program (no argv): the work is saved, so a late SIGTERM must not mark it failed
+            signal.signal(signal.SIGTERM, old if argv is not None else signal.SIG_IGN)
 
 
 if __name__ == "__main__":
