@@ -11,15 +11,20 @@ A worker that dies (killed, out of memory) breaks the whole pool: the Grader
 builds a new one and regrades only the chunks that were lost. Each worker
 watches its parent through multiprocessing's parent sentinel (a pipe that
 closes when the parent dies, whatever killed it) and exits with it, so a
-kill -9 of a run leaves no grading processes behind.
+kill -9 of a run leaves no grading processes behind. Workers start with this
+module standing in for ``__main__``, so a user's script without an
+``if __name__ == "__main__":`` guard is not run again in each of them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import importlib.machinery
 import multiprocessing
 import os
 import re
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -100,6 +105,22 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _workers_skip_user_main():
+    """While workers start: spawn makes each child import the parent's ``__main__`` (its file, or its module
+    under ``python -m``); pointing ``__main__.__spec__`` at this module makes them import this one instead."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    old = getattr(main, "__spec__", None)
+    main.__spec__ = importlib.machinery.ModuleSpec(__name__, None)
+    try:
+        yield
+    finally:
+        main.__spec__ = old
+
+
 class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
@@ -129,7 +150,8 @@ class Grader:
         for _ in range(2):
             pool = self._executor()
             try:
-                return pairs, pool, pool.submit(_grade_many, pairs, self.timeout, self.require_number)
+                with _workers_skip_user_main():  # submit starts the workers
+                    return pairs, pool, pool.submit(_grade_many, pairs, self.timeout, self.require_number)
             except cf.process.BrokenProcessPool:  # a worker died while the pool was idle
                 self._kill()
         raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")

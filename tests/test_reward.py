@@ -135,3 +135,21 @@ def test_workers_die_with_a_killed_parent():
     while time.time() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     assert not [p for p in pids if _alive(p)], "grading workers (or the resource tracker) outlived their parent"
+
+
+NO_GUARD = """
+print("script body runs", flush=True)
+from softtokens.reward import Grader
+grades = Grader(workers=2, timeout=2).grade([("7", "\\\\boxed{7}"), ("3", "\\\\boxed{4}")])
+print("rewards", [g.reward for g in grades], flush=True)
+"""
+
+
+def test_a_script_without_a_main_guard_grades(tmp_path):
+    """spawn re-imports the parent's __main__ in every worker: a plain script would run again in each, then die
+    in multiprocessing's bootstrapping check. The workers import softtokens.reward instead."""
+    script = tmp_path / "plain.py"
+    script.write_text(NO_GUARD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("script body runs") == 1 and "rewards [100.0, 10.0]" in out.stdout
