@@ -19,6 +19,7 @@ import sys
 import threading
 import typing
 
+from softtokens import __version__
 from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, TrainConfig, config_from_dict, field_docs
 from softtokens.models import EMBEDDED_MODEL
 from softtokens.outdir import FolderLock, prepare
@@ -52,27 +53,41 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softtokens", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """RL training and evaluation of language models whose chain of thought is soft, fuzzy or hard tokens
+("Soft Tokens, Hard Truths", arXiv 2509.19170). Without --model, commands use the embedded SmolLM2-135M-Instruct."""
 
-    gen = sub.add_parser("generate", help="roll out one or more questions and print the CoT and the answer")
+EPILOG = """examples:
+  softtokens generate --mode soft --question "What is 3 + 4?"       see a soft CoT and its answer
+  softtokens train --config configs/demo.yaml                       train the embedded model (CPU, ~10 min)
+  softtokens eval --model runs/demo/checkpoint-best --limit 50      the six inference settings on 50 problems each
+  softtokens report runs/eval                                        tables and plots of finished runs
+Flags take dashes or underscores (--learning-rate, --learning_rate). `softtokens COMMAND --help` lists a command's."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softtokens", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"softtokens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", allow_abbrev=False, help="answer one or more questions with a hard, soft or fuzzy CoT and show it")
     add_model_flags(gen)
     gen.add_argument("--question", action="append", required=True, help="question text (repeat for several)")
     gen.add_argument("--show-top-k", type=int, default=0, help="print the k most likely tokens of p at each CoT step")
     gen.add_argument("--json", action="store_true", help="print one JSON record per rollout instead of text")
     add_config_flags(gen, CoTConfig)
     add_config_flags(gen, RolloutConfig, skip=("record_means", "record_top_k"))
-
-    ev = sub.add_parser("eval", help="evaluate a model in the six inference settings (pass@1, pass@k, entropy)")
+    gen.set_defaults(answer_temperature=0.0)  # a greedy answer shows what the CoT led to
+    ev = sub.add_parser("eval", allow_abbrev=False, help="score a model on maths sets in the six inference settings (pass@1, pass@k)")
     add_model_flags(ev)
+    ev.add_argument("--yes", action="store_true", help="run a whole evaluation on a CPU without asking for --limit")
     add_config_flags(ev, EvalConfig)
 
-    tr = sub.add_parser("train", help="RL-train a model with hard, soft or fuzzy CoTs (RLOO)")
+    tr = sub.add_parser("train", allow_abbrev=False, help="RL-train a model (RLOO) with hard, soft or fuzzy CoTs; checkpoints are HF models")
     tr.add_argument("--config", default=None, help="a YAML file of TrainConfig keys (configs/*.yaml); flags override it")
     add_config_flags(tr, TrainConfig, overrides=True)
 
-    ood = sub.add_parser("ood", help="out-of-domain check: HellaSwag, ARC, MMLU accuracy and answer NLL, vs a base")
+    ood = sub.add_parser("ood", allow_abbrev=False, help="check a trained model kept its general skills (HellaSwag, ARC, MMLU) vs its base")
     add_model_flags(ood)
     ood.add_argument("--base", default=None, help="the base model to compare against (same forms as --model)")
     ood.add_argument("--datasets", default="hellaswag,arc_challenge,mmlu",
@@ -82,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--out", default="runs/ood", help="records, results and the chart go here")
     ood.add_argument("--resume", action="store_true", help="continue an interrupted check in --out")
 
-    rep = sub.add_parser("report", help="tables and plots from evaluation folders, curves from training folders")
+    rep = sub.add_parser("report", allow_abbrev=False, help="paper-style tables and plots of eval folders, curves of training folders")
     rep.add_argument("runs", nargs="+", help="evaluation folders (config.json, records/) or training output_dirs")
     rep.add_argument("--out", default=None, help="where to write results.md and the plots (default: the one run)")
     return parser
@@ -115,9 +130,14 @@ def cmd_generate(args) -> int:
     n_params = sum(p.numel() for p in lm.model.parameters())
     print(f"model {args.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
     print(f"mode {cot_cfg.mode}  tau {cot_cfg.temperature:g}  sigma {rollouts[0].sigma:.5g} (gamma {cot_cfg.gamma:g})")
+    if cot_cfg.mode == "hard":
+        what = "hard: the argmax token at each step" if cot_cfg.temperature == 0 else \
+            f"hard: tokens sampled at tau {cot_cfg.temperature:g}"
+    else:
+        fed = "p E + Gaussian noise" if cot_cfg.sampled else "p E, no noise (greedy)"
+        what = f"{cot_cfg.mode}: inputs {fed}; the text is the argmax of p at each step"
+    how = "greedy" if cfg.answer_temperature == 0 else f"sampled at temperature {cfg.answer_temperature:g}"
     for r in rollouts:
-        what = ("argmax tokens" if cot_cfg.temperature == 0 else "sampled tokens") if r.mode == "hard" \
-            else "greedy shadow of the soft inputs"
         print(f"\n=== question {args.question.index(r.question)} sample {r.sample_index}")
         print(f"--- CoT ({what}; {r.cot_length} steps, stopped on {r.stop_reason})")
         print(r.cot_text)
@@ -126,20 +146,25 @@ def cmd_generate(args) -> int:
             for t, (ids, ps) in enumerate(zip(r.cot_top_ids.tolist(), r.cot_top_probs.tolist())):
                 print(f"{t:4d}  " + "  ".join(f"{tok.decode([i])!r} {p:.3f}" for i, p in zip(ids, ps)))
         print(f"--- prefill: {r.prefill_text!r}")
-        print(f"--- answer: {r.completion}")
+        print(f"--- answer ({how}): {r.completion}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from softtokens.evaluate import evaluate
+    from softtokens.evaluate import check_eval, evaluate, parse_settings, setting_config
     from softtokens.models import load_model, resolve_device
     from softtokens.report import report
 
     cfg = config_from_args(EvalConfig, args)
-    prepare(cfg.out, "--out")  # a bad path fails before the model loads
+    datasets = check_eval(cfg)  # every input is checked before the model loads
     device, dtype = resolve_device(args.device, args.dtype)
+    if device == "cpu" and cfg.limit is None and not args.yes:
+        rows = sum(len(ds) for ds in datasets.values()) * sum(
+            cfg.num_samples if setting_config(s, cfg.gamma).sampled else 1 for s in parse_settings(cfg.settings))
+        raise ValueError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.max_cot_length} CoT tokens on a "
+                         "CPU (days): pass --limit N to evaluate the first N problems of each set, or --yes to run it all")
     lm = load_model(args.model, dtype=dtype, device=device)
-    evaluate(lm, cfg)
+    evaluate(lm, cfg, datasets=datasets)
     print(report([cfg.out]))
     print(f"records, results.json, results.md, passk.png and entropy.png are in {cfg.out}")
     return 0
@@ -219,8 +244,38 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def normalise_flags(argv: list[str]) -> list[str]:
+    """--learning_rate and --learning-rate alike (TRL takes both): underscores in a flag's name become dashes."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and "_" in a.split("=", 1)[0]:
+            name, eq, value = a.partition("=")
+            a = name.replace("_", "-") + eq + value
+        out.append(a)
+    return out
+
+
+def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown flag is an error that suggests the nearest real one."""
+    import difflib
+
+    _, unknown = parser.parse_known_args(argv)
+    flags = [a for a in unknown if a.startswith("--")]
+    if not flags:
+        return
+    sub = parser._subparsers._group_actions[0].choices.get(next((a for a in argv if not a.startswith("-")), ""), parser)
+    known = [s for action in sub._actions for s in action.option_strings if s.startswith("--")]
+    name = flags[0].split("=", 1)[0]
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    sub.error(f"unknown flag {name}" + (f"; did you mean {near[0]}?" if near else f" (see {sub.prog} --help)"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    program = argv is None
+    argv = normalise_flags(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    check_flags(parser, argv)
+    args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # train's own: checkpoint, then stop
     try:
@@ -233,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print("softtokens: interrupted; finished work is on disk, rerun with --resume to continue", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if main_thread:  # as the program (no argv): the work is saved, so a late SIGTERM must not mark it failed
-            signal.signal(signal.SIGTERM, old if argv is not None else signal.SIG_IGN)
+        if main_thread:  # as the program: the work is saved, so a late SIGTERM must not mark it failed
+            signal.signal(signal.SIGTERM, old if not program else signal.SIG_IGN)
 
 
 if __name__ == "__main__":

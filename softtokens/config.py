@@ -112,18 +112,50 @@ def field_docs(cls) -> dict[str, str]:
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+    for klass in reversed([k for k in cls.__mro__ if "__dataclass_fields__" in k.__dict__]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
     assert set(docs) == {f.name for f in fields(cls)}, f"every field of {cls.__name__} needs a docstring"
     return docs
 
 
 @dataclass
-class EvalConfig:
+class DataOptions:
+    """What train and eval share about the data, the prompt and the reward."""
+
+    question_key: str | None = None
+    """Dataset column of the question (default: the first of question, problem, prompt). A column of chat messages ([{role, content}, ...]) is rendered with the tokenizer's chat template."""
+    answer_key: str | None = None
+    """Dataset column of the gold answer (default: the first of answer, final_answer, solution_answer)."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a hub dataset, e.g. 'main' for openai/gsm8k."""
+    skip_bad: bool = False
+    """Skip (and count) dataset rows without a usable question or answer instead of stopping at the first."""
+    prompt_template: str = prompts.PROMPT_TEMPLATE
+    """Prompt around a text question ({question} is replaced by it); chat-format questions are used as they are."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template as one user message (instruct models)."""
+    reward: str = ""
+    """Your reward, 'package.module:function' or 'path/to/file.py:function', with TRL's signature f(prompts, completions, **columns) -> list[float] or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
+
+    def __post_init__(self):
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain a {question} slot")
+
+    def load_options(self, reward_fn=None) -> dict:
+        """Keyword arguments of ``data.load_dataset`` for this run's data options (a custom reward may need no
+        gold answer)."""
+        return dict(question_key=self.question_key, answer_key=self.answer_key, skip_bad=self.skip_bad,
+                    split=self.split, config=self.dataset_config, require_answer=not (self.reward or reward_fn))
+
+
+@dataclass
+class EvalConfig(DataOptions):
     """An evaluation in the paper's six inference settings (METHOD.md §6)."""
 
     datasets: str = "gsm8k,math500,olympiadbench"
@@ -158,6 +190,7 @@ class EvalConfig:
     """Continue an interrupted evaluation in --out, skipping every problem already recorded."""
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("num_samples", "max_cot_length", "max_answer_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -174,7 +207,7 @@ RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataOptions):
     """An RL run (METHOD.md §5). The defaults are the paper's; YAML files under configs/ set the rest."""
 
     model: str = "smollm2"
@@ -271,6 +304,7 @@ class TrainConfig:
     """With --resume: when the last checkpoint fails its SHA-256 check, resume from the one before it."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in cot.MODES:
             raise ValueError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
         for name in ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "max_steps",
@@ -309,7 +343,12 @@ def config_from_dict(cls, values: dict, source: str = "config"):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        import difflib
+
+        near = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in unknown}
+        suggest = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}" + (f" ({suggest})" if suggest else "")
+                         + f"; valid keys: {', '.join(sorted(known))}")
     out = {}
     for key, value in values.items():
         kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]

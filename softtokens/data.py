@@ -1,8 +1,12 @@
 """Maths datasets: the built-in sets shipped in the package, a user's JSONL / CSV / Parquet file, or a hub name.
 
-Every source becomes a list of ``Problem(id, question, answer)``. A bad row is an
-error naming the file, the line and the problem, unless ``skip_bad`` is set:
-then it is skipped, counted and reported in ``Dataset.skipped``.
+Every source becomes a list of ``Problem(id, question, answer, columns)``. A
+question is text, or a chat-format prompt (a list of ``{"role", "content"}``
+messages, as in TRL's conversational datasets) that the tokenizer's chat
+template renders. ``columns`` keeps the row's other fields for a custom reward.
+A bad row is an error naming the file, the line and the problem, unless
+``skip_bad`` is set: then it is skipped, counted and reported in
+``Dataset.skipped``.
 """
 
 from __future__ import annotations
@@ -34,8 +38,17 @@ ANSWER_KEYS = ("answer", "final_answer", "solution_answer")
 @dataclass(frozen=True)
 class Problem:
     id: str
-    question: str
+    question: str | list[dict]
     answer: str
+    columns: dict = field(default_factory=dict, compare=False, hash=False)
+    """The row's fields other than the question (the answer's included): what a custom reward receives."""
+
+
+def is_chat(value) -> bool:
+    """Whether a question is a chat-format prompt: a non-empty list of role / content messages."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value))
 
 
 @dataclass
@@ -104,12 +117,18 @@ def _rows_parquet(path: Path):
         yield i, row, None
 
 
-def _rows_hub(name: str, split: str):
+def _rows_hub(name: str, split: str, config: str | None = None):
     try:
         import datasets
-    except ImportError as e:
-        raise ImportError(f"loading {name!r} from the Hugging Face hub needs `pip install datasets`") from e
-    for i, row in enumerate(datasets.load_dataset(name, split=split), 1):
+    except ImportError:
+        raise ValueError(f"loading {name!r} from the Hugging Face hub needs the datasets package: "
+                         "pip install datasets") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001  offline, no such dataset / config / split: one line, not a traceback
+        raise ValueError(f"cannot load hub dataset {name!r} (config {config!r}, split {split!r}): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    for i, row in enumerate(rows, 1):
         yield i, row, None
 
 
@@ -126,11 +145,16 @@ def load_dataset(
     limit: int | None = None,
     skip_bad: bool = False,
     split: str = "train",
+    config: str | None = None,
+    require_answer: bool = True,
 ) -> Dataset:
     """Problems from a built-in name, a .jsonl / .jsonl.gz / .csv / .parquet file, or a hub dataset name.
 
     Columns: ``question_key`` / ``answer_key`` when given, else the first of
     question|problem|prompt and answer|final_answer|solution_answer present.
+    ``split`` and ``config`` choose a hub dataset's split and configuration.
+    Without ``require_answer`` (a custom reward that needs no gold answer) a
+    row without an answer gets "".
     """
     if source in BUILTIN:
         path = Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source])))
@@ -155,7 +179,7 @@ def load_dataset(
             known = ", ".join(list(BUILTIN) + list(HUB_ALIASES))
             if "/" not in source and source not in HUB_ALIASES:
                 raise ValueError(f"unknown dataset {source!r}: use one of {known}, a file, or a hub name 'org/name'")
-            rows = _rows_hub(HUB_ALIASES.get(source, source), split)
+            rows = _rows_hub(HUB_ALIASES.get(source, source), split, config)
         where = str(source)
 
     problems, skipped = [], []
@@ -163,19 +187,26 @@ def load_dataset(
         if error is None:
             q, a = _pick(row, question_key, QUESTION_KEYS), _pick(row, answer_key, ANSWER_KEYS)
             if q is None:
-                error = f"no question column ({question_key or ' / '.join(QUESTION_KEYS)}); columns: {', '.join(row)}"
-            elif a is None:
-                error = f"no answer column ({answer_key or ' / '.join(ANSWER_KEYS)}); columns: {', '.join(row)}"
-            elif not str(row[q] or "").strip():
+                error = (f"no question column ({question_key or ' / '.join(QUESTION_KEYS)}); columns: "
+                         f"{', '.join(row)} (set question_key)")
+            elif a is None and require_answer:
+                error = (f"no answer column ({answer_key or ' / '.join(ANSWER_KEYS)}); columns: {', '.join(row)} "
+                         "(set answer_key)")
+            elif isinstance(row[q], list) and not is_chat(row[q]):
+                error = f"column {q!r} holds a list that is not chat messages ({{'role': ..., 'content': ...}})"
+            elif not is_chat(row[q]) and not str(row[q] or "").strip():
                 error = f"empty question in column {q!r}"
-            elif not str(row[a] if row[a] is not None else "").strip():
+            elif require_answer and not str(row[a] if row[a] is not None else "").strip():
                 error = f"empty answer in column {a!r}"
         if error is not None:
             if not skip_bad:
-                raise ValueError(f"{where}:{line_no}: {error} (pass skip_bad / --skip-bad to skip such rows)")
+                raise ValueError(f"{where}:{line_no}: {error} (or pass --skip-bad to skip such rows)")
             skipped.append(f"{where}:{line_no}: {error}")
             continue
-        problems.append(Problem(str(row.get("id", f"{Path(where).stem}-{line_no}")), str(row[q]).strip(), str(row[a]).strip()))
+        question = row[q] if is_chat(row[q]) else str(row[q]).strip()
+        answer = str(row[a]).strip() if a is not None and row[a] is not None else ""
+        problems.append(Problem(str(row.get("id", f"{Path(where).stem}-{line_no}")), question, answer,
+                                {k: v for k, v in row.items() if k != q}))
         if limit is not None and len(problems) >= limit:
             break
     if not problems:

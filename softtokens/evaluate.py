@@ -27,7 +27,7 @@ from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
 from softtokens.outdir import FolderLock, prepare
 from softtokens.passk import mean_pass_at_k
-from softtokens.reward import Grader
+from softtokens.reward import Grader, reward_spec
 from softtokens.rollout import generate_rollouts
 
 SETTINGS = {
@@ -43,7 +43,8 @@ KS = (1, 2, 4, 8, 16, 32)
 PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
 # Keys of config.json that must match for --resume to continue a run.
 RESUME_KEYS = ("model", "datasets", "settings", "num_samples", "limit", "max_cot_length", "max_answer_length",
-               "seed", "gamma", "require_number")
+               "seed", "gamma", "require_number", "question_key", "answer_key", "split", "dataset_config",
+               "prompt_template", "chat_template", "reward")
 
 
 def setting_config(name: str, gamma: float) -> CoTConfig:
@@ -78,16 +79,32 @@ def _start(cfg: EvalConfig, run: dict) -> None:
     saved.write_text(json.dumps(run, indent=2))
 
 
-def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True) -> dict:
-    """Run (or resume) an evaluation and return the summary that ``results.json`` holds."""
+def check_eval(cfg: EvalConfig, reward_fn=None) -> dict:
+    """Everything about an evaluation that can be wrong before a model loads: the settings, each dataset
+    (read through, so a missing column names its file and line), the reward's import and the output folder.
+    Returns the datasets."""
+    parse_settings(cfg.settings)
+    reward_spec(reward_fn or cfg.reward)
+    prepare(cfg.out, "--out")
+    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    return {name: load_dataset(name, limit=cfg.limit, **cfg.load_options(reward_fn)) for name in names}
+
+
+def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=None, datasets: dict | None = None) -> dict:
+    """Run (or resume) an evaluation and return the summary that ``results.json`` holds.
+
+    ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
+    ``datasets``: what ``check_eval`` returned, to skip loading them again.
+    """
     settings = parse_settings(cfg.settings)
     names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
-    datasets = {name: load_dataset(name, limit=cfg.limit) for name in names}  # fail early on a bad name or file
+    datasets = datasets or check_eval(cfg, reward_fn)
     run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
-                                     "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma)}
+                                     "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
+                                     "reward": cfg.reward or getattr(reward_fn, "__qualname__", "")}
     del run["resume"], run["out"]
     with FolderLock(prepare(cfg.out, "--out"), "--out"), \
-            Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number) as grader:
+            Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number, reward_fn or cfg.reward) as grader:
         _start(cfg, run)
         for name, ds in datasets.items():
             for setting in settings:
@@ -103,7 +120,8 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
     cot_cfg = setting_config(setting, cfg.gamma)
     n = cfg.num_samples if cot_cfg.sampled else 1
     rcfg = RolloutConfig(max_cot_length=cfg.max_cot_length, max_answer_length=cfg.max_answer_length,
-                         answer_temperature=0.0, num_generations=n, seed=cfg.seed, batch_size=cfg.batch_size)
+                         answer_temperature=0.0, num_generations=n, seed=cfg.seed, batch_size=cfg.batch_size,
+                         prompt_template=cfg.prompt_template, chat_template=cfg.chat_template)
     per_batch = max(1, cfg.batch_size // n)
     bar = None
     if progress:
@@ -116,7 +134,8 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
             idx = todo[start : start + per_batch]
             rollouts = generate_rollouts(lm, [ds.problems[i].question for i in idx], cot_cfg, rcfg, sigma=sigma)
             # rollouts are question-major: row j belongs to problem idx[j // n]
-            handle = grader.submit([(ds.problems[idx[j // n]].answer, r.completion) for j, r in enumerate(rollouts)])
+            owners = [ds.problems[idx[j // n]] for j in range(len(rollouts))]
+            handle = grader.submit([(p.answer, r.completion) for p, r in zip(owners, rollouts)], owners)
             if pending is not None:  # the previous batch was grading while this one generated
                 _write(path, ds, grader, *pending, cfg, bar)
             pending = (idx, rollouts, handle, n)

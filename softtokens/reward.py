@@ -1,4 +1,11 @@
-"""Grading answers with Math-Verify (METHOD.md §4): the paper's 100 / 10 / 0 reward and a correct / incorrect verdict.
+"""Rewards: Math-Verify's 100 / 10 / 0 with a correct / incorrect verdict (METHOD.md §4), or the user's own.
+
+A user's reward has TRL's signature, ``f(prompts, completions, **columns) ->
+list[float]`` (the columns are the dataset's other fields, as lists), and may
+return ``(rewards, correct)`` to set the accuracy metrics; otherwise a reward
+above 0 counts as correct. It is named ``package.module:function`` or
+``path/to/file.py:function`` and runs in the same workers, under the same
+guard, as Math-Verify.
 
 Math-Verify's own timeouts use ``signal.alarm``, which only works in a main
 thread (one RL framework scored every MATH item 0 because of it). So grading
@@ -20,13 +27,17 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import importlib
 import importlib.machinery
+import importlib.util
+import math
 import multiprocessing
 import os
 import re
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 CORRECT, BOXED, NONE = 100.0, 10.0, 0.0
 MAX_CHARS = 20_000  # the graded text is short; anything longer is cut to its tail, where the box is
@@ -86,8 +97,94 @@ def grade_one(gold: str, completion: str, timeout: float = 5.0, require_number: 
     return Grade(CORRECT if ok else BOXED, ok, True)
 
 
-def _grade_many(pairs: list[tuple[str, str]], timeout: float, require_number: bool = False) -> list[Grade]:
-    return [grade_one(g, c, timeout, require_number) for g, c in pairs]
+def load_reward(spec: str):
+    """The function named by 'package.module:function' or 'path/to/file.py:function'; a clear error otherwise."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"reward {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+    try:
+        if where.endswith(".py"):
+            path = Path(where).resolve()
+            if not path.is_file():
+                raise ValueError(f"reward {spec!r}: no file {where}")
+            key = f"softtokens_reward_{abs(hash(str(path)))}"
+            if key not in sys.modules:
+                found = importlib.util.spec_from_file_location(key, path)
+                module = importlib.util.module_from_spec(found)
+                sys.modules[key] = module
+                try:
+                    found.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[key]
+                    raise
+            module = sys.modules[key]
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001  any import failure: name it, no traceback
+        raise ValueError(f"reward {spec!r}: cannot import {where} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {where} has no function {name}")
+    return fn
+
+
+def reward_spec(reward) -> tuple[str | None, object]:
+    """(spec the workers import, or None; a function to call in this process, or None) for a reward given as
+    None (Math-Verify), a spec string, or a function. A function workers cannot import (one defined in
+    ``__main__`` or inside another function) is called in this process."""
+    if reward is None or reward == "":
+        return None, None
+    if isinstance(reward, str):
+        where, _, name = reward.rpartition(":")
+        load_reward(reward)  # fail now, in this process, with the import error
+        return (f"{Path(where).resolve()}:{name}" if where.endswith(".py") else reward), None
+    if not callable(reward):
+        raise ValueError(f"reward must be a 'module:function' string or a function, got {type(reward).__name__}")
+    module, name = getattr(reward, "__module__", None), getattr(reward, "__qualname__", "")
+    if module in (None, "__main__") or "." in name:
+        return None, reward
+    return f"{module}:{name}", None
+
+
+def call_reward(fn, name: str, rows: list[tuple]) -> list[Grade]:
+    """Call a TRL-style reward on (gold, completion, prompt, columns) rows and check what it returns."""
+    n = len(rows)
+    keys = list(dict.fromkeys(k for *_, cols in rows for k in cols))
+    columns = {k: [cols.get(k) for *_, cols in rows] for k in keys}
+    try:
+        out = fn([r[2] for r in rows], [r[1] for r in rows], **columns)
+    except Exception as e:  # noqa: BLE001  the user's code: name it
+        raise ValueError(f"reward {name} raised {type(e).__name__}: {e}") from None
+    correct = None
+    if isinstance(out, tuple) and len(out) == 2:
+        out, correct = out
+    try:
+        rewards = [float(x) for x in out]
+    except (TypeError, ValueError):
+        raise ValueError(f"reward {name} must return a list of {n} numbers (or (rewards, correct)), "
+                         f"got {type(out).__name__}") from None
+    if len(rewards) != n or (correct is not None and len(list(correct)) != n):
+        raise ValueError(f"reward {name} returned {len(rewards)} rewards"
+                         + (f" and {len(list(correct))} verdicts" if correct is not None else "")
+                         + f" for {n} completions")
+    if not all(math.isfinite(r) for r in rewards):
+        raise ValueError(f"reward {name} returned a non-finite reward: {[r for r in rewards if not math.isfinite(r)][:3]}")
+    correct = [r > 0 for r in rewards] if correct is None else [bool(c) for c in correct]
+    return [Grade(r, c, last_boxed(row[1][-MAX_CHARS:]) is not None) for r, c, row in zip(rewards, correct, rows)]
+
+
+_LOADED: dict[str, object] = {}
+
+
+def _grade_many(rows: list[tuple], timeout: float, require_number: bool = False, reward: str | None = None) -> list[Grade]:
+    """One chunk, in a worker (or inline): Math-Verify, or the user's reward imported by its spec."""
+    if reward is None:
+        return [grade_one(g, c, timeout, require_number) for g, c, *_ in rows]
+    if reward not in _LOADED:
+        _LOADED[reward] = load_reward(reward)
+    return call_reward(_LOADED[reward], reward, rows)
 
 
 def _exit_with_parent() -> None:
@@ -124,11 +221,18 @@ def _workers_skip_user_main():
 class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
-    def __init__(self, workers: int = 2, timeout: float = 5.0, require_number: bool = False):
+    def __init__(self, workers: int = 2, timeout: float = 5.0, require_number: bool = False, reward=None):
+        """``reward``: None (Math-Verify), 'module:function' / 'file.py:function', or a function."""
         if workers < 0:
             raise ValueError(f"grading workers must be >= 0, got {workers}")
         self.workers, self.timeout, self.require_number = workers, timeout, require_number
+        self.reward, self._local = reward_spec(reward)
         self._pool: cf.ProcessPoolExecutor | None = None
+
+    @property
+    def custom(self) -> bool:
+        """Whether a user's reward grades (rather than Math-Verify)."""
+        return self.reward is not None or self._local is not None
 
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
@@ -137,21 +241,31 @@ class Grader:
                                                 initializer=_exit_with_parent)
         return self._pool
 
-    def submit(self, pairs: list[tuple[str, str]]):
-        """Start grading; returns a handle for ``result``. Inline graders grade now."""
-        if self.workers == 0:
-            if threading.current_thread() is not threading.main_thread():
-                raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
-            return _grade_many(pairs, self.timeout, self.require_number)
-        chunk = max(1, len(pairs) // (4 * self.workers))
-        return [self._submit(pairs[i : i + chunk]) for i in range(0, len(pairs), chunk)]
+    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None):
+        """Start grading (gold, completion) pairs; returns a handle for ``result``. Inline graders grade now.
 
-    def _submit(self, pairs: list[tuple[str, str]]):
+        ``problems`` (one per pair) give a custom reward its prompts and columns.
+        """
+        custom = self.custom
+        if custom and (problems is None or len(problems) != len(pairs)):
+            raise ValueError("a custom reward needs the problem of every completion (Grader.submit(pairs, problems))")
+        rows = [(g, c, p.question, p.columns) for (g, c), p in zip(pairs, problems)] if custom else list(pairs)
+        if self._local is not None:
+            return call_reward(self._local, getattr(self._local, "__qualname__", "reward"), rows)
+        if self.workers == 0:
+            if self.reward is None and threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
+            return _grade_many(rows, self.timeout, self.require_number, self.reward)
+        # Math-Verify goes out in chunks over the workers; a custom reward sees the whole batch in one call, as in TRL
+        chunk = max(1, len(rows) // (4 * self.workers)) if self.reward is None else max(1, len(rows))
+        return [self._submit(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
+
+    def _submit(self, rows: list[tuple]):
         for _ in range(2):
             pool = self._executor()
             try:
                 with _workers_skip_user_main():  # submit starts the workers
-                    return pairs, pool, pool.submit(_grade_many, pairs, self.timeout, self.require_number)
+                    return rows, pool, pool.submit(_grade_many, rows, self.timeout, self.require_number, self.reward)
             except cf.process.BrokenProcessPool:  # a worker died while the pool was idle
                 self._kill()
         raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")
@@ -160,11 +274,11 @@ class Grader:
         """The grades of a submitted batch. A chunk that outlives its guard (3 Math-Verify calls per pair,
         each under the timeout) scores 0 and its worker is killed. A chunk lost to a dead worker is regraded
         in a fresh pool, twice at most (then it scores 0: its input kills workers)."""
-        if self.workers == 0:
+        if self.workers == 0 or self._local is not None:
             return handle
         out = []
         for pairs, pool, fut in handle:
-            zeros = [Grade(NONE, False, last_boxed(c[-MAX_CHARS:]) is not None) for _, c in pairs]
+            zeros = [Grade(NONE, False, last_boxed(c[-MAX_CHARS:]) is not None) for _, c, *_ in pairs]
             for attempt in range(3):
                 try:
                     out += fut.result(timeout=self.timeout * (3 * len(pairs) + 1) + 5)
@@ -181,8 +295,8 @@ class Grader:
                 break
         return out
 
-    def grade(self, pairs: list[tuple[str, str]]) -> list[Grade]:
-        return self.result(self.submit(pairs))
+    def grade(self, pairs: list[tuple[str, str]], problems: list | None = None) -> list[Grade]:
+        return self.result(self.submit(pairs, problems))
 
     def _kill(self) -> None:
         pool, self._pool = self._pool, None
@@ -209,11 +323,11 @@ class RewardFunction:
     def __init__(self, fn):
         self.fn = fn
 
-    def submit(self, pairs: list[tuple[str, str]]):
+    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None):
         return self.fn(pairs)
 
     def result(self, handle) -> list[Grade]:
         return handle
 
-    def grade(self, pairs: list[tuple[str, str]]) -> list[Grade]:
+    def grade(self, pairs: list[tuple[str, str]], problems: list | None = None) -> list[Grade]:
         return self.fn(pairs)

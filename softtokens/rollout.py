@@ -26,6 +26,7 @@ import torch
 from softtokens import cot, prompts
 from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.models import CausalLM
+from softtokens.data import is_chat
 
 COT, PREFILL, ANSWER, DONE = 0, 1, 2, 3
 
@@ -169,19 +170,29 @@ def text_tail(token_texts: list[str], ids: list[int], width: int) -> str:
     return "".join(reversed(parts))[-width:]
 
 
-def encode_prompts(lm: CausalLM, questions: list[str], cfg: RolloutConfig) -> list[list[int]]:
-    """Token ids of each question's prompt; an empty question or an over-long prompt is an error."""
+def encode_prompts(lm: CausalLM, questions: list, cfg: RolloutConfig) -> list[list[int]]:
+    """Token ids of each question's prompt; an empty question or an over-long prompt is an error.
+
+    A text question goes into ``prompt_template`` (then, with ``chat_template``, into one user message);
+    a chat-format question (role / content messages) is rendered by the tokenizer's chat template as it is.
+    """
     out = []
     budget = cfg.max_cot_length + cfg.max_answer_length + len(lm.tokenizer.encode(cfg.length_prefill, add_special_tokens=False))
     for i, q in enumerate(questions):
-        try:
-            text = prompts.format_prompt(q, cfg.prompt_template)
-        except ValueError as e:
-            raise ValueError(f"question {i}: {e}") from None
-        if cfg.chat_template:
-            ids = lm.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+        if is_chat(q):  # the messages are the whole prompt: no template around them
+            messages = q
+        else:
+            try:
+                text = prompts.format_prompt(q, cfg.prompt_template)
+            except ValueError as e:
+                raise ValueError(f"question {i}: {e}") from None
+            messages = [{"role": "user", "content": text}] if cfg.chat_template else None
+        if messages is not None:
+            if not getattr(lm.tokenizer, "chat_template", None):
+                raise ValueError(f"question {i}: a chat prompt needs a tokenizer with a chat template, and "
+                                 f"{lm.name}'s has none; use plain-text questions and prompt_template")
+            ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
         else:
             ids = lm.tokenizer.encode(text)
         if lm.max_length is not None and len(ids) + budget > lm.max_length:

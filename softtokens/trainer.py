@@ -58,7 +58,7 @@ from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
 from softtokens.resume import set_aside_later, start_point
-from softtokens.reward import Grader
+from softtokens.reward import Grader, reward_spec
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
@@ -91,7 +91,8 @@ def problems_for_step(problems: list[Problem], step: int, per_step: int, seed: i
 def rollout_config(cfg: TrainConfig, seed: int, generations: int, answer_temperature: float) -> RolloutConfig:
     return RolloutConfig(max_cot_length=cfg.max_cot_length, max_answer_length=cfg.max_answer_length,
                          answer_temperature=answer_temperature, num_generations=generations, seed=seed,
-                         batch_size=cfg.rollout_batch_size)
+                         batch_size=cfg.rollout_batch_size, prompt_template=cfg.prompt_template,
+                         chat_template=cfg.chat_template)
 
 
 class RowStats(NamedTuple):
@@ -124,11 +125,12 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     B, G = len(problems), cfg.num_generations
     N = B * G
     mine = _share(N, d)
-    golds, handles = [problems[j // G].answer for j in mine], []
+    owners, handles = [problems[j // G] for j in mine], []
 
     def submit(batch):
         start = sum(n for n, _ in handles)
-        handles.append((len(batch), grader.submit([(golds[start + i], r.completion) for i, r in enumerate(batch)])))
+        rows = owners[start : start + len(batch)]
+        handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows)))
 
     t0 = time.perf_counter()
     policy.sync_rollout()
@@ -213,15 +215,21 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     mine = list(range(d.rank, len(problems), d.world))
     rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, rollout_config(cfg, cfg.seed, 1, 0.0),
                                  rows=[(i, 0) for i in mine])
-    grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)])
+    grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)], [problems[i] for i in mine])
     if examples is not None:
         examples += [(r.question, r.cot_text, r.completion) for r in rollouts]
     return sum(gather_objects(sum(g.correct for g in grades), d)) / len(problems)
 
 
+def held_out_set(cfg: TrainConfig, grader) -> list[Problem]:
+    """The first eval_before_after problems of eval_dataset (with a custom reward, gold answers are optional)."""
+    return load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after,
+                        require_answer=not getattr(grader, "custom", False)).problems
+
+
 def held_out_check(lm: CausalLM, grader: Grader, cfg: TrainConfig, d: Dist, when: str, say) -> float:
     """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset."""
-    problems, examples = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after).problems, []
+    problems, examples = held_out_set(cfg, grader), []
     acc = greedy_accuracy(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
     low, high = wilson_interval(round(acc * len(problems)), len(problems))
     say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
@@ -265,8 +273,10 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, reward_fn=None) -> dict:
     """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
+
+    ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
     """
@@ -276,6 +286,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         prepare(out, "output_dir")
     with FolderLock(out, "output_dir") if main else nullcontext():
         start = start_point(cfg, out)
+        # the data and the reward are checked before the model loads (minutes for a large hub model)
+        data = load_dataset(cfg.dataset, **cfg.load_options(reward_fn))
+        if cfg.val_size >= len(data):
+            raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
+        custom = reward_spec(reward_fn or cfg.reward) != (None, None)
+        if cfg.eval_before_after:
+            load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom)
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         world = int(os.environ.get("WORLD_SIZE", 1))
         if (cfg.prompts_per_step * cfg.num_generations) % world:
@@ -283,19 +300,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                              f"rows do not split evenly over {world} processes")
         d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
         try:
-            return _train(cfg, out, start, device, dtype, d, progress)
+            return _train(cfg, out, start, data, device, dtype, d, progress, reward_fn)
         finally:
             distributed.close()
 
 
-def _train(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: str, d: Dist, progress: bool) -> dict:
+def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, dtype: str, d: Dist, progress: bool,
+           reward_fn=None) -> dict:
     import yaml
 
     say = print if d.main else (lambda *a, **k: None)
     policy, state = build_policy(cfg, device, dtype, d, start)
-    data = load_dataset(cfg.dataset)
-    if cfg.val_size >= len(data):
-        raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
     train_set = data.problems[: len(data) - cfg.val_size]
     val_set = data.problems[len(data) - cfg.val_size :]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -321,7 +336,8 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: 
     barrier(d)
     logger = MetricsLogger(out, state["step"]) if d.main else None
     bar, warned = None, not d.main
-    with Grader(cfg.grading_workers, require_number=cfg.require_number) as grader, StopFlag() as stop:
+    with Grader(cfg.grading_workers, require_number=cfg.require_number, reward=reward_fn or cfg.reward) as grader, \
+            StopFlag() as stop:
         if cfg.eval_before_after and state["before"] is None:
             state["before"] = held_out_check(rollout_lm, grader, cfg, d, "before training", say)
         if cfg.ood_limit and state["step"] == 0 and d.main:  # the base model's scores, before any update
@@ -376,7 +392,7 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: 
             policy.sync_rollout()
             summary["after"] = held_out_check(rollout_lm, grader, cfg, d, "after training ", say)
             summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
-                                   "n": len(load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after))}
+                                   "n": len(held_out_set(cfg, grader))}
         if cfg.ood_limit and state["step"] == cfg.max_steps and d.main and (out / "ood-before" / "results.json").exists():
             before = json.loads((out / "ood-before" / "results.json").read_text())
             after = ood_eval(rollout_lm, list(OOD_SETS), out / "ood-after", cfg.ood_limit, progress=progress)

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,12 +20,14 @@ GENERATE_FLAGS = [
 ]
 
 
+DATA_FLAGS = ["--answer-key", "--chat-template", "--dataset-config", "--prompt-template", "--question-key", "--reward",
+              "--skip-bad", "--split"]
 FLAGS = {
     "generate": GENERATE_FLAGS,
-    "eval": ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout", "--grading-workers",
-             "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples", "--out",
-             "--require-number", "--resume", "--save-cot-text", "--seed", "--settings"],
-    "train": ["--adam-beta1", "--adam-beta2", "--answer-temperature", "--beta", "--config", "--dataset", "--device",
+    "eval": sorted(DATA_FLAGS + ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout",
+                    "--grading-workers", "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples",
+                    "--out", "--require-number", "--resume", "--save-cot-text", "--seed", "--settings", "--yes"]),
+    "train": sorted(DATA_FLAGS + ["--adam-beta1", "--adam-beta2", "--answer-temperature", "--beta", "--config", "--dataset", "--device",
               "--dtype", "--estimator", "--eval-before-after", "--eval-dataset", "--eval-mode", "--eval-steps", "--gamma",
               "--gradient-checkpointing",
               "--grading-workers", "--learning-rate", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
@@ -32,7 +35,7 @@ FLAGS = {
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
               "--output-dir", "--prompts-per-step", "--require-number", "--resume", "--resume-from-previous", "--rollout-batch-size",
               "--rollout-correction", "--save-steps", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
-              "--warmup-steps", "--weight-decay"],
+              "--warmup-steps", "--weight-decay"]),
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--model", "--out", "--resume"],
     "report": ["--out"],
 }
@@ -55,8 +58,8 @@ def test_generate_prints_cot_top_k_and_answer(model_dir):
                   "--max-cot-length", "6", "--max-answer-length", "3", "--show-top-k", "2", "--num-generations", "2")
     assert out.returncode == 0, out.stderr
     assert "mode soft  tau 0.5  sigma" in out.stdout
-    assert out.stdout.count("--- CoT (greedy shadow") == 2 and "--- top-2 of p per CoT step" in out.stdout
-    assert "--- answer: \\boxed{" in out.stdout
+    assert out.stdout.count("--- CoT (soft: inputs p E + Gaussian noise; the text is the argmax of p") == 2
+    assert "--- top-2 of p per CoT step" in out.stdout and "--- answer (greedy): \\boxed{" in out.stdout
 
 
 def test_generate_json(model_dir):
@@ -173,7 +176,7 @@ def test_sigterm_exits_143_after_saving(model_dir, tmp_path, command):
                 "--save-steps", "0", "--eval-steps", "0", "--grading-workers", "0", "--output-dir", str(out)]
         marker = "train (soft)"
     else:
-        args = ["eval", "--model", model_dir, "--datasets", "gsm8k", "--settings", "soft_sample", "--num-samples", "2",
+        args = ["eval", "--model", model_dir, "--datasets", "gsm8k", "--settings", "soft_sample", "--yes", "--num-samples", "2",
                 "--batch-size", "2", "--max-cot-length", "3", "--max-answer-length", "2", "--out", str(out)]
         marker = "gsm8k soft_sample"
     proc = subprocess.Popen([sys.executable, "-m", "softtokens.cli", *args], stdout=subprocess.PIPE,
@@ -190,3 +193,43 @@ def test_sigterm_exits_143_after_saving(model_dir, tmp_path, command):
         assert not (out / "summary.json").exists()
     else:
         assert "rerun with --resume" in err and list((out / "records" / "gsm8k").glob("*.jsonl"))
+
+
+def test_cli_habits(model_dir, tmp_path):
+    """Underscores as well as dashes, did-you-mean for flags and YAML keys, --version, a help for users."""
+    from softtokens import __version__
+
+    assert run_cli("--version").stdout.strip() == f"softtokens {__version__}"
+    top = run_cli("--help").stdout
+    assert "Soft Tokens, Hard Truths" in top and "check a trained model kept its general skills" in top
+    bad = run_cli("train", "--num-generation", "3")
+    assert bad.returncode == 2 and "unknown flag --num-generation; did you mean --num-generations?" in bad.stderr
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rat: 1e-5\n")
+    bad = run_cli("train", "--config", str(cfg))
+    assert bad.returncode == 2 and "learning_rat: did you mean learning_rate?" in bad.stderr
+    res = run_cli("train", "--model", model_dir, "--dataset", "gsm8k", "--val_size", "2", "--prompts_per_step", "1",
+                  "--num_generations", "2", "--max_cot_length", "2", "--max_answer_length", "2", "--max_steps", "1",
+                  "--grading_workers", "0", "--learning_rate=1e-4", "--output_dir", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-1000:]
+    assert "learning_rate: 0.0001" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--settings", "soft_greedyy"], "unknown setting(s) ['soft_greedyy']"),
+    (["eval", "--datasets", "{bad}", "--limit", "1"], "no answer column"),
+    (["eval", "--datasets", "gsm8k", "--reward", "nosuch_mod_q:f", "--limit", "1"], "cannot import nosuch_mod_q"),
+    (["eval", "--datasets", "gsm8k"], "pass --limit N to evaluate the first N problems of each set, or --yes"),
+    (["train", "--dataset", "{bad}"], "no answer column"),
+    (["train", "--reward", "{example}:nothere"], "has no function nothere"),
+])
+def test_bad_input_fails_before_the_model_loads(tmp_path, args, message):
+    """--model names a model that does not exist: reaching the load would be a different error."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "target": "1"}\n')
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "exact_match.py")
+    args = [a.format(bad=bad, example=example) for a in args]
+    out_flag = "--out" if args[0] == "eval" else "--output-dir"
+    res = run_cli(*args, "--model", str(tmp_path / "no-model"), out_flag, str(tmp_path / "o"), "--device", "cpu")
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+    assert "no model at" not in res.stderr

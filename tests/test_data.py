@@ -80,3 +80,36 @@ def test_unknown_names_and_missing_files(tmp_path):
         load_dataset("gsm9k")
     with pytest.raises(FileNotFoundError, match="no dataset file"):
         load_dataset(str(tmp_path / "nope.jsonl"))
+
+
+def test_columns_keys_and_chat_prompts(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    chat = [{"role": "system", "content": "Answer in a box."}, {"role": "user", "content": "2 + 2?"}]
+    path.write_text(json.dumps({"input": "What is 1 + 1?", "target": "2", "topic": "sums"}) + "\n"
+                    + json.dumps({"input": chat, "target": "4", "topic": "sums"}) + "\n")
+    with pytest.raises(ValueError, match="no question column .* columns: input, target, topic \\(set question_key\\)"):
+        load_dataset(str(path))
+    ds = load_dataset(str(path), question_key="input", answer_key="target")
+    assert ds.problems[0].question == "What is 1 + 1?" and ds.problems[0].answer == "2"
+    assert ds.problems[1].question == chat, "a chat-format prompt stays a list of messages"
+    assert ds.problems[0].columns == {"target": "2", "topic": "sums"}, "a custom reward gets the other columns"
+    no_answer = load_dataset(str(path), question_key="input", require_answer=False)
+    assert [p.answer for p in no_answer.problems] == ["", ""]
+    path.write_text(json.dumps({"prompt": [{"role": "user"}], "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="holds a list that is not chat messages"):
+        load_dataset(str(path))
+
+
+def test_a_hub_name_without_the_datasets_package_is_one_line(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_datasets(name, *a, **kw):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ValueError, match="needs the datasets package: pip install datasets"):
+        load_dataset("openai/gsm8k", config="main", split="test")

@@ -1,9 +1,11 @@
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +155,64 @@ def test_a_script_without_a_main_guard_grades(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("script body runs") == 1 and "rewards [100.0, 10.0]" in out.stdout
+
+
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "exact_match.py")
+
+
+def _problems(targets):
+    from softtokens.data import Problem
+
+    return [Problem(str(i), f"capital {i}?", "", {"target": t, "id": str(i)}) for i, t in enumerate(targets)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_trl_style_reward_sees_the_columns(workers):
+    pairs = [("", "\\boxed{Paris}"), ("", "\\boxed{rome}"), ("", "\\boxed{Lyon}"), ("", "no box")]
+    with Grader(workers=workers, reward=f"{EXAMPLE}:exact_match") as grader:
+        grades = grader.grade(pairs, _problems(["Paris", "Rome", "Paris", "Paris"]))
+    assert [g.reward for g in grades] == [1.0, 1.0, 0.1, 0.0]
+    assert [g.correct for g in grades] == [True, True, False, False]
+
+
+def _raises(prompts, completions, **columns):
+    raise KeyError("target")
+
+
+def _short(prompts, completions, **columns):
+    return [1.0]
+
+
+def test_a_local_function_is_called_in_process_and_checked():
+    seen = {}
+
+    def length(prompts, completions, target, **columns):  # defined in a function: workers cannot import it
+        seen.update(prompts=prompts, target=target)
+        return [float(len(c)) for c in completions]
+
+    with Grader(workers=1, reward=length) as grader:
+        grades = grader.grade([("", "\\boxed{ab}"), ("", "")], _problems(["x", "y"]))
+    assert [g.reward for g in grades] == [10.0, 0.0] and [g.correct for g in grades] == [True, False]
+    assert seen == {"prompts": ["capital 0?", "capital 1?"], "target": ["x", "y"]}
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("nosuchmodule_xyz:f", "cannot import nosuchmodule_xyz (ModuleNotFoundError"),
+    (f"{EXAMPLE}:nothere", "exact_match.py has no function nothere"),
+    ("examples/none.py:f", "no file examples/none.py"),
+    ("just_a_name", "expected 'package.module:function'"),
+])
+def test_a_bad_reward_name_is_a_clear_error(reward, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Grader(workers=0, reward=reward)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("fn, message", [
+    (_raises, "reward test_reward:_raises raised KeyError: 'target'"),
+    (_short, "reward test_reward:_short returned 1 rewards for 2 completions"),
+])
+def test_a_reward_that_fails_names_the_function(fn, message, workers):
+    with Grader(workers=workers, reward=fn) as grader:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            grader.grade([("", "a"), ("", "b")], _problems(["x", "y"]))

@@ -200,3 +200,21 @@ def test_finished_rows_leave_the_batch_without_changing_results(llama, monkeypat
             assert a.cot_ids == b.cot_ids and a.answer_ids == b.answer_ids and a.stop_reason == b.stop_reason
             torch.testing.assert_close(a.cot_embeds, b.cot_embeds, rtol=0, atol=1e-5)
             torch.testing.assert_close(a.cot_logprobs, b.cot_logprobs, rtol=2e-5, atol=1e-4)
+
+
+def test_chat_prompts_use_the_tokenizer_template(llama):
+    """A chat-format question is the whole prompt (no prompt_template); a text one goes into the template."""
+    from softtokens.rollout import encode_prompts
+
+    lm = tiny_lm("llama")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"}]
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        encode_prompts(lm, [chat], RolloutConfig())
+    lm.tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ids = encode_prompts(lm, [chat, "What is 3 + 4?"], RolloutConfig(chat_template=True))
+    assert lm.tokenizer.decode(ids[0]).endswith("<system>Be brief.<user>What is 3 + 4?<assistant>")
+    text = lm.tokenizer.decode(ids[1])
+    assert text.startswith("<user>A conversation between User and Assistant") and text.endswith("Assistant:<assistant>")
+    rollouts = generate_rollouts(lm, [chat], CoTConfig("soft"), RolloutConfig(max_cot_length=3, max_answer_length=2))
+    assert rollouts[0].question == chat and rollouts[0].completion.startswith("\\boxed{")

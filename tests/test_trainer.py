@@ -317,3 +317,26 @@ def test_wilson_interval():
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
+
+
+def test_a_custom_reward_in_a_full_run(model_dir, tmp_path):
+    """TRL's signature through train(): checkpoints, metrics and resume, with the dataset's own columns."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples"
+    seen = []
+
+    def starts_with_space(prompts, completions, target, **columns):
+        seen.append(len(target))
+        rewards = [1.0 if c.startswith("\\boxed{ ") else 0.0 for c in completions]
+        return rewards, [r > 0 for r in rewards]
+
+    kw = dict(dataset=str(example / "capitals.jsonl"), val_size=4, eval_steps=0, max_steps=2)
+    out = tr.train(_cfg(model_dir, tmp_path / "fn", **kw), progress=False, reward_fn=starts_with_space)
+    assert out["step"] == 2 and seen and all(n == 4 for n in seen), "the reward sees each step's batch and column"
+    spec = _cfg(model_dir, tmp_path / "spec", reward=f"{example / 'exact_match.py'}:exact_match", **kw)
+    tr.train(spec, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "spec" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rollout/reward"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="reward: .* -> ''"):
+        tr.train(dataclasses.replace(spec, reward="", max_steps=3, resume=True), progress=False)
