@@ -26,7 +26,8 @@ from softtokens.data import load_dataset
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
 from softtokens.outdir import FolderLock, prepare
-from softtokens.passk import mean_pass_at_k
+from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
+from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, reward_spec
 from softtokens.rollout import generate_rollouts
 
@@ -76,6 +77,9 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         if diff:
             raise ValueError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
+        now, run["provenance"] = run["provenance"], old.get("provenance", run["provenance"])
+        if versions(now) != versions(run["provenance"]):
+            run["provenance"]["resumed"] = run["provenance"].get("resumed", []) + [now]
     saved.write_text(json.dumps(run, indent=2))
 
 
@@ -101,7 +105,8 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     datasets = datasets or check_eval(cfg, reward_fn)
     run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
-                                     "reward": cfg.reward or getattr(reward_fn, "__qualname__", "")}
+                                     "reward": cfg.reward or getattr(reward_fn, "__qualname__", ""),
+                                     "provenance": provenance(lm.name)}
     del run["resume"], run["out"]
     with FolderLock(prepare(cfg.out, "--out"), "--out"), \
             Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number, reward_fn or cfg.reward) as grader:
@@ -193,6 +198,8 @@ def summarize_records(records: list[dict]) -> dict:
         "samples_per_problem": n,
         "pass@1": mean_pass_at_k(counts, 1),
         "pass@k": {str(k): mean_pass_at_k(counts, k) for k in sorted(set(KS) | {n}) if k <= n},
+        "pass@k_stderr": {str(k): standard_error([pass_at_k(m, c, k) for m, c in counts])
+                          for k in sorted(set(KS) | {n}) if k <= n},
         "boxed_rate": sum(s["boxed"] for s in samples) / len(samples),
         "mean_cot_length": sum(s["cot_length"] for s in samples) / len(samples),
         "stop_reasons": dict(Counter(s["stop_reason"] for s in samples)),
@@ -205,7 +212,8 @@ def summarize(out: str | Path) -> dict:
     """results.json of an evaluation folder, from its config and records (also for partial runs)."""
     out = Path(out)
     run = json.loads((out / "config.json").read_text())
-    results = {"model": run["model"], "config": run, "datasets": {}}
+    results = {"model": run["model"], "provenance": run.get("provenance"),
+               "config": {k: v for k, v in run.items() if k != "provenance"}, "datasets": {}}
     for name in run["datasets"]:
         for setting in run["settings"]:
             records = read_records(out / "records" / name / f"{setting}.jsonl")

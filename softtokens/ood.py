@@ -27,6 +27,8 @@ import torch
 
 from softtokens import cot, jsonl
 from softtokens.data import jsonl_rows
+from softtokens.passk import standard_error
+from softtokens.provenance import provenance
 from softtokens.models import CausalLM
 
 BUILTIN = {
@@ -152,6 +154,7 @@ def _scores(records: list[dict]) -> dict:
     return {
         "items": len(ms),
         "accuracy": sum(m["correct"] for m in ms) / len(ms),
+        "accuracy_stderr": standard_error([float(m["correct"]) for m in ms]),
         "accuracy_norm": sum(m["correct_norm"] for m in ms) / len(ms),
         "nll": sum(m["nll"] for m in ms) / len(ms),
     }
@@ -171,7 +174,8 @@ def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | No
     """Score each dataset into out/records/<dataset>.jsonl (resuming what is there) and return out/results.json."""
     out = Path(out)
     (out / "records").mkdir(parents=True, exist_ok=True)
-    results = {"model": lm.name, "datasets": {}}
+    results = {"model": lm.name, "provenance": provenance(lm.name),
+               "config": {"datasets": datasets, "limit": limit, "batch_size": batch_size}, "datasets": {}}
     for name in datasets:
         items = load_mc(name, limit)
         path = out / "records" / f"{name}.jsonl"
@@ -202,7 +206,7 @@ def table2(runs: list[dict], base: dict | None = None) -> str:
     names = [(k, label) for k, label in TABLE2 if any(k in r["datasets"] for r in runs)]
     names += [(k, k) for r in runs for k in r["datasets"] if k not in dict(TABLE2)]
     names = list(dict.fromkeys(names))
-    head = "| model | " + " | ".join(f"{label} acc | NLL" for _, label in names) + " |"
+    head = "| model | " + " | ".join(f"{label} acc % | NLL" for _, label in names) + " |"
     lines = [head, "|---|" + "---:|---:|" * len(names)]
     for r in ([base] if base else []) + runs:
         cells = []
@@ -216,6 +220,8 @@ def table2(runs: list[dict], base: dict | None = None) -> str:
                 d, b = r["datasets"].get(k), base["datasets"].get(k)
                 delta += [f"{100 * (d['accuracy'] - b['accuracy']):+.2f}", f"{d['nll'] - b['nll']:+.3f}"] if d and b else ["-", "-"]
             lines.append("| change vs base | " + " | ".join(delta) + " |")
+    lines += ["", "acc %: accuracy in percent (the choice of highest likelihood); NLL: mean per-token negative "
+              "log-likelihood of the correct choice, in nats; standard errors are in ood.json."]
     return "\n".join(lines)
 
 

@@ -26,6 +26,16 @@ def mean_pass_at_k(counts: list[tuple[int, int]], k: int) -> float:
     return sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of a mean over problems (sample standard deviation / sqrt(n), as lm-eval reports):
+    for 0/1 verdicts the binomial one, for per-problem pass@k the spread over problems."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of an accuracy of correct / n (95% for z = 1.96); sound at 0 and n correct."""
     if not 0 <= correct <= n or n < 1:

@@ -39,7 +39,8 @@ def paper_table(runs: list[dict]) -> str:
                 value = s["pass@k"].get(k) if s else None
                 cells.append("-" if value is None else f"{100 * value:.1f}")
             out.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["", f"H / F / S = hard / fuzzy / soft CoT; G = greedy pass@1; S1 = sampled pass@1; S{n} = pass@{n} of "
+                f"{n} samples; in percent; standard errors in results.json.", ""]
     return "\n".join(out)
 
 

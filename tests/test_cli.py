@@ -131,7 +131,7 @@ def test_ood_command_compares_with_base(model_dir, tmp_path):
             "--out", str(out)]
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr
-    assert "| model | HellaSwag acc | NLL | ARC acc | NLL |" in res.stdout and "| change vs base | +0.00 | +0.000" in res.stdout
+    assert "| model | HellaSwag acc % | NLL | ARC acc % | NLL |" in res.stdout and "| change vs base | +0.00 | +0.000" in res.stdout
     for name in ("ood.json", "ood.md", "ood.png"):
         assert (out / name).exists()
     again = run_cli(*args)

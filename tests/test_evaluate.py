@@ -38,6 +38,15 @@ def test_six_settings_end_to_end_write_every_output(llama, tmp_path):
         assert {"cot", "answer", "correct", "stop_reason", "cot_length", "near_tie_rate"} <= set(recs[0]["samples"][0])
         assert recs[0]["samples"][0]["answer"].startswith("\\boxed{")
     assert "| model | HG | HS1 | HS4 | FG | FS1 | FS4 | SG | SS1 | SS4 |" in table
+    assert "G = greedy pass@1; S1 = sampled pass@1; S4 = pass@4 of 4 samples; in percent" in table
+    saved = json.loads((out / "results.json").read_text())
+    import torch
+    import transformers
+
+    prov = saved["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["transformers"] == transformers.__version__
+    assert prov["model"] == llama.name and prov["date"].startswith("20") and saved["config"]["num_samples"] == 4
+    assert set(saved["datasets"]["gsm8k"]["hard_sample"]["pass@k_stderr"]) == {"1", "2", "4"}
 
 
 def test_interrupted_run_resumes_to_the_same_results(llama, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 
@@ -36,3 +37,11 @@ def brute_like(n, c, k):
     from math import comb
 
     return comb(n - c, k) / comb(n, k)
+
+
+def test_standard_error_is_the_binomial_one_for_verdicts():
+    from softtokens.passk import standard_error
+
+    verdicts = [1.0] * 30 + [0.0] * 70
+    assert standard_error(verdicts) == pytest.approx(math.sqrt(0.3 * 0.7 / 99), rel=1e-12)
+    assert standard_error([0.5]) == 0.0 and standard_error([0.2, 0.2, 0.2]) == 0.0
