@@ -44,4 +44,4 @@ def test_standard_error_is_the_binomial_one_for_verdicts():
 
     verdicts = [1.0] * 30 + [0.0] * 70
     assert standard_error(verdicts) == pytest.approx(math.sqrt(0.3 * 0.7 / 99), rel=1e-12)
-    assert standard_error([0.5]) == 0.0 and standard_error([0.2, 0.2, 0.2]) == 0.0
+    assert standard_error([0.5]) == 0.0 and standard_error([0.2, 0.2, 0.2]) == pytest.approx(0.0, abs=1e-12)
