@@ -58,12 +58,37 @@ def verify_checkpoint(path: Path) -> None:
                                     "after it was written)")
 
 
-def _write_dir(path: Path, write) -> Path:
+def model_card(cfg, sigma: float) -> str:
+    """README.md of a checkpoint: what a user needs to run the model as it was trained."""
+    from softtokens import prompts
+
+    hub_id = "/" in cfg.model and not Path(cfg.model).exists()
+    front = ["---", "library_name: transformers", *([f"base_model: {cfg.model}"] if hub_id else []),
+             "tags:", "- softtokens", "- soft-thinking", "---"]
+    rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot().temperature),
+            ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS(E)", f"{sigma:.6g}"),
+            ("chat template", cfg.chat_template), ("stop marker", repr(prompts.MARKER)),
+            ("prefill after the marker", repr(prompts.MARKER_PREFILL)),
+            ("prefill at the length limit", repr(prompts.LENGTH_PREFILL)), ("max CoT length", cfg.max_cot_length),
+            ("dataset", cfg.dataset), ("reward", cfg.reward or "Math-Verify 100 / 10 / 0")]
+    return "\n".join([
+        *front, "", f"# A {cfg.mode}-CoT model trained with softtokens", "",
+        "RL-trained with continuous chain-of-thought tokens (\"Soft Tokens, Hard Truths\", arXiv 2509.19170). "
+        "This folder is an ordinary Hugging Face model: `AutoModelForCausalLM.from_pretrained` runs it with hard "
+        "tokens. To run its CoT as it was trained, use the same prompt, marker and prefills:", "",
+        f"    softtokens generate --model <this folder> --mode {cfg.mode} --question \"...\"", "",
+        "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+        "Prompt template (`{question}` is replaced by the question):", "", "```", cfg.prompt_template, "```", ""])
+
+
+def _write_dir(path: Path, write, card: str | None = None) -> Path:
     """Run ``write(folder)`` into a temporary folder, then rename it to ``path``: never half a checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     _write_checksums(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -100,7 +125,7 @@ def _write_hf(folder: Path, policy, model_state: dict) -> None:
     policy.lm.tokenizer.save_pretrained(folder)
 
 
-def save_checkpoint(path: Path, policy, optimizer, scheduler, state: dict, d) -> Path:
+def save_checkpoint(path: Path, policy, optimizer, scheduler, state: dict, d, card: str | None = None) -> Path:
     """The model as a Hugging Face folder plus trainer_state.pt (optimiser, scheduler, RNG, step, LoRA adapters).
 
     Every rank calls it (gathering shards is a collective); rank 0 writes.
@@ -122,12 +147,12 @@ def save_checkpoint(path: Path, policy, optimizer, scheduler, state: dict, d) ->
             torch.save({**state, **extra, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, folder / STATE)
 
-        _write_dir(path, write)
+        _write_dir(path, write, card)
     barrier(d)
     return path
 
 
-def save_model(path: Path, policy, d) -> Path:
+def save_model(path: Path, policy, d, card: str | None = None) -> Path:
     """The model and tokenizer only (the best checkpoint, the final export)."""
     from softtokens.distributed import barrier
 
@@ -135,9 +160,20 @@ def save_model(path: Path, policy, d) -> Path:
         policy.sync_rollout()
     weights = {} if policy.lora else _model_state(policy)
     if d.main:
-        _write_dir(path, lambda folder: _write_hf(folder, policy, weights))
+        _write_dir(path, lambda folder: _write_hf(folder, policy, weights), card)
     barrier(d)
     return path
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload a checkpoint's model, tokenizer and card (not its optimiser state) to the hub; returns the URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=[STATE, CHECKSUMS],
+                      commit_message=f"softtokens: {Path(folder).name}")
+    return f"https://huggingface.co/{repo_id}"
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -200,10 +200,13 @@ class EvalConfig(DataOptions):
             raise ValueError("datasets must name at least one dataset")
 
 
+REPORT_TO = ("tensorboard", "wandb", "none")
+
 # TrainConfig fields a resumed run may change: the schedule's length, intervals, memory and process knobs.
 # Any other change is a different run and --resume refuses it.
 RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
-             "rollout_batch_size", "gradient_checkpointing", "device", "output_dir", "resume", "resume_from_previous")
+             "rollout_batch_size", "gradient_checkpointing", "device", "report_to", "push_to_hub", "output_dir", "resume",
+             "resume_from_previous")
 
 
 @dataclass
@@ -296,6 +299,10 @@ class TrainConfig(DataOptions):
     """CoT mode of the before / after check, greedy: hard is the trained model deployed as a plain checkpoint."""
     ood_limit: int = 0
     """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl: tensorboard, wandb (pip install wandb) or none."""
+    push_to_hub: str = ""
+    """A Hugging Face hub repo id ('user/name'): upload checkpoint-best (else the last checkpoint) at the end."""
     output_dir: str = "runs/train"
     """Checkpoints, metrics.jsonl, TensorBoard events and the resolved config."""
     resume: bool = False
@@ -330,6 +337,8 @@ class TrainConfig(DataOptions):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"unknown report_to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
 
     def cot(self) -> CoTConfig:
         return CoTConfig(self.mode, self.temperature, self.gamma)

@@ -1,4 +1,4 @@
-"""Training metrics: one JSON line per logged step, and TensorBoard events when tensorboard is installed.
+"""Training metrics: one JSON line per logged step, plus TensorBoard events or a Weights & Biases run (report_to).
 
 A run resumed from the checkpoint of step k first cuts both back to step k:
 rows logged after that checkpoint by the interrupted run are redone, so every
@@ -14,7 +14,7 @@ from softtokens import jsonl
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, step: int = 0):
+    def __init__(self, output_dir: Path, step: int = 0, report_to: str = "tensorboard", config: dict | None = None):
         """``step``: the step the run starts from (its checkpoint's); later rows already on disk are dropped."""
         self.path = Path(output_dir) / "metrics.jsonl"
         if self.path.exists():
@@ -22,13 +22,21 @@ class MetricsLogger:
             keep = [r for r in rows if r.get("step", 0) <= step]
             if len(keep) != len(rows) or self.path.read_bytes()[-1:] not in (b"", b"\n"):
                 jsonl.rewrite(self.path, keep)
-        self.writer = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        self.writer = self.wandb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=step + 1 if step else None)
-        except ImportError:
-            warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=step + 1 if step else None)
+            except ImportError:
+                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+        elif report_to == "wandb":
+            import wandb
+
+            # one W&B run per output folder, resumed with it. W&B drops steps it has seen, so after a resume it
+            # keeps the interrupted run's values for the redone steps (metrics.jsonl and TensorBoard hold the new ones)
+            self.wandb = wandb.init(project="softtokens", name=Path(output_dir).resolve().name, config=config,
+                                    id=wandb_id(output_dir), resume="allow", dir=str(output_dir))
 
     def log(self, step: int, metrics: dict) -> None:
         jsonl.append(self.path, [{"step": step, **metrics}])
@@ -36,10 +44,29 @@ class MetricsLogger:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def wandb_id(output_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def check_report_to(report_to: str) -> None:
+    """Fail before the model loads when the chosen logger is not installed."""
+    if report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("report_to wandb needs the wandb package: pip install wandb (or report_to tensorboard)") from None
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -43,11 +43,11 @@ from torch.distributed.tensor import DTensor
 from softtokens import cot, distributed, mismatch
 from contextlib import nullcontext
 
-from softtokens.checkpoint import checkpoints, restore, save_checkpoint, save_model
+from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
-from softtokens.metrics import MetricsLogger
+from softtokens.metrics import MetricsLogger, check_report_to
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
 from softtokens.models import CausalLM, load_model, resolve_device
 from softtokens.ood import TABLE2, ood_eval, table2
@@ -291,6 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None) -> dict:
         if cfg.val_size >= len(data):
             raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
         custom = reward_spec(reward_fn or cfg.reward) != (None, None)
+        check_report_to(cfg.report_to)
         if cfg.eval_before_after:
             load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom)
         device, dtype = resolve_device(cfg.device, cfg.dtype)
@@ -334,7 +335,8 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, d
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]}, sort_keys=False))
         tmp.replace(out / "config.yaml")
     barrier(d)
-    logger = MetricsLogger(out, state["step"]) if d.main else None
+    logger = MetricsLogger(out, state["step"], cfg.report_to, dataclasses.asdict(cfg)) if d.main else None
+    card = model_card(cfg, state["sigma"])
     bar, warned = None, not d.main
     with Grader(cfg.grading_workers, require_number=cfg.require_number, reward=reward_fn or cfg.reward) as grader, \
             StopFlag() as stop:
@@ -360,7 +362,7 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, d
                 metrics["eval/greedy_accuracy"] = acc
                 if state["best"] is None or acc > state["best"]["accuracy"]:
                     state["best"] = {"accuracy": acc, "step": step}
-                    save_model(out / "checkpoint-best", policy, d)
+                    save_model(out / "checkpoint-best", policy, d, card)
             if logger is not None and (step % cfg.logging_steps == 0 or last):
                 logger.log(step, metrics)
             if not warned and (text := mismatch.warning(metrics)):
@@ -375,7 +377,7 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, d
                               f"{metrics['rollout/accuracy']:.3f}, CoT length {metrics['rollout/cot_length']:.0f}{val}")
             stopping = any_rank(stop.set, d)
             if (cfg.save_steps and step % cfg.save_steps == 0) or last or stopping:
-                save_checkpoint(out / f"checkpoint-{step}", policy, optimizer, scheduler, state, d)
+                save_checkpoint(out / f"checkpoint-{step}", policy, optimizer, scheduler, state, d, card)
                 if d.main:
                     for old in checkpoints(out)[:-2]:  # keep the last two
                         shutil.rmtree(old)
@@ -402,6 +404,10 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, d
         barrier(d)
     if logger is not None:
         logger.close()
+        if cfg.push_to_hub:
+            pushed = out / "checkpoint-best" if (out / "checkpoint-best").is_dir() else checkpoints(out)[-1]
+            summary["hub"] = push_to_hub(pushed, cfg.push_to_hub)
+            print(f"pushed {pushed} to {summary['hub']}")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if (out / "metrics.jsonl").exists():
             print(training_report(out))

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +341,51 @@ def test_a_custom_reward_in_a_full_run(model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rollout/reward"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="reward: .* -> ''"):
         tr.train(dataclasses.replace(spec, reward="", max_steps=3, resume=True), progress=False)
+
+
+def test_model_card_hub_push_and_report_to(model_dir, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, ignore_patterns, commit_message):
+            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()), ignore_patterns))
+
+    logged = []
+    fake_wandb = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=lambda m, step: logged.append(step), finish=lambda: logged.append("finish")))
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    out = tmp_path / "run"
+    summary = tr.train(_cfg(model_dir, out, max_steps=2, report_to="wandb", push_to_hub="me/soft-demo"), progress=False)
+    card = (out / "checkpoint-2" / "README.md").read_text()
+    assert "| CoT mode | soft |" in card and f"| sigma = gamma x RMS(E) | {summary['sigma']:.6g} |" in card
+    assert "The final answer is:" in card and "{question}" in card
+    assert calls[0] == ("create", "me/soft-demo") and "README.md" in calls[1][1] and calls[1][2] == [
+        "trainer_state.pt", "checksums.json"]
+    assert summary["hub"] == "https://huggingface.co/me/soft-demo"
+    assert logged == [1, 2, "finish"] and not (out / "tensorboard").exists()
+    monkeypatch.delitem(sys.modules, "wandb")
+    monkeypatch.setattr("builtins.__import__", _no("wandb"))
+    with pytest.raises(ValueError, match="report_to wandb needs the wandb package"):
+        tr.train(_cfg(str(tmp_path / "no-model"), tmp_path / "w", report_to="wandb"), progress=False)
+
+
+def _no(name):
+    import builtins
+
+    real = builtins.__import__
+
+    def imp(n, *a, **kw):
+        if n == name:
+            raise ImportError(f"No module named {name!r}")
+        return real(n, *a, **kw)
+
+    return imp
