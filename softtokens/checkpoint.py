@@ -67,9 +67,9 @@ def model_card(cfg, sigma: float) -> str:
              "tags:", "- softtokens", "- soft-thinking", "---"]
     rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot().temperature),
             ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS(E)", f"{sigma:.6g}"),
-            ("chat template", cfg.chat_template), ("stop marker", repr(prompts.MARKER)),
-            ("prefill after the marker", repr(prompts.MARKER_PREFILL)),
-            ("prefill at the length limit", repr(prompts.LENGTH_PREFILL)), ("max CoT length", cfg.max_cot_length),
+            ("chat template", cfg.chat_template), ("stop marker", f'`"{prompts.MARKER}"`'),
+            ("prefill after the marker", f'`"{prompts.MARKER_PREFILL}"`'),
+            ("prefill at the length limit", f'`"{prompts.LENGTH_PREFILL}"`'), ("max CoT length", cfg.max_cot_length),
             ("dataset", cfg.dataset), ("reward", cfg.reward or "Math-Verify 100 / 10 / 0")]
     return "\n".join([
         *front, "", f"# A {cfg.mode}-CoT model trained with softtokens", "",
