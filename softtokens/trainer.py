@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,8 +42,6 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from softtokens import cot, distributed, mismatch
-from contextlib import nullcontext
-
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
