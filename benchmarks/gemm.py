@@ -5,7 +5,7 @@
 A decode step multiplies a few dozen rows by each weight, so it is bound by
 reading the weights: the table gives microseconds per product and the weight
 bytes read per second. Formulations: ``F.linear`` on the (out, in) weight as
-the engine calls it today; ``x @ W_t`` on a weight stored transposed (in,
+the engine calls it; ``x @ W_t`` on a weight stored transposed (in,
 out), which cuBLAS serves with other kernels; and a split-K over 4 chunks of
 the inputs (one batched product, then a sum), which gives a small product
 more programs. Each is captured in a CUDA graph (20 calls) and replayed.

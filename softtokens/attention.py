@@ -48,7 +48,7 @@ def splits_for(rows: int, kv_heads: int, device) -> int:
 
     Why: 64 rows of Qwen2.5-3B's 2 KV heads are 128 programs for 132 SMs, one each and too few to keep the
     memory busy, so they are split 4 ways; 64 rows of Llama's 8 KV heads already fill a wave, and splitting
-    them only adds waves and merges (run 6 on an H200: 4 pieces 26.8 us, 8 pieces 30.6, 16 pieces 40.2).
+    them only adds waves and merges (timings in benchmarks/RESULTS.md, decode attention).
     """
     if device.type != "cuda":  # Triton's interpreter, in tests: the merge runs, at the least cost
         return 2

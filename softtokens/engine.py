@@ -314,7 +314,7 @@ class StaticEngine:
 
     def _to_host(self, s: dict, n: int) -> dict:
         """The recorded state of the first n rows on the host; on CUDA through pinned memory, in one wait
-        (a CoT's inputs are R x L x d: copied to pageable memory, 2.8% of a 128-step rollout in run 6's profile)."""
+        (a CoT's inputs are R x L x d: a copy to pageable memory is a measurable share of a rollout)."""
         names = [k for k in RECORDED if k in s]
         if self.setup.lm.device.type != "cuda":
             return {k: s[k][:n].cpu() for k in names}

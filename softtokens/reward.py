@@ -81,6 +81,7 @@ def grade_one(gold: str, completion: str, timeout: float = 5.0, require_number: 
     evaluates ``\\boxed{20 + 10}`` to 30, which a policy can learn to exploit by copying the question).
     """
     from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
 
     boxed = last_boxed(completion[-MAX_CHARS:])
     if boxed is None or not boxed.strip():
@@ -92,7 +93,8 @@ def grade_one(gold: str, completion: str, timeout: float = 5.0, require_number: 
         gold_parsed = parse(f"${gold}$", parsing_timeout=seconds)
         pred_parsed = parse(f"$\\boxed{{{boxed}}}$", parsing_timeout=seconds)
         ok = bool(gold_parsed) and bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=seconds)
-    except BaseException:  # noqa: BLE001  timeouts, RecursionError, sympy errors: all mean "not verified"
+    except (Exception, TimeoutException):  # noqa: BLE001  timeouts (a BaseException there), RecursionError,
+        # sympy errors: all mean "not verified"; Ctrl-C still stops the run
         ok = False
     return Grade(CORRECT if ok else BOXED, ok, True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from softtokens.reward import Grader, grade_one, last_boxed
+from softtokens.reward import Grade, Grader, grade_one, last_boxed
 
 
 @pytest.mark.parametrize(
@@ -216,3 +216,22 @@ def test_a_reward_that_fails_names_the_function(fn, message, workers):
     with Grader(workers=workers, reward=fn) as grader:
         with pytest.raises(ValueError, match=re.escape(message)):
             grader.grade([("", "a"), ("", "b")], _problems(["x", "y"]))
+
+
+def test_ctrl_c_while_grading_is_not_a_wrong_answer(monkeypatch):
+    """Math-Verify's timeouts are BaseExceptions and mean 'not verified'; a KeyboardInterrupt must stop the run."""
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def timeout(*a, **kw):
+        raise TimeoutException("slow")
+
+    monkeypatch.setattr(math_verify, "parse", timeout)
+    assert grade_one("7", "\\boxed{7}") == Grade(10.0, False, True)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(math_verify, "parse", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grade_one("7", "\\boxed{7}")
