@@ -226,22 +226,30 @@ def table2(runs: list[dict], base: dict | None = None) -> str:
 
 
 def plot_ood(runs: list[dict], path: Path) -> None:
+    """Accuracy and length-normalised accuracy (%, 0-100) and the NLL of the correct choice, a bar per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(k for r in runs for k in r["datasets"]))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    items = {k: max(r["datasets"][k]["items"] for r in runs if k in r["datasets"]) for k in names}
+    labels = [f"{dict(TABLE2).get(k, k)}\n({items[k]} items)" for k in names]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     width = 0.8 / len(runs)
+    panels = (("accuracy", "accuracy (%)", 100), ("accuracy_norm", "length-normalised accuracy (%)", 100),
+              ("nll", "per-token NLL of the correct answer (nats)", 1))
     for m, r in enumerate(runs):
         xs = [i + m * width for i in range(len(names))]
-        axes[0].bar(xs, [100 * r["datasets"].get(k, {}).get("accuracy", 0) for k in names], width, label=r["model"])
-        axes[1].bar(xs, [r["datasets"].get(k, {}).get("nll", 0) for k in names], width, label=r["model"])
-    for ax, title in zip(axes, ("accuracy (%)", "per-token NLL of the correct answer")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+        for ax, (key, _, scale) in zip(axes, panels):
+            ax.bar(xs, [scale * r["datasets"].get(k, {}).get(key, 0) for k in names], width, label=r["model"])
+    for ax, (key, title, scale) in zip(axes, panels):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], labels)
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        if scale == 100:
+            ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

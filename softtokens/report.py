@@ -44,64 +44,96 @@ def paper_table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _grid(n: int):
+# One colour per CoT mode in every figure; greedy settings dashed, sampled ones solid.
+MODE_COLOURS = {"hard": "tab:blue", "soft": "tab:orange", "fuzzy": "tab:green"}
+RUN_MARKERS = "os^Dv<>p"
+
+
+def setting_style(setting: str, run: int = 0) -> dict:
+    mode, kind = setting.split("_")
+    return dict(color=MODE_COLOURS[mode], linestyle="--" if kind == "greedy" else "-", marker=RUN_MARKERS[run % 8],
+                linewidth=2.6 if mode == "hard" else 1.4, zorder=1 if mode == "hard" else 2)
+
+
+def _grid(n: int, cols: int | None = None, size: tuple[float, float] = (5, 4)):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    return plt, fig, axes[0]
+    cols = cols or n
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat)[:n]
 
 
-def _per_dataset(runs: list[dict], path: Path, draw, xlabel: str, ylabel: str, log2_x: bool = False) -> None:
-    """One panel per dataset; ``draw(ax, setting, summary, label)`` adds each run's settings to it."""
+def _per_dataset(runs: list[dict], path: Path, draw, xlabel: str, ylabel: str, log2_x: bool = False,
+                 percent: bool = False) -> None:
+    """One panel per dataset; ``draw(ax, setting, summary, label, style)`` adds each run's settings to it."""
+    from matplotlib.lines import Line2D
+
     datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
     plt, fig, axes = _grid(len(datasets))
+    fig.set_size_inches(5 * len(datasets) + 2.8, 4)
     for ax, ds in zip(axes, datasets):
-        for r in runs:
+        for i, r in enumerate(runs):
             for setting, s in r["datasets"].get(ds, {}).items():
-                draw(ax, setting, s, setting if len(runs) == 1 else f"{r['model']} {setting}")
+                draw(ax, setting, s, setting, setting_style(setting, i))
         if log2_x:
             ax.set_xscale("log", base=2)
-        ax.set(title=ds, xlabel=xlabel, ylabel=ylabel)
+        if percent:
+            ax.set_ylim(0, 100)
+        problems = max((s["problems"] for r in runs for s in r["datasets"].get(ds, {}).values()), default=0)
+        ax.set(title=f"{ds} ({problems} problems)", xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    # one legend for the figure: colour = mode, line = greedy / sampled, marker = run
+    modes = list(dict.fromkeys(st.split("_")[0] for r in runs for d in r["datasets"].values() for st in d))
+    handles = [Line2D([], [], color=MODE_COLOURS[m], linewidth=2, label=m) for m in modes]
+    handles += [Line2D([], [], color="black", linestyle=ls, label=k) for ls, k in (("--", "greedy"), ("-", "sampled"))]
+    if len(runs) > 1:
+        handles += [Line2D([], [], color="black", linestyle="none", marker=RUN_MARKERS[i % 8],
+                           label="/".join(Path(str(r["model"])).parts[-2:])) for i, r in enumerate(runs)]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_size_inches()[0], 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _draw_passk(ax, setting: str, s: dict, label: str) -> None:
-    if setting.endswith("sample"):
-        ks = sorted(int(k) for k in s["pass@k"])
-        ax.plot(ks, [100 * s["pass@k"][str(k)] for k in ks], marker="o", label=label)
-    else:  # greedy: one point at k = 1
-        ax.scatter([1], [100 * s["pass@1"]], marker="x", label=label)
+def _draw_passk(ax, setting: str, s: dict, label: str, style: dict) -> None:
+    ks = sorted(int(k) for k in s["pass@k"])
+    ax.plot(ks, [100 * s["pass@k"][str(k)] for k in ks], label=label, **style)
 
 
-def _draw_entropy(ax, setting: str, s: dict, label: str) -> None:
-    ax.plot(range(len(s["entropy"])), s["entropy"], label=label, linewidth=1)
+def _draw_entropy(ax, setting: str, s: dict, label: str, style: dict) -> None:
+    n = len(s["entropy"])
+    ax.plot(range(n), s["entropy"], label=label, markevery=max(1, n // 8), markersize=4, **style)
 
 
 def plot_passk(runs: list[dict], path: Path) -> None:
-    _per_dataset(runs, path, _draw_passk, "k", "pass@k (%)", log2_x=True)
+    _per_dataset(runs, path, _draw_passk, "k (samples; greedy settings have k = 1)", "pass@k (%)", log2_x=True,
+                 percent=True)
 
 
 def plot_entropy(runs: list[dict], path: Path) -> None:
     _per_dataset(runs, path, _draw_entropy, "CoT position", "mean entropy of next-token distribution (nats)")
 
 
-# Panels of training.png: title -> the metrics drawn in it (each with a moving average when noisy).
+# Panels of training.png: title -> (y label, the metrics drawn in it, each with a moving average when noisy).
 TRAINING_PANELS = {
-    "reward (100 right, 10 boxed, 0 none)": ("rollout/reward",),
-    "accuracy": ("rollout/accuracy", "eval/greedy_accuracy"),
-    "CoT length (tokens)": ("rollout/cot_length",),
-    "boxed answers, and how the CoT ended": ("rollout/boxed_rate", "rollout/stop_marker", "rollout/stop_length",
-                                             "rollout/stop_eos"),
-    "rollout-scorer mismatch (nats per rollout)": ("mismatch/log_ratio_abs_mean",),
-    "entropy of the CoT's next-token distribution": ("rollout/entropy",),
+    "reward": ("mean reward (100 right, 10 boxed, 0 none)", ("rollout/reward",)),
+    "accuracy": ("% correct", ("rollout/accuracy", "eval/greedy_accuracy")),
+    "CoT length": ("tokens", ("rollout/cot_length",)),
+    "entropy of the CoT's next-token distribution": ("nats", ("rollout/entropy",)),
+    "loss": ("policy-gradient loss", ("train/loss",)),
+    "gradient norm": ("before clipping", ("train/grad_norm",)),
+    "how the CoT ended": ("% of rollouts", ("rollout/boxed_rate", "rollout/stop_marker", "rollout/stop_length",
+                                           "rollout/stop_eos")),
+    "rollout-scorer mismatch": ("|log-ratio| per rollout (nats)", ("mismatch/log_ratio_abs_mean",)),
 }
+PERCENT_KEYS = ("rollout/accuracy", "eval/greedy_accuracy", "rollout/boxed_rate", "rollout/stop_marker",
+                "rollout/stop_length", "rollout/stop_eos")
 
 
 def _smooth(ys: list[float], k: int) -> list[float]:
@@ -112,26 +144,24 @@ def training_report(run_dir: str | Path) -> str:
     """training.png (the curves against the step, the before / after check) and a one-line summary."""
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from softtokens.metrics import read_metrics
     from softtokens.passk import wilson_interval
+
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
     summary_path = Path(run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    plt, fig, axes = _grid(len(TRAINING_PANELS), cols=4, size=(4.5, 3.4))
     k = max(1, len(rows) // 10)
-    for ax, (title, keys) in zip(axes.flat, TRAINING_PANELS.items()):
+    for ax, (title, (ylabel, keys)) in zip(axes, TRAINING_PANELS.items()):
         for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+            scale = 100 if key in PERCENT_KEYS else 1
+            pts = [(r["step"], scale * r[key]) for r in rows if key in r]
             if not pts:
                 continue
             x, y = zip(*pts)
-            label = key.split("/")[-1].replace("_", " ").replace("stop ", "CoT ended: ")
+            label = key.split("/")[-1].replace("_", " ").replace("stop ", "ended on ")
             if key.startswith("eval/"):
                 ax.plot(x, y, "o-", label="greedy validation")
                 continue
@@ -144,12 +174,17 @@ def training_report(run_dir: str | Path) -> str:
                 err = None
                 if n:
                     low, high = wilson_interval(round(acc * n), n)
-                    err = [[max(0.0, acc - low)], [max(0.0, high - acc)]]
-                ax.errorbar([step], [acc], yerr=err, fmt="s", capsize=4, label=f"{name} ({acc:.2f})")
-        ax.set(title=title, xlabel="step")
+                    err = [[100 * max(0.0, acc - low)], [100 * max(0.0, high - acc)]]
+                ax.errorbar([step], [100 * acc], yerr=err, fmt="s", capsize=4, label=f"{name} ({100 * acc:.0f}%)")
+        if any(key in PERCENT_KEYS for key in keys):
+            ax.set_ylim(-2, 102)
+        if not ax.lines and not ax.collections:
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        if len(ax.get_legend_handles_labels()[0]) > 1 or title == "accuracy" and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{run_dir}")
     fig.tight_layout()
     fig.savefig(Path(run_dir) / "training.png", dpi=100)
