@@ -108,7 +108,8 @@ def engine_with_kernel_matches_hf_engine():
     from softtokens.rollout import generate_rollouts
 
     from conftest import QUESTIONS
-    from test_engine import KW, _same, compiled_matches_eager
+    from conftest import KW, compiled_matches_eager
+    from conftest import same_rollouts as _same
 
     lm = tiny_lm("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16
     kw = dict(KW, max_cot_length=8)

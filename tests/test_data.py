@@ -4,6 +4,8 @@ import pytest
 
 from softtokens.data import BUILTIN, load_dataset
 
+from conftest import hide_module
+
 
 def test_builtin_sets():
     sizes = {"gsm8k": 1319, "gsm8k_train": 7473, "math500": 500, "olympiadbench": 675, "math_train": 7498,
@@ -101,15 +103,6 @@ def test_columns_keys_and_chat_prompts(tmp_path):
 
 
 def test_a_hub_name_without_the_datasets_package_is_one_line(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_datasets(name, *a, **kw):
-        if name == "datasets":
-            raise ImportError("No module named 'datasets'")
-        return real(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    hide_module(monkeypatch, "datasets")
     with pytest.raises(ValueError, match="needs the datasets package: pip install datasets"):
         load_dataset("openai/gsm8k", config="main", split="test")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, mon
     assert set(w1) == set(w2)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
-    start = load_file(str(next(iter(__import__("pathlib").Path(model_dir).glob("*.safetensors")))))
+    start = load_file(str(next(iter(Path(model_dir).glob("*.safetensors")))))
     assert sum(not torch.equal(w1[n], start[n]) for n in w1 if n in start) >= len(w1) // 2, "the steps moved the weights"
 
     # Checkpoints hold full, name-keyed state: the two-process run resumes in one process like the one-process run.

@@ -7,16 +7,8 @@ from softtokens.models import CausalLM, tiny_lm
 from softtokens.reference import reference_row
 from softtokens.rollout import cot_stop, encode_prompts, generate_rollouts, prepare, row_draws, row_seed
 
-from conftest import QUESTIONS
+from conftest import QUESTIONS, SETTINGS
 
-SETTINGS = [
-    CoTConfig("hard"),
-    CoTConfig("hard", temperature=0),
-    CoTConfig("soft"),
-    CoTConfig("soft", noise=False),
-    CoTConfig("fuzzy"),
-    CoTConfig("fuzzy", noise=False),
-]
 
 
 def _cfg(**kw):

@@ -17,7 +17,7 @@ from softtokens.reward import RewardFunction
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
-from conftest import QUESTIONS, space_reward, use_reward
+from conftest import QUESTIONS, hide_module, space_reward, use_reward
 
 
 def test_advantages_and_loss_by_hand():
@@ -131,7 +131,7 @@ def test_interrupted_run_resumes_step_for_step(model_dir, tmp_path, monkeypatch,
     for n in a:
         assert torch.equal(a[n], b[n]), n
     metrics = lambda d: [line for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if not k.startswith("time/")} for x in lines]  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]  # noqa: E731
     assert [r["step"] for r in strip(metrics(tmp_path / "part"))] == [1, 2, 3, 4], "one row per step"
     assert strip(metrics(tmp_path / "full")) == strip(metrics(tmp_path / "part"))
 
@@ -143,7 +143,7 @@ def test_kl_penalty_to_the_initial_model_survives_a_resume(model_dir, tmp_path, 
     tr.train(_cfg(model_dir, tmp_path / "full", max_steps=3, beta=0.5, save_steps=2), progress=False)
     tr.train(_cfg(model_dir, tmp_path / "part", max_steps=2, beta=0.5), progress=False)
     tr.train(_cfg(model_dir, tmp_path / "part", max_steps=3, beta=0.5, resume=True), progress=False)
-    read = lambda d: [__import__("json").loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     full, part = read(tmp_path / "full"), read(tmp_path / "part")
     assert full[0]["train/kl"] == 0 and full[1]["train/kl"] > 0
     assert part[-1]["train/kl"] == pytest.approx(full[-1]["train/kl"], rel=1e-5)
@@ -274,7 +274,7 @@ def test_bfloat16_trains_float32_master_weights(model_dir, tmp_path, monkeypatch
     use_reward(monkeypatch)
     tr.train(_cfg(model_dir, tmp_path / "run", max_steps=2, dtype="bfloat16"), progress=False)
     w = _weights(tmp_path / "run" / "checkpoint-2")
-    start = _weights(__import__("pathlib").Path(model_dir))
+    start = _weights(Path(model_dir))
     assert {v.dtype for v in w.values()} == {torch.float32}
     assert sum(not torch.equal(w[n], start[n]) for n in w) > len(w) // 2
     assert AutoConfig.from_pretrained(tmp_path / "run" / "checkpoint-2").dtype == torch.bfloat16
@@ -373,19 +373,6 @@ def test_model_card_hub_push_and_report_to(model_dir, tmp_path, monkeypatch):
     assert summary["hub"] == "https://huggingface.co/me/soft-demo"
     assert logged == [1, 2, "finish"] and not (out / "tensorboard").exists()
     monkeypatch.delitem(sys.modules, "wandb")
-    monkeypatch.setattr("builtins.__import__", _no("wandb"))
+    hide_module(monkeypatch, "wandb")
     with pytest.raises(ValueError, match="report_to wandb needs the wandb package"):
         tr.train(_cfg(str(tmp_path / "no-model"), tmp_path / "w", report_to="wandb"), progress=False)
-
-
-def _no(name):
-    import builtins
-
-    real = builtins.__import__
-
-    def imp(n, *a, **kw):
-        if n == name:
-            raise ImportError(f"No module named {name!r}")
-        return real(n, *a, **kw)
-
-    return imp
