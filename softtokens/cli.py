@@ -22,7 +22,7 @@ import typing
 from softtokens import __version__
 from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, TrainConfig, config_from_dict, field_docs
 from softtokens.models import EMBEDDED_MODEL
-from softtokens.outdir import FolderLock, prepare
+from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 
 
 def _flag_type(hint):
@@ -208,7 +208,7 @@ def cmd_ood(args) -> int:
 
     out = Path(args.out)
     if (out / "model").exists() and not args.resume:
-        raise ValueError(f"{out} already holds an OOD check: pass --resume to continue it, or choose another --out")
+        refuse_to_overwrite(out, "an OOD check", "--out")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     device, dtype = resolve_device(args.device, args.dtype)

@@ -174,7 +174,7 @@ class EvalConfig(DataOptions):
     """Rows (problems x samples) decoded together."""
     seed: int = 0
     """Base seed of the sampled settings."""
-    gamma: float = 0.33
+    gamma: float = cot.DEFAULT_GAMMA
     """Noise scale of the soft/fuzzy sample settings: sigma = gamma * RMS(E), computed once per run."""
     grading_workers: int = 2
     """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
@@ -198,6 +198,12 @@ class EvalConfig(DataOptions):
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if not self.datasets.strip():
             raise ValueError("datasets must name at least one dataset")
+
+    def rollout(self, samples: int) -> RolloutConfig:
+        """The RolloutConfig of one setting: ``samples`` per problem, greedy answers."""
+        return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
+                             answer_temperature=0.0, num_generations=samples, seed=self.seed, batch_size=self.batch_size,
+                             prompt_template=self.prompt_template, chat_template=self.chat_template)
 
 
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -223,7 +229,7 @@ class TrainConfig(DataOptions):
     """CoT mode: hard, soft or fuzzy."""
     temperature: float | None = None
     """CoT temperature; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001)."""
-    gamma: float = 0.33
+    gamma: float = cot.DEFAULT_GAMMA
     """Noise scale: sigma = gamma * RMS(E), computed once from the initial model and kept for the run."""
     prompts_per_step: int = 2
     """B: prompts per optimiser step."""
@@ -342,6 +348,13 @@ class TrainConfig(DataOptions):
 
     def cot(self) -> CoTConfig:
         return CoTConfig(self.mode, self.temperature, self.gamma)
+
+    def rollout(self, seed: int, generations: int, answer_temperature: float) -> RolloutConfig:
+        """The RolloutConfig of a training step (seed per step) or of a greedy check (one generation)."""
+        return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
+                             answer_temperature=answer_temperature, num_generations=generations, seed=seed,
+                             batch_size=self.rollout_batch_size, prompt_template=self.prompt_template,
+                             chat_template=self.chat_template)
 
 
 def config_from_dict(cls, values: dict, source: str = "config"):

@@ -21,11 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 from softtokens import cot, jsonl
-from softtokens.config import CoTConfig, EvalConfig, RolloutConfig
+from softtokens.config import CoTConfig, EvalConfig
 from softtokens.data import load_dataset
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
-from softtokens.outdir import FolderLock, prepare
+from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, reward_spec
@@ -71,7 +71,7 @@ def _start(cfg: EvalConfig, run: dict) -> None:
     saved = out / "config.json"
     if saved.exists():
         if not cfg.resume:
-            raise ValueError(f"{out} already holds an evaluation: pass --resume to continue it, or choose another --out")
+            refuse_to_overwrite(out, "an evaluation", "--out")
         old = json.loads(saved.read_text())
         diff = [k for k in RESUME_KEYS if k in old and old[k] != run.get(k)]  # a key an older run lacks is not compared
         if diff:
@@ -124,9 +124,7 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
     todo = [i for i in range(len(ds)) if i not in done]
     cot_cfg = setting_config(setting, cfg.gamma)
     n = cfg.num_samples if cot_cfg.sampled else 1
-    rcfg = RolloutConfig(max_cot_length=cfg.max_cot_length, max_answer_length=cfg.max_answer_length,
-                         answer_temperature=0.0, num_generations=n, seed=cfg.seed, batch_size=cfg.batch_size,
-                         prompt_template=cfg.prompt_template, chat_template=cfg.chat_template)
+    rcfg = cfg.rollout(n)
     per_batch = max(1, cfg.batch_size // n)
     bar = None
     if progress:

@@ -32,6 +32,11 @@ def prepare(path: str | Path, what: str) -> Path:
     return path
 
 
+def refuse_to_overwrite(path: Path, what: str, flag: str) -> None:
+    """A folder that already holds a run's work continues only with --resume."""
+    raise ValueError(f"{path} already holds {what}: pass --resume to continue, or choose another {flag}")
+
+
 class FolderLock:
     """An exclusive lock on an output folder for the life of a run (a context manager)."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from softtokens.checkpoint import CorruptCheckpoint, checkpoints, verify_checkpoint
 from softtokens.config import RESUMABLE, TrainConfig
+from softtokens.outdir import refuse_to_overwrite
 
 
 def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -32,7 +33,7 @@ def start_point(cfg: TrainConfig, out: Path) -> Path | None:
     found = checkpoints(out)
     if not cfg.resume:
         if found:
-            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another output_dir")
+            refuse_to_overwrite(out, "checkpoints", "output_dir")
         if (out / "metrics.jsonl").exists():
             raise ValueError(f"{out} holds metrics.jsonl of an earlier run but no checkpoint to resume: delete the "
                              "folder, or choose another output_dir")

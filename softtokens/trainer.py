@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from softtokens import cot, distributed, mismatch
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
-from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
+from softtokens.config import CoTConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
 from softtokens.metrics import MetricsLogger, check_report_to
@@ -87,13 +87,6 @@ def problems_for_step(problems: list[Problem], step: int, per_step: int, seed: i
     return out
 
 
-def rollout_config(cfg: TrainConfig, seed: int, generations: int, answer_temperature: float) -> RolloutConfig:
-    return RolloutConfig(max_cot_length=cfg.max_cot_length, max_answer_length=cfg.max_answer_length,
-                         answer_temperature=answer_temperature, num_generations=generations, seed=seed,
-                         batch_size=cfg.rollout_batch_size, prompt_template=cfg.prompt_template,
-                         chat_template=cfg.chat_template)
-
-
 class RowStats(NamedTuple):
     """What the step's metrics need of one rollout (gathered from every rank)."""
 
@@ -135,7 +128,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     policy.sync_rollout()
     policy.rollout.model.eval()
     rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(),
-                                 rollout_config(cfg, cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
+                                 cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
                                  rows=[divmod(j, G) for j in mine], on_batch=submit)
     t1 = time.perf_counter()
     grades = [g for _, h in handles for g in grader.result(h)]
@@ -182,6 +175,15 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
 
     losses = gather_objects((loss_sum, kl_sum), d)
     seen = [row for part in gather_objects(seen, d) for row in part]
+    return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
+                        (t0, t1, t2, t3, t4))
+
+
+def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, losses: list, seen: list[dict],
+                 sigma: float, grad_norm: float, finite: bool, lr: float, kl: bool, d: Dist, times: tuple) -> dict:
+    """The step's row in metrics.jsonl, from every rank's rows: train/, rollout/, mismatch/ and time/."""
+    N = len(rows)
+    t0, t1, t2, t3, t4 = times
     capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / N
     tokens = sum(row.generated for row in rows)
     scored = sum(row.generated + row.prompt for row in rows)
@@ -189,7 +191,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     return {
         "train/loss": sum(x[0] for x in losses) / d.world, "train/grad_norm": grad_norm,
         "train/learning_rate": lr, "train/skipped_nonfinite": int(not finite),
-        "train/kl": sum(x[1] for x in losses) / N if ref is not None else 0.0,
+        "train/kl": sum(x[1] for x in losses) / N if kl else 0.0,
         "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(row.correct for row in rows) / N,
         "rollout/boxed_rate": sum(row.boxed for row in rows) / N,
         "rollout/cot_length": sum(row.cot_length for row in rows) / N,
@@ -212,7 +214,7 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     greedy = (dataclasses.replace(cot_cfg, temperature=0.0) if cot_cfg.mode == "hard"
               else dataclasses.replace(cot_cfg, noise=False))
     mine = list(range(d.rank, len(problems), d.world))
-    rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, rollout_config(cfg, cfg.seed, 1, 0.0),
+    rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, cfg.rollout(cfg.seed, 1, 0.0),
                                  rows=[(i, 0) for i in mine])
     grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)], [problems[i] for i in mine])
     if examples is not None:
@@ -305,20 +307,117 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None) -> dict:
             distributed.close()
 
 
-def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, dtype: str, d: Dist, progress: bool,
-           reward_fn=None) -> dict:
+@dataclasses.dataclass
+class Run:
+    """What one training run holds between steps; its methods are the loop's parts."""
+
+    cfg: TrainConfig
+    out: Path
+    d: Dist
+    policy: Policy
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: dict  # step, sigma, best, before: saved in every checkpoint
+    ref: CausalLM | None
+    logger: MetricsLogger | None
+    card: str
+    progress: bool
+    bar: object = None
+    warned: bool = False
+
+    def say(self, text: str) -> None:
+        if self.d.main:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def validate_and_keep_best(self, grader, val_set: list[Problem], metrics: dict) -> None:
+        """Greedy validation accuracy; a new best is saved as checkpoint-best."""
+        self.policy.sync_rollout()
+        acc = greedy_accuracy(self.policy.rollout, grader, val_set, self.cfg.cot(), self.cfg, self.d)
+        metrics["eval/greedy_accuracy"] = acc
+        if self.state["best"] is None or acc > self.state["best"]["accuracy"]:
+            self.state["best"] = {"accuracy": acc, "step": self.state["step"]}
+            save_model(self.out / "checkpoint-best", self.policy, self.d, self.card)
+
+    def log(self, metrics: dict, last: bool) -> None:
+        """metrics.jsonl / TensorBoard / W&B, the progress bar, and the mismatch warning (once)."""
+        step, logged = self.state["step"], self.state["step"] % self.cfg.logging_steps == 0 or last
+        if self.logger is not None and logged:
+            self.logger.log(step, metrics)
+        if not self.warned and (text := mismatch.warning(metrics)):
+            self.warned = True
+            self.say(f"warning: step {step}: {text}")
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{metrics['rollout/reward']:.1f}", loss=f"{metrics['train/loss']:.3g}")
+            self.bar.update(1)
+            if logged:
+                val = metrics.get("eval/greedy_accuracy")
+                self.say(f"step {step}: reward {metrics['rollout/reward']:.1f}, accuracy {metrics['rollout/accuracy']:.3f}, "
+                         f"CoT length {metrics['rollout/cot_length']:.0f}"
+                         + (f", greedy validation {val:.3f}" if val is not None else ""))
+
+    def save_and_prune(self) -> None:
+        """checkpoint-<step>, keeping the last two."""
+        save_checkpoint(self.out / f"checkpoint-{self.state['step']}", self.policy, self.optimizer, self.scheduler,
+                        self.state, self.d, self.card)
+        if self.d.main:
+            for old in checkpoints(self.out)[:-2]:
+                shutil.rmtree(old)
+
+    def check(self, grader, when: str, summary: dict | None = None) -> None:
+        """The before / after checks: held-out accuracy (eval_before_after) and the OOD sets (ood_limit)."""
+        cfg, d = self.cfg, self.d
+        before = self.out / "ood-before"
+        held = cfg.eval_before_after and (when == "after" or self.state["before"] is None)
+        ood = cfg.ood_limit and (when == "before" and self.state["step"] == 0
+                                 or when == "after" and (before / "results.json").exists())
+        if held or ood:  # every rank: gathering the weights into the rollout copy is a collective
+            self.policy.sync_rollout()
+        if held:
+            acc = held_out_check(self.policy.rollout, grader, cfg, d, f"{when} training", self.say)
+            if when == "before":
+                self.state["before"] = acc
+            else:
+                summary["after"] = acc
+                summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
+                                       "n": len(held_out_set(cfg, grader))}
+        if ood and d.main:
+            result = ood_eval(self.policy.rollout, list(OOD_SETS), self.out / f"ood-{when}", cfg.ood_limit,
+                              progress=self.progress)
+            if when == "after":
+                base = json.loads((before / "results.json").read_text())
+                base["model"], result["model"] = "before training", "after training"
+                summary["ood"] = {"before": base["datasets"], "after": result["datasets"]}
+                print(table2([result], base))
+        barrier(d)
+
+    def finish(self, summary: dict) -> None:
+        """Close the logger, push to the hub, write summary.json and training.png (rank 0)."""
+        if self.logger is None:
+            return
+        self.logger.close()
+        if self.cfg.push_to_hub:
+            pushed = self.out / "checkpoint-best" if (self.out / "checkpoint-best").is_dir() else checkpoints(self.out)[-1]
+            summary["hub"] = push_to_hub(pushed, self.cfg.push_to_hub)
+            print(f"pushed {pushed} to {summary['hub']}")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if (self.out / "metrics.jsonl").exists():
+            print(training_report(self.out))
+
+
+def start_run(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: str, d: Dist,
+              progress: bool) -> Run:
+    """The policy, optimiser and schedule (restored from ``start`` when resuming), the frozen reference for
+    the KL term, config.yaml and the logger."""
     import yaml
 
-    say = print if d.main else (lambda *a, **k: None)
     policy, state = build_policy(cfg, device, dtype, d, start)
-    train_set = data.problems[: len(data) - cfg.val_size]
-    val_set = data.problems[len(data) - cfg.val_size :]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.max_steps))
     if state is not None:
         state = restore(policy, optimizer, scheduler, state, start)
-        say(f"resuming from {start} at step {state['step']}")
+        if d.main:
+            print(f"resuming from {start} at step {state['step']}")
     else:
         sigma = cot.noise_scale(policy.rollout.embedding_matrix().float(), cfg.gamma)
         state = {"step": 0, "sigma": sigma, "best": None, "before": None}
@@ -326,7 +425,6 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, d
     if cfg.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it
         ref = load_model(cfg.model, dtype=dtype, device=device)
         ref.model.requires_grad_(False)
-    rollout_lm = policy.rollout
     if d.main:
         if start is not None:
             set_aside_later(out, start)
@@ -335,79 +433,43 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, d
         tmp.replace(out / "config.yaml")
     barrier(d)
     logger = MetricsLogger(out, state["step"], cfg.report_to, dataclasses.asdict(cfg)) if d.main else None
-    card = model_card(cfg, state["sigma"])
-    bar, warned = None, not d.main
+    return Run(cfg, out, d, policy, optimizer, scheduler, state, ref, logger, model_card(cfg, state["sigma"]),
+               progress, warned=not d.main)
+
+
+def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, dtype: str, d: Dist, progress: bool,
+           reward_fn=None) -> dict:
+    run = start_run(cfg, out, start, device, dtype, d, progress)
+    state, stopping = run.state, False
+    train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
     with Grader(cfg.grading_workers, require_number=cfg.require_number, reward=reward_fn or cfg.reward) as grader, \
             StopFlag() as stop:
-        if cfg.eval_before_after and state["before"] is None:
-            state["before"] = held_out_check(rollout_lm, grader, cfg, d, "before training", say)
-        if cfg.ood_limit and state["step"] == 0 and d.main:  # the base model's scores, before any update
-            ood_eval(rollout_lm, list(OOD_SETS), out / "ood-before", cfg.ood_limit, progress=progress)
-        barrier(d)
+        run.check(grader, "before")
         if progress and d.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
-        stopping = False
-        while state["step"] < cfg.max_steps:
-            step = state["step"]
-            metrics = train_step(policy, ref, optimizer, scheduler, grader, cfg, state["sigma"],
-                                 problems_for_step(train_set, step, cfg.prompts_per_step, cfg.seed), step, d=d)
-            state["step"] = step = step + 1
-            last = step == cfg.max_steps
-            if cfg.eval_steps and cfg.val_size and (step % cfg.eval_steps == 0 or last):
-                policy.sync_rollout()
-                acc = greedy_accuracy(rollout_lm, grader, val_set, cfg.cot(), cfg, d)
-                metrics["eval/greedy_accuracy"] = acc
-                if state["best"] is None or acc > state["best"]["accuracy"]:
-                    state["best"] = {"accuracy": acc, "step": step}
-                    save_model(out / "checkpoint-best", policy, d, card)
-            if logger is not None and (step % cfg.logging_steps == 0 or last):
-                logger.log(step, metrics)
-            if not warned and (text := mismatch.warning(metrics)):
-                warned = True
-                (bar.write if bar is not None else say)(f"warning: step {step}: {text}")
-            if bar is not None:
-                bar.set_postfix(reward=f"{metrics['rollout/reward']:.1f}", loss=f"{metrics['train/loss']:.3g}")
-                bar.update(1)
-                if step % cfg.logging_steps == 0 or last:
-                    val = f", greedy validation {metrics['eval/greedy_accuracy']:.3f}" if "eval/greedy_accuracy" in metrics else ""
-                    bar.write(f"step {step}: reward {metrics['rollout/reward']:.1f}, accuracy "
-                              f"{metrics['rollout/accuracy']:.3f}, CoT length {metrics['rollout/cot_length']:.0f}{val}")
+            run.bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
+        while state["step"] < cfg.max_steps and not stopping:
+            problems = problems_for_step(train_set, state["step"], cfg.prompts_per_step, cfg.seed)
+            metrics = train_step(run.policy, run.ref, run.optimizer, run.scheduler, grader, cfg, state["sigma"],
+                                 problems, state["step"], d=d)
+            state["step"] += 1
+            last = state["step"] == cfg.max_steps
+            if cfg.eval_steps and cfg.val_size and (state["step"] % cfg.eval_steps == 0 or last):
+                run.validate_and_keep_best(grader, val_set, metrics)
+            run.log(metrics, last)
             stopping = any_rank(stop.set, d)
-            if (cfg.save_steps and step % cfg.save_steps == 0) or last or stopping:
-                save_checkpoint(out / f"checkpoint-{step}", policy, optimizer, scheduler, state, d, card)
-                if d.main:
-                    for old in checkpoints(out)[:-2]:  # keep the last two
-                        shutil.rmtree(old)
-            if stopping:
-                break
-        if bar is not None:
-            bar.close()
-        if stopping and state["step"] < cfg.max_steps:
-            if logger is not None:
-                logger.close()
+            if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stopping:
+                run.save_and_prune()
+        if run.bar is not None:
+            run.bar.close()
+            run.bar = None
+        if stopping and not last:
+            if run.logger is not None:
+                run.logger.close()
             raise Stopped(state["step"], stop.signum)
         summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"]}
-        if cfg.eval_before_after and state["step"] == cfg.max_steps:
-            policy.sync_rollout()
-            summary["after"] = held_out_check(rollout_lm, grader, cfg, d, "after training ", say)
-            summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
-                                   "n": len(held_out_set(cfg, grader))}
-        if cfg.ood_limit and state["step"] == cfg.max_steps and d.main and (out / "ood-before" / "results.json").exists():
-            before = json.loads((out / "ood-before" / "results.json").read_text())
-            after = ood_eval(rollout_lm, list(OOD_SETS), out / "ood-after", cfg.ood_limit, progress=progress)
-            before["model"], after["model"] = "before training", "after training"
-            summary["ood"] = {"before": before["datasets"], "after": after["datasets"]}
-            print(table2([after], before))
-        barrier(d)
-    if logger is not None:
-        logger.close()
-        if cfg.push_to_hub:
-            pushed = out / "checkpoint-best" if (out / "checkpoint-best").is_dir() else checkpoints(out)[-1]
-            summary["hub"] = push_to_hub(pushed, cfg.push_to_hub)
-            print(f"pushed {pushed} to {summary['hub']}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        if (out / "metrics.jsonl").exists():
-            print(training_report(out))
+        if state["step"] == cfg.max_steps:
+            run.check(grader, "after", summary)
+    run.finish(summary)
     return summary
