@@ -20,9 +20,9 @@ import threading
 import typing
 
 from softtokens import __version__
-from softtokens.config import CoTConfig, EvalConfig, RolloutConfig, TrainConfig, config_from_dict, field_docs
+from softtokens.config import (CoTConfig, EvalConfig, OODConfig, RolloutConfig, TrainConfig, config_from_dict,
+                               field_docs)
 from softtokens.models import EMBEDDED_MODEL
-from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 
 
 def _flag_type(hint):
@@ -89,13 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ood = sub.add_parser("ood", allow_abbrev=False, help="check a trained model kept its general skills (HellaSwag, ARC, MMLU) vs its base")
     add_model_flags(ood)
-    ood.add_argument("--base", default=None, help="the base model to compare against (same forms as --model)")
-    ood.add_argument("--datasets", default="hellaswag,arc_challenge,mmlu",
-                     help="comma-separated: hellaswag, arc_challenge, arc_easy, mmlu, or .jsonl files in that schema")
-    ood.add_argument("--limit", type=int, default=None, help="score only the first N items of each dataset")
-    ood.add_argument("--batch-size", type=int, default=32, help="sequences (item x choice) per forward pass")
-    ood.add_argument("--out", default="runs/ood", help="records, results and the chart go here")
-    ood.add_argument("--resume", action="store_true", help="continue an interrupted check in --out")
+    add_config_flags(ood, OODConfig)
 
     rep = sub.add_parser("report", allow_abbrev=False, help="paper-style tables and plots of eval folders, curves of training folders")
     rep.add_argument("runs", nargs="+", help="evaluation folders (config.json, records/) or training output_dirs")
@@ -201,31 +195,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_ood(args) -> int:
-    from pathlib import Path
+    from softtokens.models import resolve_device
+    from softtokens.ood import compare
 
-    from softtokens.models import load_model, resolve_device
-    from softtokens.ood import ood_eval, plot_ood, table2
-
-    out = Path(args.out)
-    if (out / "model").exists() and not args.resume:
-        refuse_to_overwrite(out, "an OOD check", "--out")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    cfg = config_from_args(OODConfig, args)
     device, dtype = resolve_device(args.device, args.dtype)
-    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    runs = {}
-    with FolderLock(prepare(out, "--out"), "--out"):
-        for role, name in (("model", args.model), ("base", args.base)):
-            if name is not None:
-                lm = load_model(name, dtype=dtype, device=device)
-                runs[role] = ood_eval(lm, names, out / role, args.limit, args.batch_size)
-                del lm
-    table = table2([runs["model"]], runs.get("base"))
-    (out / "ood.json").write_text(json.dumps(runs, indent=1))
-    (out / "ood.md").write_text(table + "\n")
-    plot_ood(list(runs.values()), out / "ood.png")
-    print(table)
-    print(f"records, ood.json, ood.md and ood.png are in {out}")
+    print(compare(args.model, cfg, device, dtype))
+    print(f"records, ood.json, ood.md and ood.png are in {cfg.out}")
     return 0
 
 

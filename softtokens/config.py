@@ -206,6 +206,30 @@ class EvalConfig(DataOptions):
                              prompt_template=self.prompt_template, chat_template=self.chat_template)
 
 
+@dataclass
+class OODConfig:
+    """The out-of-domain check (METHOD.md §7): multiple-choice accuracy and answer NLL, against a base model."""
+
+    base: str | None = None
+    """The base model to compare against (same forms as --model)."""
+    datasets: str = "hellaswag,arc_challenge,mmlu"
+    """Comma-separated: hellaswag, arc_challenge, arc_easy, mmlu, or .jsonl files in that schema."""
+    limit: int | None = None
+    """Score only the first N items of each dataset."""
+    batch_size: int = 32
+    """Sequences (item x choice) per forward pass."""
+    out: str = "runs/ood"
+    """Records, results and the chart go here."""
+    resume: bool = False
+    """Continue an interrupted check in --out."""
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
 REPORT_TO = ("tensorboard", "wandb", "none")
 
 # TrainConfig fields a resumed run may change: the schedule's length, intervals, memory and process knobs.

@@ -253,3 +253,26 @@ def plot_ood(runs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+def compare(model: str, cfg, device: str, dtype: str) -> str:
+    """``softtokens ood``: score the model (and the base) into cfg.out; write ood.json, ood.md and ood.png and
+    return the table."""
+    from softtokens.models import load_model
+    from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
+
+    out = Path(cfg.out)
+    if (out / "model").exists() and not cfg.resume:
+        refuse_to_overwrite(out, "an OOD check", "--out")
+    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    runs = {}
+    with FolderLock(prepare(out, "--out"), "--out"):
+        for role, name in (("model", model), ("base", cfg.base)):
+            if name is not None:
+                lm = load_model(name, dtype=dtype, device=device)
+                runs[role] = ood_eval(lm, names, out / role, cfg.limit, cfg.batch_size)
+                del lm
+        table = table2([runs["model"]], runs.get("base"))
+        (out / "ood.json").write_text(json.dumps(runs, indent=1))
+        (out / "ood.md").write_text(table + "\n")
+        plot_ood(list(runs.values()), out / "ood.png")
+    return table
