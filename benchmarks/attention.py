@@ -21,36 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_no_write, row, write_results  # noqa: E402
 
 from softtokens.attention import counters, decode_attention, splits_for  # noqa: E402
 
 SHAPES = {"qwen2.5-3b": (2, 8), "llama-3.2-3b": (8, 3), "llama-3.1-8b": (8, 4)}  # (KV heads, query heads per KV)
 VARIANTS = [(1, 64), (2, 64), (4, 32), (4, 64), (8, 64)]  # (splits, block_n); 1: no merge
-CALLS = 20
-
-
-def graph_time(fn) -> float:
-    """Seconds per call of fn, replayed from a CUDA graph of CALLS calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (5 * CALLS)
 
 
 def main():
@@ -58,7 +35,7 @@ def main():
     ap.add_argument("--rows", default="64,256")
     ap.add_argument("--lengths", default="256,512,768")
     ap.add_argument("--max-len", type=int, default=768)
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     lines = [f"### decode attention, {datetime.date.today()}, {torch.cuda.get_device_name()}; torch {torch.__version__}",
              "", f"bf16, head_dim 128, one query per row, cache of {args.max_len} slots; us per call (TB/s of K and V "
@@ -85,26 +62,7 @@ def main():
                 auto = splits_for(rows, kv, torch.device("cuda"))
                 row(lines, f"| {shape} | {rows} | {n} | {auto} | ", fns, nbytes=2 * rows * kv * n * 128 * 2)
             del k, v
-    finish(args, lines)
-
-
-def row(lines: list[str], head: str, fns, nbytes: int) -> None:
-    """One table row: "us (TB/s of nbytes)" per function, timed by graph_time; a failing one says so."""
-    cells = []
-    for fn in fns:
-        try:
-            secs = graph_time(fn)
-            cells.append(f"{secs * 1e6:.1f} ({nbytes / secs / 1e12:.2f})")
-        except Exception as e:  # one failing variant must not lose the others
-            cells.append(f"failed: {type(e).__name__}")
-    lines.append(head + " | ".join(cells) + " |")
-    print(lines[-1], flush=True)
-
-
-def finish(args, lines: list[str]) -> None:
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+    write_results(args, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_no_write, write_results  # noqa: E402
 
 from softtokens.checkpoint import checkpoints  # noqa: E402
 
@@ -205,7 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=30, help="trials (one kill each), split over train and eval")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    add_no_write(ap)
     args = ap.parse_args()
 
     import torch
@@ -284,10 +284,7 @@ def main() -> None:
               "before their kill came. 'steps redone': steps logged after the last checkpoint when the kill came, "
               "cut from metrics.jsonl and trained again on resume."]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, text, echo=True)
     shutil.rmtree(work, ignore_errors=True)
     bad = [r for r in records if not r["equal"] or r["orphans"] or r.get("duplicate_rows")]
     print(json.dumps({"trials": len(records), "failures": len(bad), "seconds": round(secs)}))

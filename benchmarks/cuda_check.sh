@@ -19,7 +19,7 @@ timeout 300 python3 benchmarks/rollout.py --device cuda --shapes qwen2.5-3b --ba
 echo "rollouts: $(( $(date +%s) - t0 )) s"
 [ "$(left)" -gt 40 ] && timeout 40 python3 benchmarks/attention.py --rows 64 2>&1 | tail -12
 [ "$(left)" -gt 50 ] && timeout 50 python3 benchmarks/profile_step.py --shape qwen2.5-3b --rows 64 --mode soft \
-    --top 16 --write 2>&1 | grep -v -i warn | tail -34
+    --top 16 2>&1 | grep -v -i warn | tail -34
 [ "$(left)" -gt 40 ] && timeout 40 python3 benchmarks/gemm.py 2>&1 | tail -24
 [ "$(left)" -gt 70 ] && timeout "$(left)" python3 benchmarks/rollout.py --device cuda --shapes llama-3.2-3b \
     --batch 64 --skip-hf-dynamic --repeats 2 2>&1 | grep -v '^{"env"' | tail -8

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_no_write, write_results  # noqa: E402
 
 from softtokens.config import EvalConfig  # noqa: E402
 from softtokens.evaluate import evaluate  # noqa: E402
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--max-cot-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--grading-workers", type=int, default=1)
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
 
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -66,10 +66,7 @@ def main():
         lines.append(f"| {name} | {100 * r['pass@1']:.1f} | {r['mean_cot_length']:.0f} | {r['stop_reasons']} |")
     lines += ["", f"total: {rollouts} rollouts, {tokens:.0f} CoT tokens, {secs:.0f} s ({secs / 60:.1f} min)"]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, text, echo=True)
     print(json.dumps({"seconds": secs, "rollouts": rollouts, "cot_tokens": tokens}))
 
 

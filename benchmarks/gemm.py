@@ -21,12 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import finish, row  # noqa: E402
-from rollout import SHAPES  # noqa: E402
+from common import SHAPES, add_no_write, row, write_results  # noqa: E402
 
 SPLIT_K = 4
 
@@ -44,7 +41,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="qwen2.5-3b,llama-3.2-3b")
     ap.add_argument("--rows", default="64,256")
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     forms = ["F.linear", "x @ W_t", f"split-K {SPLIT_K}"]
     lines = [f"### decode products, {datetime.date.today()}, {torch.cuda.get_device_name()}; torch {torch.__version__}",
@@ -61,7 +58,7 @@ def main():
                 fns = [lambda: F.linear(x, w), lambda: x @ w_t, lambda: torch.bmm(xs, ws).sum(0)]
                 row(lines, f"| {shape} | {rows} | {name} ({n_out} x {n_in}) | ", fns, nbytes=w.numel() * 2)
                 del w, w_t
-    finish(args, lines)
+    write_results(args, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_no_write, write_results  # noqa: E402
 
 from softtokens.config import EvalConfig, TrainConfig, config_from_dict  # noqa: E402
 from softtokens.evaluate import PAPER_COLUMNS, evaluate  # noqa: E402
@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--limit", type=int, default=48, help="held-out problems evaluated")
     ap.add_argument("--num-samples", type=int, default=4, help="samples per problem in the sampled settings (pass@k)")
     ap.add_argument("--out", default="runs/learning")
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
@@ -182,8 +182,7 @@ def main():
         import shutil
 
         shutil.copy(Path(args.out) / "learning.png", ROOT / "benchmarks" / "learning.png")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+        write_results(args, text)
     print(json.dumps({"base": base, "trained": {f"{m}-{s}": v for (m, s), v in trained.items()}, "seconds": secs}))
 
 

@@ -18,11 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import rollout as bench  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, add_no_write, write_results  # noqa: E402
 
 from softtokens.config import TrainConfig, config_from_dict  # noqa: E402
 from softtokens.engine import SPAN_BUCKET, batch_bucket  # noqa: E402
@@ -33,7 +30,7 @@ GB = 1e9
 def plan(shape: str, cfg: TrainConfig, gpus: int, prompt: int) -> list[tuple[str, float]]:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    spec = dict(bench.SHAPES[shape])
+    spec = dict(SHAPES[shape])
     family = spec.pop("family")
     mcfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**spec)
     with torch.device("meta"):
@@ -62,10 +59,10 @@ def plan(shape: str, cfg: TrainConfig, gpus: int, prompt: int) -> list[tuple[str
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--shape", required=True, help=f"one of {', '.join(bench.SHAPES)}")
+    ap.add_argument("--shape", required=True, help=f"one of {', '.join(SHAPES)}")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=256, help="longest prompt, tokens")
-    ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    add_no_write(ap)
     args = ap.parse_args()
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
     parts = plan(args.shape, cfg, args.gpus, args.prompt)
@@ -75,11 +72,7 @@ def main():
              "| part | GB per GPU |", "|---|---:|"]
     lines += [f"| {name} | {gb:.1f} |" if gb else f"| {name} | |" for name, gb in parts]
     lines.append(f"| total before activations | {sum(gb for _, gb in parts):.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":

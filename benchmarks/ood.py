@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_no_write, write_results  # noqa: E402
 
 from softtokens.models import load_model  # noqa: E402
 from softtokens.ood import ood_eval  # noqa: E402
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     with tempfile.TemporaryDirectory() as out:
@@ -51,10 +51,7 @@ def main():
         f"| {args.dataset} | {res['items']} | {secs:.0f} | {100 * res['accuracy']:.2f} | "
         f"{100 * res['accuracy_norm']:.2f} | {res['nll']:.3f} |",
     ])
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, text, echo=True)
     print(json.dumps({"seconds": secs, **{k: res[k] for k in ("items", "accuracy", "accuracy_norm", "nll")}}))
 
 

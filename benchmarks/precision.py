@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_no_write, write_results  # noqa: E402
 
 from softtokens import mismatch  # noqa: E402
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--models", default="smollm2,llama,qwen2")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--cot", type=int, default=24)
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
     lines = [
@@ -164,10 +164,7 @@ def main():
             lines.append(f"| {name} | {c['head']:.1f} | {c['prefill+step']:.0f} | {c['scoring']:.0f} |")
         record["cost_ms"] = cost
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, text, echo=True)
     print(json.dumps(record))
 
 

@@ -6,8 +6,8 @@ Rolls out once (graph capture and compilation), then profiles a second rollout
 with torch.profiler: every kernel replayed from the CUDA graphs, grouped into
 GEMMs, attention, compiled (Triton) kernels and the rest, per decode step.
 "The gap" is the step's wall time not covered by kernels: launch latency
-between the graph's nodes. Prints a table; with --write appends it to
-benchmarks/RESULTS.md.
+between the graph's nodes. Prints a table and appends it to
+benchmarks/RESULTS.md (not with --no-write).
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import rollout as bench  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_no_write, questions_for, random_model, write_results  # noqa: E402
 
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
 from softtokens.rollout import generate_rollouts  # noqa: E402
@@ -51,15 +48,14 @@ def main():
     ap.add_argument("--answer", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--write", action="store_true")
+    add_no_write(ap)
     ap.add_argument("--device", default="cuda", help="cpu only checks this script (it counts operators, not kernels)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    bench.DEVICE = args.device
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    lm = bench.random_model(args.shape, torch.bfloat16 if cuda else torch.float32)
-    questions = bench.questions_for(lm, args.rows, args.prompt_len)
+    lm = random_model(args.shape, torch.bfloat16 if cuda else torch.float32, args.device)
+    questions = questions_for(lm, args.rows, args.prompt_len)
     cfg = RolloutConfig(max_cot_length=args.cot, max_answer_length=args.answer, batch_size=args.rows,
                         stop_at_eos=False)
     run = lambda: generate_rollouts(lm, questions, CoTConfig(args.mode), cfg)  # noqa: E731
@@ -102,11 +98,7 @@ def main():
     for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         lines.append(f"| `{name[:90]}` | {len(times) / steps:.1f} | {sum(times) / len(times):.1f} | "
                      f"{ms(sum(times)):.3f} |")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":

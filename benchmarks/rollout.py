@@ -21,101 +21,29 @@ import datetime
 import json
 import platform
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (SHAPES, add_no_write, peak_gb, peak_reset, questions_for, random_model, timed,  # noqa: E402
+                    write_results)
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
-from softtokens.data import load_dataset  # noqa: E402
-from softtokens.models import CausalLM, load_model, set_activation_checkpointing  # noqa: E402
-from softtokens.prompts import PROMPT_TEMPLATE, format_prompt  # noqa: E402
+from softtokens.models import load_model, set_activation_checkpointing  # noqa: E402
+from softtokens.prompts import format_prompt  # noqa: E402
 from softtokens.rollout import generate_rollouts  # noqa: E402
 
-SHAPES = {
-    "qwen2.5-3b": dict(family="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768),
-    "llama-3.2-3b": dict(family="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                         tie_word_embeddings=True, rope_theta=5e5, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=8192)),
-    "llama-3.1-8b": dict(family="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                         tie_word_embeddings=False, rope_theta=5e5, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=8192)),
-    "tiny": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096),
-}
 # --variants: soft rollouts with one engine setting changed, to see what each part of the engine adds.
 VARIANTS = {
     "eager": ("nothing compiled", dict(compile_decoder=False)),
     "sdpa": ("SDPA attention", dict(attention_kernel=False)),
 }
-DEVICE = "cpu"
+DEVICE = "cpu"  # set by main from --device
 
 
-def sync():
-    if DEVICE.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    """(result, seconds) of one call, the device synchronised on both sides."""
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t
-
-
-def peak_reset():
-    if DEVICE.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gb() -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE.startswith("cuda") else float("nan")
-
-
-def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer over vocab_size ids: real prompt words, the marker's words, then fillers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<eos>", "<pad>", "<unk>"] + sorted(set(PROMPT_TEMPLATE.replace("{question}", "").split()) | {"\\boxed{"})
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces, also after a reload
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-def random_model(shape: str, dtype) -> CausalLM:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    spec = dict(SHAPES[shape])
-    family = spec.pop("family")
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](eos_token_id=0, pad_token_id=1, **spec)
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    return CausalLM(model, synthetic_tokenizer(cfg.vocab_size), name=shape)
-
-
-def questions_for(lm: CausalLM, n: int, prompt_len: int | None) -> list[str]:
-    if prompt_len is None:
-        return [p.question for p in load_dataset("gsm8k", limit=n).problems]
-    base = len(lm.tokenizer.encode(format_prompt("x"))) - 1
-    if prompt_len <= base:
-        raise SystemExit(f"--prompt-len must exceed the prompt template's {base} tokens")
-    return [" ".join(f"w{i + q}" for i in range(prompt_len - base)) for q in range(n)]
+def timed_(fn):
+    return timed(fn, DEVICE)
 
 
 def ours(lm, questions, mode, cfg):
@@ -149,12 +77,12 @@ def device_rates() -> dict:
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    _, secs = timed(lambda: [y.copy_(x) for _ in range(10)])
+    _, secs = timed_(lambda: [y.copy_(x) for _ in range(10)])
     bw = 2 * x.numel() * 2 * 10 / secs
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEVICE)
     for _ in range(3):
         a @ a
-    _, secs = timed(lambda: [a @ a for _ in range(10)])
+    _, secs = timed_(lambda: [a @ a for _ in range(10)])
     return {"copy_bytes_per_s": bw, "bf16_flops": 2 * 8192**3 * 10 / secs}
 
 
@@ -178,14 +106,14 @@ def bench_rollouts(lm, args, batch: int, rates: dict | None, baselines: bool) ->
     rows = []
     for name, (run, is_ours) in runners.items():
         try:
-            peak_reset()
-            _, first = timed(run)  # graph capture / compilation included
+            peak_reset(DEVICE)
+            _, first = timed_(run)  # graph capture / compilation included
             best = float("inf")
             for _ in range(args.repeats):
-                tokens, secs = timed(run)
+                tokens, secs = timed_(run)
                 best = min(best, secs)
             row = {"rollout": name, "rows": batch, "tokens": tokens, "seconds": best, "tokens_per_s": tokens / best,
-                   "first_call_s": first, "peak_gb": peak_gb()}
+                   "first_call_s": first, "peak_gb": peak_gb(DEVICE)}
         except Exception as e:  # one failing baseline must not lose the others
             traceback.print_exc()
             row = {"rollout": name, "rows": batch, "error": f"{type(e).__name__}: {e}"[:200]}
@@ -214,11 +142,11 @@ def bench_scoring(lm, args, batch: int, rates: dict) -> dict:
 
     try:
         step()
-        peak_reset()
-        _, secs = timed(step)
+        peak_reset(DEVICE)
+        _, secs = timed_(step)
         n_params = sum(p.numel() for p in lm.model.parameters())
         row = {"scoring": "forward+backward, soft, activation checkpointing", "rows": batch, "tokens": tokens,
-               "seconds": secs, "tokens_per_s": tokens / secs, "peak_gb": peak_gb(),
+               "seconds": secs, "tokens_per_s": tokens / secs, "peak_gb": peak_gb(DEVICE),
                "mfu_6NT": 6 * n_params * tokens / secs / rates["bf16_flops"] if rates else float("nan")}
     except Exception as e:
         traceback.print_exc()
@@ -269,7 +197,7 @@ def main():
     ap.add_argument("--engine", default="auto", help="auto, static or hf (RolloutConfig.engine)")
     ap.add_argument("--no-graphs", action="store_true", help="run the static engine's step eagerly")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    add_no_write(ap)
     args = ap.parse_args()
     DEVICE = args.device
     unknown = set(filter(None, args.variants.split(","))) - set(VARIANTS)
@@ -296,9 +224,9 @@ def main():
     if rates:
         header += [f"copy bandwidth {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
                    f"{rates['bf16_flops'] / 1e12:.0f} TFLOP/s", ""]
-    write(args, "\n".join(header))
+    write_results(args, "\n".join(header), echo=True)
     results = {"env": env, "rates": rates, "runs": []}
-    models = [(s, lambda s=s: random_model(s, dtype)) for s in shapes] or [
+    models = [(s, lambda s=s: random_model(s, dtype, DEVICE)) for s in shapes] or [
         (args.model or "smollm2", lambda: load_model(args.model or "smollm2", dtype=str(dtype)[6:], device=DEVICE))]
     for i, (name, make) in enumerate(models):
         lm = make()
@@ -315,19 +243,13 @@ def main():
                           f"{sc['tokens_per_s']:.0f} tokens/s, peak {sc['peak_gb']:.1f} GB, "
                           f"{sc['mfu_6NT']:.0%} of measured bf16 matmul rate (6NT)", ""]
             rows.append(sc)
-        write(args, "\n".join(lines))  # each model's table lands as soon as it is measured
+        write_results(args, "\n".join(lines), echo=True)  # each model's table lands as soon as it is measured
         results["runs"].append({"model": name, "rows": rows})
         del lm
         if cuda:
             torch.cuda.empty_cache()
     print(json.dumps(results))
 
-
-def write(args, text: str) -> None:
-    print(text, flush=True)
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
 
 if __name__ == "__main__":
     main()

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_no_write, random_model, write_results  # noqa: E402
 
 from softtokens.config import TrainConfig, config_from_dict  # noqa: E402
 from softtokens.metrics import read_metrics  # noqa: E402
@@ -41,28 +41,23 @@ def main():
     ap.add_argument("--random-shape", default=None,
                     help="train a random-init model of this shape (benchmarks/rollout.py) instead of the config's; "
                          "checkpoint writing is skipped")
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
     with tempfile.TemporaryDirectory() as out:
         cfg = dataclasses.replace(cfg, max_steps=args.max_steps, eval_steps=0, eval_before_after=0, output_dir=out,
                                   save_steps=10**9)
-        if args.random_shape:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-            import rollout as bench
+        lm = None
+        if args.random_shape:  # built on the device in the master dtype, handed to train (no disk round trip)
+            from softtokens.models import _DTYPES, resolve_device
+            from softtokens.policy import plan
 
-            from softtokens import trainer
-
-            from softtokens import policy
-            from softtokens.models import _DTYPES
-
-            bench.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-            # The trainer's loader returns a random model of the shape, built on the device (no disk round trip).
-            policy.load_model = lambda name, dtype, device: bench.random_model(args.random_shape, _DTYPES[dtype])
-            cfg = dataclasses.replace(cfg, model=args.random_shape, output_dir=str(Path(out) / "run"))
-            trainer.save_checkpoint = lambda *a, **k: None  # a random model's checkpoint is not worth the disk time
+            device, dtype = resolve_device(cfg.device, cfg.dtype)
+            lm = random_model(args.random_shape, _DTYPES[plan(cfg, dtype, 1)[0]], device)
+            # a random model's checkpoint is not worth the disk time
+            cfg = dataclasses.replace(cfg, model=args.random_shape, save_strategy="no")
         start = time.perf_counter()
-        train(cfg, progress=False)
+        train(cfg, progress=False, lm=lm)
         total = time.perf_counter() - start
         rows = read_metrics(cfg.output_dir)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
@@ -90,10 +85,7 @@ def main():
         f"whole run with model loading {total:.0f} s",
     ]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text + "\n")
+    write_results(args, text, echo=True)
     print(json.dumps({"seconds_per_step": mean, "peak_gb": peak_gb}))
 
 

@@ -235,7 +235,8 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 # TrainConfig fields a resumed run may change: the schedule's length, intervals, memory and process knobs.
 # Any other change is a different run and --resume refuses it.
 RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
-             "rollout_batch_size", "gradient_checkpointing", "device", "report_to", "push_to_hub", "output_dir", "resume",
+             "rollout_batch_size", "gradient_checkpointing", "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
+             "resume",
              "resume_from_previous")
 
 
@@ -315,6 +316,8 @@ class TrainConfig(DataOptions):
     """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
     save_steps: int = 100
     """Checkpoint every N steps (and always at the end and on SIGINT / SIGTERM); 0 = only then."""
+    save_strategy: str = "steps"
+    """steps: checkpoints as save_steps says; no: none at all, not even the best or the last (a run that cannot resume; benchmarks)."""
     logging_steps: int = 1
     """Log metrics every N steps."""
     grading_workers: int = 1
@@ -367,6 +370,10 @@ class TrainConfig(DataOptions):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_strategy not in ("steps", "no"):
+            raise ValueError(f"unknown save_strategy {self.save_strategy!r}: choose steps or no")
+        if self.save_strategy == "no" and self.push_to_hub:
+            raise ValueError("push_to_hub needs a checkpoint to push: save_strategy must be steps")
         if self.report_to not in REPORT_TO:
             raise ValueError(f"unknown report_to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
 

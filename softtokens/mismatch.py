@@ -19,7 +19,6 @@ Per rollout (``rollout_stats``), then over a step's rollouts (``summarize``), un
 
 from __future__ import annotations
 
-import torch
 
 # A CoT step is a near-tie when its top-2 logit gap is below NEAR_TIE * tau: the runner-up then holds more
 # than e^-4 (1.8%) of the leader's weight in softmax(z / tau), so the mixture is not one token.

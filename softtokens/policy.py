@@ -107,13 +107,15 @@ def plan(cfg: TrainConfig, dtype: str, world: int) -> tuple[str, bool]:
     return master, world > 1 or (master != dtype)
 
 
-def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | None = None) -> tuple[Policy, dict | None]:
+def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | None = None,
+          lm: CausalLM | None = None) -> tuple[Policy, dict | None]:
     """Load, optionally wrap with LoRA, and shard the model; with ``resume``, from that checkpoint's weights.
 
     Returns the policy and the checkpoint's trainer state (None for a fresh run).
     """
     master, sharded = plan(cfg, dtype, d.world)
-    lm = load_model(cfg.model, dtype=master, device=device)
+    if lm is None:
+        lm = load_model(cfg.model, dtype=master, device=device)
     state = None
     if resume is not None:
         weights, state = read_checkpoint(resume)

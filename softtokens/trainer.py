@@ -274,10 +274,12 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: TrainConfig, progress: bool = True, reward_fn=None) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM | None = None) -> dict:
     """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
 
     ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
+    ``lm``: an already loaded model to train instead of loading ``cfg.model`` (one process; in the master
+    dtype that ``policy.plan`` gives), as TRL's trainers take a model object.
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
     """
@@ -302,7 +304,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None) -> dict:
                              f"rows do not split evenly over {world} processes")
         d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
         try:
-            return _train(cfg, out, start, data, device, dtype, d, progress, reward_fn)
+            return _train(cfg, out, start, data, device, dtype, d, progress, reward_fn, lm)
         finally:
             distributed.close()
 
@@ -336,7 +338,8 @@ class Run:
         metrics["eval/greedy_accuracy"] = acc
         if self.state["best"] is None or acc > self.state["best"]["accuracy"]:
             self.state["best"] = {"accuracy": acc, "step": self.state["step"]}
-            save_model(self.out / "checkpoint-best", self.policy, self.d, self.card)
+            if self.cfg.save_strategy != "no":
+                save_model(self.out / "checkpoint-best", self.policy, self.d, self.card)
 
     def log(self, metrics: dict, last: bool) -> None:
         """metrics.jsonl / TensorBoard / W&B, the progress bar, and the mismatch warning (once)."""
@@ -357,6 +360,8 @@ class Run:
 
     def save_and_prune(self) -> None:
         """checkpoint-<step>, keeping the last two."""
+        if self.cfg.save_strategy == "no":
+            return
         save_checkpoint(self.out / f"checkpoint-{self.state['step']}", self.policy, self.optimizer, self.scheduler,
                         self.state, self.d, self.card)
         if self.d.main:
@@ -405,12 +410,12 @@ class Run:
 
 
 def start_run(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: str, d: Dist,
-              progress: bool) -> Run:
+              progress: bool, lm: CausalLM | None = None) -> Run:
     """The policy, optimiser and schedule (restored from ``start`` when resuming), the frozen reference for
     the KL term, config.yaml and the logger."""
     import yaml
 
-    policy, state = build_policy(cfg, device, dtype, d, start)
+    policy, state = build_policy(cfg, device, dtype, d, start, lm)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.max_steps))
@@ -438,8 +443,8 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtyp
 
 
 def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, dtype: str, d: Dist, progress: bool,
-           reward_fn=None) -> dict:
-    run = start_run(cfg, out, start, device, dtype, d, progress)
+           reward_fn=None, lm: CausalLM | None = None) -> dict:
+    run = start_run(cfg, out, start, device, dtype, d, progress, lm)
     state, stopping = run.state, False
     train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
     with Grader(cfg.grading_workers, require_number=cfg.require_number, reward=reward_fn or cfg.reward) as grader, \
