@@ -35,7 +35,7 @@ FLAGS = {
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
               "--output-dir", "--prompts-per-step", "--push-to-hub", "--report-to", "--require-number", "--resume",
               "--resume-from-previous", "--rollout-batch-size",
-              "--rollout-correction", "--save-steps", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
+              "--rollout-correction", "--save-steps", "--save-strategy", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
               "--warmup-steps", "--weight-decay"]),
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--model", "--out", "--resume"],
     "report": ["--out"],

@@ -376,3 +376,16 @@ def test_model_card_hub_push_and_report_to(model_dir, tmp_path, monkeypatch):
     hide_module(monkeypatch, "wandb")
     with pytest.raises(ValueError, match="report_to wandb needs the wandb package"):
         tr.train(_cfg(str(tmp_path / "no-model"), tmp_path / "w", report_to="wandb"), progress=False)
+
+
+def test_a_model_object_and_no_checkpoints(tmp_path, monkeypatch):
+    """train(lm=...) trains an already loaded model (as TRL's trainers take one); save_strategy no writes none."""
+    use_reward(monkeypatch)
+    lm = tiny_lm("llama")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    cfg = _cfg("tiny-in-memory", tmp_path / "run", max_steps=2, save_strategy="no", learning_rate=1e-2)
+    assert tr.train(cfg, progress=False, lm=lm)["step"] == 2
+    assert not list((tmp_path / "run").glob("checkpoint-*")), "save_strategy no: no checkpoint, not even the best"
+    assert any(not torch.equal(p, before[n]) for n, p in lm.model.named_parameters()), "the object given was trained"
+    with pytest.raises(ValueError, match="push_to_hub needs a checkpoint"):
+        dataclasses.replace(cfg, push_to_hub="me/x")
