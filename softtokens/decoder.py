@@ -111,36 +111,36 @@ class StaticDecoder:
     def _layer_fns(self, n: int):
         """The block's two halves and the final norm, compiled for decode steps (n == 1) on CUDA when asked,
         else eager."""
-        if n == 1 and self.compile:
-            try:
+        if n == 1 and self.compile and not self._compile_checked:  # compile now, outside any graph capture
+
+            def check():
                 fns = compiled_fns()
-                if not self._compile_checked:  # compile now, outside any graph capture; fall back on failure
-                    x = torch.zeros(self.rows, 1, self.norm.shape[0], dtype=self.dtype, device=self.device)
-                    pos = torch.zeros(self.rows, 1, dtype=torch.long, device=self.device)
-                    scratch = [torch.zeros_like(self.k_cache[0]) for _ in range(2)]  # the real caches stay as they are
-                    self._run_layers(fns, x, pos, span=1, layers=1, caches=scratch)
-                    self._compile_checked = True
-                return fns
-            except Exception as e:  # an unusable compiler must not stop a rollout
-                warnings.warn(f"torch.compile of the decoder failed ({type(e).__name__}: {e}); running eagerly")
-                self.compile = False
+                x = torch.zeros(self.rows, 1, self.norm.shape[0], dtype=self.dtype, device=self.device)
+                pos = torch.zeros(self.rows, 1, dtype=torch.long, device=self.device)
+                scratch = [torch.zeros_like(self.k_cache[0]) for _ in range(2)]  # the real caches stay as they are
+                self._run_layers(fns, x, pos, span=1, layers=1, caches=scratch)
+
+            self._compile_checked = first_call(check, "torch.compile of the decoder", "running eagerly") is not None
+            self.compile = self._compile_checked
+        if n == 1 and self.compile:
+            return compiled_fns()
         return attn_in, mlp_out, final_norm
 
     def _use_kernel(self, n: int, q_shape, pos) -> bool:
         """Whether this forward attends with the split-KV kernel: decode steps, once it has run here."""
         if n != 1 or not self.kernel:
             return False
-        if not self._kernel_checked:  # compile it now, outside any graph capture; fall back on failure
-            try:
+        if not self._kernel_checked:  # compile it now, outside any graph capture
+
+            def check():
                 R, KV, _, hd = q_shape
                 q = torch.zeros(q_shape, dtype=self.dtype, device=self.device)
                 new, cache = torch.zeros(R, KV, hd, dtype=self.dtype, device=self.device), q.new_zeros(R, KV, 1, hd)
                 attention.decode_attention(q, cache, cache.clone(), torch.ones_like(pos[:, 0]), self.cos, self.sin,
                                            new, new, self.locks, self.splits)  # on scratch caches
-                self._kernel_checked = True
-            except Exception as e:
-                warnings.warn(f"the decode attention kernel failed ({type(e).__name__}: {e}); using SDPA")
-                self.kernel = False
+
+            self._kernel_checked = first_call(check, "the decode attention kernel", "using SDPA") is not None
+            self.kernel = self._kernel_checked
         return self.kernel
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
@@ -180,6 +180,16 @@ class StaticDecoder:
                 o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
             x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
         return f_norm(x, delta, self.norm, self.eps)
+
+
+def first_call(run, what: str, fallback: str):
+    """Run a compiled function's (or kernel's) first call; on failure warn and return None, so the caller falls
+    back to eager code. Only this first call may fall back: a later failure is a bug, and raises."""
+    try:
+        return (run(),)
+    except Exception as e:  # an unusable compiler or kernel must not stop a rollout
+        warnings.warn(f"{what} failed ({type(e).__name__}: {e}); {fallback}")
+        return None
 
 
 # --- one block as a pure function, so torch.compile can fuse its element-wise work -----------------

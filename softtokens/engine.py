@@ -1,6 +1,6 @@
 """The fast rollout engine: a static KV cache, every row's phase held in tensors, a CUDA-graph decode step.
 
-Same interface and same records as ``rollout.decode_batch`` (the HF-forward
+Same interface and same records as ``hf_engine.decode_batch`` (the HF-forward
 engine), which stays the reference it must match. What changes is how it runs:
 
 - ``decoder.StaticDecoder`` writes each row's keys at that row's own position
@@ -20,14 +20,13 @@ engine), which stays the reference it must match. What changes is how it runs:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 
 from softtokens import cot
-from softtokens.decoder import StaticDecoder
-from softtokens.rollout import (ANSWER, COT, DONE, PREFILL, RolloutSetup, RowDraws, _Row, answer_step, cot_step,
-                                marker_window, records)
+from softtokens.decoder import StaticDecoder, first_call
+from softtokens.step import (ANSWER, COT, DONE, PREFILL, Row, RolloutSetup, RowDraws, answer_step, cot_step,
+                             marker_window, non_finite, records)
 
 SYNC_EVERY = 16
 SPAN_BUCKET = 128
@@ -109,6 +108,7 @@ class StaticEngine:
         # not the bound method, with the engine passed in: a compiled bound method holds its engine, a reference
         # cycle that kept a dropped engine's cache allocated until the garbage collector ran.
         self._logic = torch.compile(StaticEngine._logic_eager, dynamic=False, fullgraph=True) if compile else None
+        self._logic_checked = False
         self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, setup.marker_end_ids, lm.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
@@ -179,13 +179,13 @@ class StaticEngine:
         self.setup.lm.logits(h, out=s["z"])
 
     def _run_logic(self, s: dict):
-        if self._logic is not None:
-            try:
-                return self._logic(self, s)
-            except Exception as e:  # an unusable compiler must not stop a rollout (it fails before running)
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eagerly")
-                self._logic = None
-        return self._logic_eager(s)
+        if self._logic is not None and not self._logic_checked:  # the first call compiles (and fails before running)
+            out = first_call(lambda: self._logic(self, s), "torch.compile of the decode step", "running eagerly")
+            if out is not None:
+                self._logic_checked = True
+                return out[0]
+            self._logic = None
+        return self._logic(self, s) if self._logic is not None else self._logic_eager(s)
 
     def _logic_eager(self, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything of a step but the forward pass: records, phase changes, the step count and positions
@@ -278,7 +278,7 @@ class StaticEngine:
 
     @torch.no_grad()
     def decode(self, prompt_ids: list[list[int]], draws: list[RowDraws], keys):
-        """Rollout records for up to ``rows`` rows, like ``rollout.decode_batch``."""
+        """Rollout records for up to ``rows`` rows, like ``hf_engine.decode_batch``."""
         lm, cfg = self.setup.lm, self.setup.cfg
         n, R, s = len(prompt_ids), self.rows, self.s
         assert n <= R, f"batch of {n} rows exceeds the engine's {R}"
@@ -303,10 +303,7 @@ class StaticEngine:
                 bad = s["bad_step"][:n]
                 if (bad >= 0).any():
                     rows = (bad >= 0).nonzero().flatten().tolist()
-                    raise FloatingPointError(
-                        f"non-finite logits at decode step {int(bad[rows[0]])} in rows {rows}: the model "
-                        "overflowed (try dtype float32, or check the weights)"
-                    )
+                    raise non_finite(int(bad[rows[0]]), rows)
                 if bool((s["phase"][:n] == DONE).all()):
                     break
         assert bool((s["phase"][:n] == DONE).all()), "rollout did not finish within its step bound"
@@ -331,7 +328,7 @@ class StaticEngine:
         for r in range(n):
             T, A = int(host["cot_len"][r]), int(host["ans_len"][r])
             reason = STOP_CODES[int(host["stop"][r])]
-            rows.append(_Row(DONE, host["cot_ids"][r, :T].tolist(), reason, self.setup.prefills[reason], 0,
+            rows.append(Row(DONE, host["cot_ids"][r, :T].tolist(), reason, self.setup.prefills[reason], 0,
                              host["ans_ids"][r, :A].tolist(), host["ans_lp"][r, :A].tolist()))
         cot_steps = {name: host[name].transpose(0, 1) if name in host else None
                      for name in ("inputs", "logprob", "entropy", "gap", "mu", "top_p", "top_ids")}

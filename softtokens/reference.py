@@ -2,7 +2,7 @@
 
 The phases run one after another (CoT, then prefill, then answer) instead of
 in lockstep, and every step re-reads the whole sequence; the maths of a step
-(``cot_step``, ``answer_step``) is shared. Tests hold ``rollout.decode_batch``
+(``cot_step``, ``answer_step``) is shared. Tests hold ``hf_engine.decode_batch``
 to this, token for token and within float tolerance.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softtokens.rollout import RolloutSetup, RowDraws, answer_step, cot_step, cot_stop
+from softtokens.step import RolloutSetup, RowDraws, answer_step, cot_step, cot_stop
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from softtokens import cot
 from softtokens.models import CausalLM
-from softtokens.rollout import Rollout
+from softtokens.step import Rollout
 
 
 class Scores(NamedTuple):

@@ -105,7 +105,8 @@ def compiled_matches_eager(lm, questions, cot_cfg, cfg):
     """The static engine with torch.compile of the step logic and the decoder halves (the CUDA default), run
     by inductor on CPU, against the same engine eager; returns the compiled engine."""
     from softtokens.engine import StaticEngine
-    from softtokens.rollout import encode_prompts, prepare, row_draws, row_seed
+    from softtokens.rollout import encode_prompts
+    from softtokens.step import prepare, row_draws, row_seed
 
     setup = prepare(lm, cot_cfg, cfg)
     prompt_ids = encode_prompts(lm, questions, cfg)

@@ -11,7 +11,8 @@ from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.decoder import StaticDecoder
 from softtokens.engine import MarkerMatcher, batch_bucket
 from softtokens.models import tiny_lm
-from softtokens.rollout import cot_stop, generate_rollouts, prepare
+from softtokens.rollout import generate_rollouts
+from softtokens.step import cot_stop, prepare
 
 from conftest import KW, QUESTIONS, SETTINGS, compiled_matches_eager
 from conftest import same_rollouts as _same
@@ -137,7 +138,7 @@ def test_a_dropped_compiled_engine_is_freed_at_once(qwen2):
     """A compiled engine (the CUDA default) must hold no reference cycle: dropped, it would wait for the
     garbage collector with its KV cache and state."""
     from softtokens.engine import StaticEngine
-    from softtokens.rollout import prepare
+    from softtokens.step import prepare
 
     setup = prepare(qwen2, CoTConfig("soft"), RolloutConfig(**KW))
     engine = StaticEngine(setup, 64, 8, cuda_graphs=False, compile=True)
@@ -149,3 +150,39 @@ def test_a_dropped_compiled_engine_is_freed_at_once(qwen2):
 
 def test_compiled_step_and_layers_match_eager(qwen2):
     compiled_matches_eager(qwen2, QUESTIONS, CoTConfig("soft"), RolloutConfig(**KW))
+
+
+def test_only_a_failed_first_compile_falls_back(qwen2):
+    """A compiler that cannot build the step falls back to eager with a warning; an error in a later step is a
+    bug and raises, never a silent switch to eager."""
+    from softtokens.engine import StaticEngine
+    from softtokens.rollout import encode_prompts
+    from softtokens.step import row_draws, row_seed
+
+    cfg = RolloutConfig(**KW)
+    setup = prepare(qwen2, CoTConfig("soft"), cfg)
+    prompt_ids = encode_prompts(qwen2, QUESTIONS[:1], cfg)
+    draws = [row_draws(row_seed(cfg.seed, QUESTIONS[0], g), setup.E.shape[1], CoTConfig("soft"), cfg, "cpu",
+                       torch.float32) for g in range(2)]
+    args = ([prompt_ids[0]] * 2, draws, [(QUESTIONS[0], g) for g in range(2)])
+    eager = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=False).decode(*args)
+
+    def broken_compiler(engine, s):
+        raise RuntimeError("no compiler")
+
+    engine = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=False)
+    engine._logic = broken_compiler
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        _same(eager, engine.decode(*args), soft=True)
+    calls = []
+
+    def fails_later(engine, s):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("a bug in step 4")
+        return StaticEngine._logic_eager(engine, s)
+
+    engine = StaticEngine(setup, 256, 8, cuda_graphs=False, compile=False)
+    engine._logic = fails_later
+    with pytest.raises(RuntimeError, match="a bug in step 4"):
+        engine.decode(*args)

@@ -5,7 +5,8 @@ from softtokens import cot
 from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.models import CausalLM, tiny_lm
 from softtokens.reference import reference_row
-from softtokens.rollout import cot_stop, encode_prompts, generate_rollouts, prepare, row_draws, row_seed
+from softtokens.rollout import encode_prompts, generate_rollouts
+from softtokens.step import cot_stop, prepare, row_draws, row_seed
 
 from conftest import QUESTIONS, SETTINGS
 
