@@ -286,11 +286,8 @@ class StaticEngine:
         self._reset(prompt_ids, draws)
 
         # Prompts, right-padded: each row's cache holds its prompt from slot 0, no gaps.
-        P = max(len(p) for p in prompt_ids)
-        ids = torch.full((R, P), lm.tokenizer.pad_token_id, dtype=torch.long)
-        for r, p in enumerate(prompt_ids):
-            ids[r, : len(p)] = torch.tensor(p)
-        ids = ids.to(lm.device)
+        ids, _ = lm.pad(prompt_ids + [[lm.tokenizer.pad_token_id]] * (R - len(prompt_ids)))  # bucket rows: padding
+        P = ids.shape[1]
         pos = torch.arange(P, device=lm.device)[None].expand(R, P)
         h = self.dec.forward(lm.embed(ids), pos, _round_up(P, SPAN_BUCKET) if self.use_graphs else P)
         last = (s["pos"] - 1).clamp(min=0)

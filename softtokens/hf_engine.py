@@ -26,13 +26,7 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
     eps, u_cot, u_ans = (None if getattr(draws[0], n) is None else torch.stack([getattr(d, n) for d in draws])
                          for n in ("eps", "u_cot", "u_answer"))
 
-    P = max(len(p) for p in prompt_ids)
-    ids = torch.full((R, P), lm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(R, P, dtype=torch.long)
-    for r, p in enumerate(prompt_ids):  # left padding
-        ids[r, P - len(p) :] = torch.tensor(p)
-        mask[r, P - len(p) :] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    ids, mask = lm.pad(prompt_ids, left=True)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # the default positions would count the padding
     cache = lm.new_cache()
     z = lm.logits(lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1])  # (R, V), one row per live row

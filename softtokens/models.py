@@ -71,6 +71,17 @@ class CausalLM:
         scale = getattr(emb, "embed_scale", None)
         return emb.weight if scale is None else emb.weight * scale.to(emb.weight.dtype)
 
+    def pad(self, seqs: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of token sequences padded to the longest, on the model's device. Left padding lines up
+        the prompts' last tokens for a batched prefill; right padding keeps each row from position 0."""
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), n, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            span = slice(n - len(s), n) if left else slice(0, len(s))
+            ids[r, span], mask[r, span] = torch.tensor(s, dtype=torch.long), 1
+        return ids.to(self.device), mask.to(self.device)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids], exactly what the model would compute from input_ids."""
         return self.model.get_input_embeddings()(ids)

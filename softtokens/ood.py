@@ -112,22 +112,14 @@ def score_items(lm: CausalLM, items: list[MCItem], dataset: str, batch_size: int
 
 def _score_batch(lm: CausalLM, batch: list[tuple[list[int], list[list[int]]]], k: int) -> list[list[float]]:
     """Prompts left-padded and run once; their cache repeated k times; continuations right-padded after them."""
-    dev, pad = lm.device, lm.tokenizer.pad_token_id
-    B, P = len(batch), max(len(p) for p, _ in batch)
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (p, _) in enumerate(batch):
-        ids[r, P - len(p) :], mask[r, P - len(p) :] = torch.tensor(p), 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    dev, B = lm.device, len(batch)
+    ids, mask = lm.pad([p for p, _ in batch], left=True)
     cache = lm.new_cache()
     first = torch.log_softmax(lm.logits(lm.hidden(lm.embed(ids), mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)[:, -1]), -1)
     cache.batch_repeat_interleave(k)
     conts = [c for _, cs in batch for c in cs]  # (B * k) continuations, item-major
-    C = max(len(c) for c in conts)
-    cids = torch.full((B * k, C), pad, dtype=torch.long)
-    for r, c in enumerate(conts):
-        cids[r, : len(c)] = torch.tensor(c)
-    cids = cids.to(dev)
+    cids, _ = lm.pad(conts)
+    C = cids.shape[1]
     full_mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones(B * k, C, dtype=mask.dtype, device=dev)], 1)
     pos = mask.sum(-1).repeat_interleave(k)[:, None] + torch.arange(C, device=dev)[None]
     hidden = lm.hidden(lm.embed(cids), full_mask, pos, cache)  # (B*k, C, d): position t predicts token t + 1

@@ -93,17 +93,10 @@ def score_rollouts(
     T = [r.cot_length for r in rollouts]
     F = [len(r.prefill_ids) for r in rollouts]
     A = [len(r.answer_ids) for r in rollouts]
-    lengths = [p + t + f + a for p, t, f, a in zip(P, T, F, A)]
-    S = max(lengths)
 
     # Right-padded token ids; soft CoT positions get their stored inputs afterwards.
-    ids = torch.full((N, S), lm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(N, S, dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        seq = r.prompt_ids + ([0] * T[i] if soft else r.cot_ids) + r.prefill_ids + r.answer_ids
-        ids[i, : lengths[i]] = torch.tensor(seq)
-        mask[i, : lengths[i]] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    ids, mask = lm.pad([r.prompt_ids + ([0] * T[i] if soft else r.cot_ids) + r.prefill_ids + r.answer_ids
+                        for i, r in enumerate(rollouts)])
     embeds = lm.embed(ids)
     if soft and sum(T):
         rows = torch.tensor([i for i in range(N) for _ in range(T[i])], device=dev)
