@@ -222,15 +222,10 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     return sum(gather_objects(sum(g.correct for g in grades), d)) / len(problems)
 
 
-def held_out_set(cfg: TrainConfig, grader) -> list[Problem]:
-    """The first eval_before_after problems of eval_dataset (with a custom reward, gold answers are optional)."""
-    return load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after,
-                        require_answer=not getattr(grader, "custom", False)).problems
-
-
-def held_out_check(lm: CausalLM, grader: Grader, cfg: TrainConfig, d: Dist, when: str, say) -> float:
+def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: TrainConfig, d: Dist, when: str,
+                   say) -> float:
     """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset."""
-    problems, examples = held_out_set(cfg, grader), []
+    examples = []
     acc = greedy_accuracy(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
     low, high = wilson_interval(round(acc * len(problems)), len(problems))
     say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
@@ -295,8 +290,8 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
             raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
         custom = reward_spec(reward_fn or cfg.reward) != (None, None)
         check_report_to(cfg.report_to)
-        if cfg.eval_before_after:
-            load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom)
+        held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
+            if cfg.eval_before_after else []
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         world = int(os.environ.get("WORLD_SIZE", 1))
         if (cfg.prompts_per_step * cfg.num_generations) % world:
@@ -304,7 +299,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
                              f"rows do not split evenly over {world} processes")
         d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
         try:
-            return _train(cfg, out, start, data, device, dtype, d, progress, reward_fn, lm)
+            return _train(cfg, out, start, data, held_out, device, dtype, d, progress, reward_fn, lm)
         finally:
             distributed.close()
 
@@ -320,6 +315,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     state: dict  # step, sigma, best, before: saved in every checkpoint
+    held_out: list[Problem]  # the before / after check's problems
     ref: CausalLM | None
     logger: MetricsLogger | None
     card: str
@@ -378,13 +374,13 @@ class Run:
         if held or ood:  # every rank: gathering the weights into the rollout copy is a collective
             self.policy.sync_rollout()
         if held:
-            acc = held_out_check(self.policy.rollout, grader, cfg, d, f"{when} training", self.say)
+            acc = held_out_check(self.policy.rollout, grader, self.held_out, cfg, d, f"{when} training", self.say)
             if when == "before":
                 self.state["before"] = acc
             else:
                 summary["after"] = acc
                 summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
-                                       "n": len(held_out_set(cfg, grader))}
+                                       "n": len(self.held_out)}
         if ood and d.main:
             result = ood_eval(self.policy.rollout, list(OOD_SETS), self.out / f"ood-{when}", cfg.ood_limit,
                               progress=self.progress)
@@ -409,8 +405,8 @@ class Run:
             print(training_report(self.out))
 
 
-def start_run(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtype: str, d: Dist,
-              progress: bool, lm: CausalLM | None = None) -> Run:
+def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Problem], device: str, dtype: str,
+              d: Dist, progress: bool, lm: CausalLM | None = None) -> Run:
     """The policy, optimiser and schedule (restored from ``start`` when resuming), the frozen reference for
     the KL term, config.yaml and the logger."""
     import yaml
@@ -438,13 +434,13 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, device: str, dtyp
         tmp.replace(out / "config.yaml")
     barrier(d)
     logger = MetricsLogger(out, state["step"], cfg.report_to, dataclasses.asdict(cfg)) if d.main else None
-    return Run(cfg, out, d, policy, optimizer, scheduler, state, ref, logger, model_card(cfg, state["sigma"]),
-               progress, warned=not d.main)
+    return Run(cfg, out, d, policy, optimizer, scheduler, state, held_out, ref, logger,
+               model_card(cfg, state["sigma"]), progress, warned=not d.main)
 
 
-def _train(cfg: TrainConfig, out: Path, start: Path | None, data, device: str, dtype: str, d: Dist, progress: bool,
-           reward_fn=None, lm: CausalLM | None = None) -> dict:
-    run = start_run(cfg, out, start, device, dtype, d, progress, lm)
+def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list[Problem], device: str, dtype: str,
+           d: Dist, progress: bool, reward_fn=None, lm: CausalLM | None = None) -> dict:
+    run = start_run(cfg, out, start, held_out, device, dtype, d, progress, lm)
     state, stopping = run.state, False
     train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
     with Grader(cfg.grading_workers, require_number=cfg.require_number, reward=reward_fn or cfg.reward) as grader, \
