@@ -29,13 +29,16 @@ def _cut_torn_tail(f, path: Path) -> None:
     f.seek(keep)
 
 
+def _lines(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
 def append(path: str | Path, records: list[dict]) -> None:
     """Append records as whole lines, durably (flushed and fsynced)."""
     path = Path(path)
-    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     with open(path, "a+b") as f:
         _cut_torn_tail(f, path)
-        f.write(blob)
+        f.write(_lines(records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -74,7 +77,7 @@ def rewrite(path: str | Path, records: list[dict]) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+        f.write(_lines(records))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

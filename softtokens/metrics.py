@@ -17,11 +17,10 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, step: int = 0, report_to: str = "tensorboard", config: dict | None = None):
         """``step``: the step the run starts from (its checkpoint's); later rows already on disk are dropped."""
         self.path = Path(output_dir) / "metrics.jsonl"
-        if self.path.exists():
-            rows = jsonl.read(self.path)
-            keep = [r for r in rows if r.get("step", 0) <= step]
-            if len(keep) != len(rows) or self.path.read_bytes()[-1:] not in (b"", b"\n"):
-                jsonl.rewrite(self.path, keep)
+        rows = jsonl.read(self.path, repair=True)
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        if len(keep) != len(rows):
+            jsonl.rewrite(self.path, keep)
         self.writer = self.wandb = None
         if report_to == "tensorboard":
             try:
