@@ -100,8 +100,7 @@ class RolloutConfig:
             raise ValueError(f"record_top_k must be >= 0, got {self.record_top_k}")
         if self.answer_temperature < 0:
             raise ValueError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
-        if "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain a {question} slot")
+        prompts.check_template(self.prompt_template)
         if not self.marker.strip():
             raise ValueError("marker must be non-empty text")
 
@@ -144,8 +143,7 @@ class DataOptions:
     """Your reward, 'package.module:function' or 'path/to/file.py:function', with TRL's signature f(prompts, completions, **columns) -> list[float] or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
 
     def __post_init__(self):
-        if "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain a {question} slot")
+        prompts.check_template(self.prompt_template)
 
     def load_options(self, reward_fn=None) -> dict:
         """Keyword arguments of ``data.load_dataset`` for this run's data options (a custom reward may need no

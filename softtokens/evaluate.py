@@ -60,11 +60,6 @@ def parse_settings(spec: str) -> list[str]:
     return names
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of one dataset x setting; a last line cut short by an interruption is dropped."""
-    return jsonl.read(path)
-
-
 def _start(cfg: EvalConfig, run: dict) -> None:
     """Write config.json, or check that a resumed run is the same evaluation."""
     out = Path(cfg.out)
@@ -214,7 +209,7 @@ def summarize(out: str | Path) -> dict:
                "config": {k: v for k, v in run.items() if k != "provenance"}, "datasets": {}}
     for name in run["datasets"]:
         for setting in run["settings"]:
-            records = read_records(out / "records" / name / f"{setting}.jsonl")
+            records = jsonl.read(out / "records" / name / f"{setting}.jsonl")  # a torn last line is skipped
             if records:
                 results["datasets"].setdefault(name, {})[setting] = summarize_records(records)
     (out / "results.json").write_text(json.dumps(results, indent=1))

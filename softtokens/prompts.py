@@ -17,6 +17,12 @@ LENGTH_PREFILL = " The final answer is: \\boxed{"
 ANSWER_PREFIX = "\\boxed{"
 
 
+def check_template(template: str) -> None:
+    """A prompt template needs the slot the question goes into."""
+    if "{question}" not in template:
+        raise ValueError("prompt_template must contain a {question} slot")
+
+
 def format_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     """The raw-text prompt for one question; an empty question is an error, not an empty prompt."""
     if not isinstance(question, str) or not question.strip():
