@@ -32,10 +32,6 @@ SYNC_EVERY = 16
 SPAN_BUCKET = 128
 WHITESPACE = " \t\n\r\f\v"
 STOP_CODES = ("marker", "length", "eos")
-# State a step writes (restored after a graph's warm-up and capture); the rest is read-only or write-once per column.
-MUTABLE = ("phase", "t", "pos", "chars", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step", "ans_ids", "ans_lp", "z")
-RECORDED = ("stop", "cot_len", "ans_len", "cot_ids", "ans_ids", "ans_lp", "inputs", "logprob", "entropy", "gap",
-            "mu", "top_p", "top_ids")
 
 
 def _round_up(n: int, k: int) -> int:
@@ -45,6 +41,49 @@ def _round_up(n: int, k: int) -> int:
 def batch_bucket(rows: int) -> int:
     """Graphs are captured per batch size: round up to a power of two (>= 8) so they are reused."""
     return max(8, 1 << (rows - 1).bit_length())
+
+
+@dataclasses.dataclass
+class EngineState:
+    """The engine's tensors at fixed addresses (R rows, CoT columns 0..L, answer columns 0..A-1): a captured
+    graph reads and updates them in place, call after call. Optional fields are None where the setting does not
+    need them (no noise for hard, no CoT inputs for hard, ...)."""
+
+    # per row: phase, next cache position, stop code, CoT length, forced-prefill pointer, answer length,
+    # first step with non-finite logits (-1: none)
+    phase: torch.Tensor
+    pos: torch.Tensor
+    stop: torch.Tensor
+    cot_len: torch.Tensor
+    pre_ptr: torch.Tensor
+    ans_len: torch.Tensor
+    bad_step: torch.Tensor
+    t: torch.Tensor  # (1,) the step count
+    chars: torch.Tensor  # (R, width) each row's last characters, for the stop marker
+    z: torch.Tensor  # (R, V) float32 logits of the step's last position
+    cot_ids: torch.Tensor  # (R, L+1) records, one column per CoT step; column L is a spare
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    gap: torch.Tensor
+    ans_ids: torch.Tensor  # (R, A)
+    ans_lp: torch.Tensor
+    inputs: torch.Tensor | None = None  # (R, L+1, d) soft / fuzzy CoT inputs
+    mu: torch.Tensor | None = None  # (R, L+1, d) their means, with record_means
+    top_p: torch.Tensor | None = None  # (R, L+1, k) with record_top_k
+    top_ids: torch.Tensor | None = None
+    eps: torch.Tensor | None = None  # (R, L, d) the rows' pre-drawn noise (sampled soft / fuzzy)
+    u_cot: torch.Tensor | None = None  # (R, L) uniforms of a sampled hard CoT
+    u_answer: torch.Tensor | None = None  # (R, A) uniforms of a sampled answer
+
+    # What a step writes (restored after a graph's warm-up and capture); the rest is read-only or write-once
+    # per column. What a batch's records are read from.
+    MUTABLE = ("phase", "t", "pos", "chars", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step", "ans_ids",
+               "ans_lp", "z")
+    RECORDED = ("stop", "cot_len", "ans_len", "cot_ids", "ans_ids", "ans_lp", "inputs", "logprob", "entropy",
+                "gap", "mu", "top_p", "top_ids")
+
+    def tensors(self, names) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 class MarkerMatcher:
@@ -124,8 +163,7 @@ class StaticEngine:
 
     # --- the captured step --------------------------------------------------------------------------
 
-    def _alloc(self) -> dict:
-        """State tensors at fixed addresses: the graphs read and update them in place, call after call."""
+    def _alloc(self) -> EngineState:
         lm, cfg, R = self.setup.lm, self.setup.cfg, self.rows
         dev, L, A, d, V = lm.device, cfg.max_cot_length, cfg.max_answer_length, *self.setup.E.shape[::-1]
         fdt = cot.compute_dtype(lm.dtype)
@@ -133,52 +171,43 @@ class StaticEngine:
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=dev)
 
-        s = {name: zeros(R) for name in ("phase", "pos", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step")}
-        s |= {
-            # Float32 logits, the head's float32 result (``CausalLM.logits``): the scorer computes the same.
-            "t": zeros(1), "chars": self.matcher.empty(R), "z": zeros(R, V, dtype=fdt),
-            "cot_ids": zeros(R, L + 1), "logprob": zeros(R, L + 1, dtype=fdt), "entropy": zeros(R, L + 1, dtype=fdt),
-            "gap": zeros(R, L + 1, dtype=fdt),
-            "ans_ids": zeros(R, A), "ans_lp": zeros(R, A, dtype=fdt),
-            "eps": None, "u_cot": None, "u_answer": None,
-        }
         c = self.setup.cot_cfg
-        if c.mode != "hard":
-            s["inputs"] = zeros(R, L + 1, d, dtype=lm.dtype)
-            if cfg.record_means:
-                s["mu"] = zeros(R, L + 1, d, dtype=fdt)
-            if c.sampled:
-                s["eps"] = zeros(R, L, d, dtype=torch.float32)
-        elif c.sampled:
-            s["u_cot"] = zeros(R, L, dtype=torch.float32)
-        if cfg.answer_temperature > 0:
-            s["u_answer"] = zeros(R, A, dtype=torch.float32)
-        if cfg.record_top_k:
-            k = min(cfg.record_top_k, V)
-            s["top_p"], s["top_ids"] = zeros(R, L + 1, k, dtype=fdt), zeros(R, L + 1, k)
-        return s
+        soft, k = c.mode != "hard", min(cfg.record_top_k, V)
+        return EngineState(
+            **{name: zeros(R) for name in ("phase", "pos", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step")},
+            # Float32 logits, the head's float32 result (``CausalLM.logits``): the scorer computes the same.
+            t=zeros(1), chars=self.matcher.empty(R), z=zeros(R, V, dtype=fdt),
+            cot_ids=zeros(R, L + 1), logprob=zeros(R, L + 1, dtype=fdt), entropy=zeros(R, L + 1, dtype=fdt),
+            gap=zeros(R, L + 1, dtype=fdt), ans_ids=zeros(R, A), ans_lp=zeros(R, A, dtype=fdt),
+            inputs=zeros(R, L + 1, d, dtype=lm.dtype) if soft else None,
+            mu=zeros(R, L + 1, d, dtype=fdt) if soft and cfg.record_means else None,
+            top_p=zeros(R, L + 1, k, dtype=fdt) if k else None,
+            top_ids=zeros(R, L + 1, k) if k else None,
+            eps=zeros(R, L, d, dtype=torch.float32) if soft and c.sampled else None,
+            u_cot=zeros(R, L, dtype=torch.float32) if not soft and c.sampled else None,
+            u_answer=zeros(R, A, dtype=torch.float32) if cfg.answer_temperature > 0 else None,
+        )
 
     def _reset(self, prompt_ids: list[list[int]], draws: list[RowDraws]) -> None:
         """Load a new batch into the state; rows past the batch are bucket padding, DONE from the start."""
         s, n, dev = self.s, len(prompt_ids), self.setup.lm.device
-        for name in ("eps", "u_cot", "u_answer"):
-            if s[name] is not None:
-                s[name][:n].copy_(torch.stack([getattr(d, name) for d in draws]))
-        s["phase"].fill_(DONE)
-        s["phase"][:n] = COT
-        s["pos"].fill_(1)
-        s["pos"][:n] = torch.tensor([len(p) for p in prompt_ids], device=dev)
-        for name, value in (("stop", -1), ("bad_step", -1), ("cot_len", 0), ("pre_ptr", 0), ("ans_len", 0),
-                            ("t", 0), ("chars", -1)):
-            s[name].fill_(value)
+        for name, buf in s.tensors(("eps", "u_cot", "u_answer")).items():
+            buf[:n].copy_(torch.stack([getattr(d, name) for d in draws]))
+        s.phase.fill_(DONE)
+        s.phase[:n] = COT
+        s.pos.fill_(1)
+        s.pos[:n] = torch.tensor([len(p) for p in prompt_ids], device=dev)
+        for buf, value in ((s.stop, -1), (s.bad_step, -1), (s.cot_len, 0), (s.pre_ptr, 0), (s.ans_len, 0),
+                           (s.t, 0), (s.chars, -1)):
+            buf.fill_(value)
 
-    def _step(self, s: dict, span: int) -> None:
+    def _step(self, s: EngineState, span: int) -> None:
         """One decode step for every row, all on the device (no host sync): capturable."""
         x, pos = self._run_logic(s)
         h = self.dec.forward(x[:, None], pos[:, None], span)[:, 0]
-        self.setup.lm.logits(h, out=s["z"])
+        self.setup.lm.logits(h, out=s.z)
 
-    def _run_logic(self, s: dict):
+    def _run_logic(self, s: EngineState):
         if self._logic is not None and not self._logic_checked:  # the first call compiles (and fails before running)
             out = first_call(lambda: self._logic(self, s), "torch.compile of the decode step", "running eagerly")
             if out is not None:
@@ -187,64 +216,62 @@ class StaticEngine:
             self._logic = None
         return self._logic(self, s) if self._logic is not None else self._logic_eager(s)
 
-    def _logic_eager(self, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logic_eager(self, s: EngineState) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything of a step but the forward pass: records, phase changes, the step count and positions
         (advanced here, fused with the rest); returns the inputs and the positions they go to."""
         setup, cfg, lm = self.setup, self.setup.cfg, self.setup.lm
         R, L, A = self.rows, cfg.max_cot_length, cfg.max_answer_length
-        t, phase, z = s["t"], s["phase"], s["z"]
+        t, phase, z = s.t, s.phase, s.z
         is_cot, is_pre, is_ans, active = phase == COT, phase == PREFILL, phase == ANSWER, phase != DONE
         rows = torch.arange(R, device=z.device)
         finite = torch.isfinite(cot.blocks(z, 0.0)).all(-1).all(-1)  # in blocks: see cot.blocks
-        s["bad_step"].copy_(torch.where(active & ~finite & (s["bad_step"] < 0), s["t"].expand(R), s["bad_step"]))
+        s.bad_step.copy_(torch.where(active & ~finite & (s.bad_step < 0), t.expand(R), s.bad_step))
 
         # CoT: the step's input and records at column t. Rows past their CoT write garbage at columns
         # they never read; past L every row writes to the spare column L.
         tcol = t.clamp(max=L)
         pick = (lambda x: None if x is None else x.index_select(1, t.clamp(max=L - 1)).squeeze(1))
-        st = cot_step(setup, z, pick(s["eps"]), pick(s["u_cot"]))
-        s["cot_ids"].index_copy_(1, tcol, st.ids[:, None])
-        s["logprob"].index_copy_(1, tcol, st.logprob[:, None].to(s["logprob"].dtype))
-        s["entropy"].index_copy_(1, tcol, st.entropy[:, None].to(s["entropy"].dtype))
-        s["gap"].index_copy_(1, tcol, st.gap[:, None].to(s["gap"].dtype))
-        if "inputs" in s:
-            s["inputs"].index_copy_(1, tcol, st.inputs[:, None])
-        if "mu" in s:
-            s["mu"].index_copy_(1, tcol, st.mu[:, None])
+        st = cot_step(setup, z, pick(s.eps), pick(s.u_cot))
+        s.cot_ids.index_copy_(1, tcol, st.ids[:, None])
+        for buf, value in ((s.logprob, st.logprob), (s.entropy, st.entropy), (s.gap, st.gap)):
+            buf.index_copy_(1, tcol, value[:, None].to(buf.dtype))
+        if s.inputs is not None:
+            s.inputs.index_copy_(1, tcol, st.inputs[:, None])
+        if s.mu is not None:
+            s.mu.index_copy_(1, tcol, st.mu[:, None])
         if st.top is not None:
-            s["top_p"].index_copy_(1, tcol, st.top[0][:, None])
-            s["top_ids"].index_copy_(1, tcol, st.top[1][:, None])
+            s.top_p.index_copy_(1, tcol, st.top[0][:, None])
+            s.top_ids.index_copy_(1, tcol, st.top[1][:, None])
 
         # Answer: a token for every row, kept where the row is answering.
-        acol = s["ans_len"].clamp(max=A - 1)
-        a, a_lp = answer_step(setup, z, None if s["u_answer"] is None else s["u_answer"][rows, acol])
-        s["ans_ids"][rows, acol] = torch.where(is_ans, a, s["ans_ids"][rows, acol])
-        s["ans_lp"][rows, acol] = torch.where(is_ans, a_lp.to(s["ans_lp"].dtype), s["ans_lp"][rows, acol])
+        acol = s.ans_len.clamp(max=A - 1)
+        a, a_lp = answer_step(setup, z, None if s.u_answer is None else s.u_answer[rows, acol])
+        s.ans_ids[rows, acol] = torch.where(is_ans, a, s.ans_ids[rows, acol])
+        s.ans_lp[rows, acol] = torch.where(is_ans, a_lp.to(s.ans_lp.dtype), s.ans_lp[rows, acol])
 
         # What each row feeds: its CoT input, its next forced prefill token, or its answer token.
-        kind = s["stop"].clamp(min=0)
-        pre_tok = self.prefill_table[kind, s["pre_ptr"].clamp(max=self.prefill_len - 1)]
+        kind = s.stop.clamp(min=0)
+        pre_tok = self.prefill_table[kind, s.pre_ptr.clamp(max=self.prefill_len - 1)]
         x = lm.embed(torch.where(is_ans, a, pre_tok))
         x = torch.where(is_cot[:, None], st.inputs.to(x.dtype), x)
 
         # Phase changes (METHOD.md §3), in rollout.cot_stop's order: marker, then EOS, then length.
-        chars = self.matcher.append(s["chars"], st.ids)
-        s["chars"].copy_(torch.where(is_cot[:, None], chars, s["chars"]))
-        marker = is_cot & self.matcher.ends_with_marker(s["chars"], st.ids)
+        s.chars.copy_(torch.where(is_cot[:, None], self.matcher.append(s.chars, st.ids), s.chars))
+        marker = is_cot & self.matcher.ends_with_marker(s.chars, st.ids)
         eos = is_cot & torch.isin(st.ids, self.eos) if cfg.stop_at_eos else torch.zeros_like(is_cot)
         length = is_cot & (t + 1 >= L)
         stop = marker | eos | length
         code = torch.where(marker, 0, torch.where(eos, 2, 1))
-        s["stop"].copy_(torch.where(stop, code, s["stop"]))
-        s["cot_len"].copy_(torch.where(is_cot, t + 1, s["cot_len"]))
-        s["pre_ptr"].copy_(s["pre_ptr"] + is_pre.long())
-        pre_done = is_pre & (s["pre_ptr"] == self.prefill_lens[kind])
-        s["ans_len"].copy_(s["ans_len"] + is_ans.long())
-        ans_done = is_ans & (torch.isin(a, self.eos) | (s["ans_len"] == A))
-        s["phase"].copy_(torch.where(stop, PREFILL, torch.where(pre_done, ANSWER, torch.where(ans_done, DONE, phase))))
-        pos = s["pos"].clone()
-        s["pos"].copy_(torch.where(active, pos + 1, pos).clamp(max=self.max_len - 1))
-        s["t"].add_(1)
+        s.stop.copy_(torch.where(stop, code, s.stop))
+        s.cot_len.copy_(torch.where(is_cot, t + 1, s.cot_len))
+        s.pre_ptr.copy_(s.pre_ptr + is_pre.long())
+        pre_done = is_pre & (s.pre_ptr == self.prefill_lens[kind])
+        s.ans_len.copy_(s.ans_len + is_ans.long())
+        ans_done = is_ans & (torch.isin(a, self.eos) | (s.ans_len == A))
+        s.phase.copy_(torch.where(stop, PREFILL, torch.where(pre_done, ANSWER, torch.where(ans_done, DONE, phase))))
+        pos = s.pos.clone()
+        s.pos.copy_(torch.where(active, pos + 1, pos).clamp(max=self.max_len - 1))
+        s.t.add_(1)
         return x, pos
 
     def _span(self, n: int) -> int:
@@ -255,11 +282,11 @@ class StaticEngine:
             return self.max_len
         return min(_round_up(n, SPAN_BUCKET), self.max_len)
 
-    def _run_step(self, s: dict, span: int) -> None:
+    def _run_step(self, s: EngineState, span: int) -> None:
         if not self.use_graphs:
             return self._step(s, span)
         if span not in self.graphs:
-            saved = {k: s[k].clone() for k in MUTABLE}
+            saved = {k: v.clone() for k, v in s.tensors(EngineState.MUTABLE).items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
@@ -270,7 +297,7 @@ class StaticEngine:
             with torch.cuda.graph(graph, pool=self.pool):
                 self._step(s, span)
             for k, v in saved.items():  # capture and warm-up advanced the state: put it back
-                s[k].copy_(v)
+                getattr(s, k).copy_(v)
             self.graphs[span] = graph
         self.graphs[span].replay()
 
@@ -290,35 +317,35 @@ class StaticEngine:
         P = ids.shape[1]
         pos = torch.arange(P, device=lm.device)[None].expand(R, P)
         h = self.dec.forward(lm.embed(ids), pos, _round_up(P, SPAN_BUCKET) if self.use_graphs else P)
-        last = (s["pos"] - 1).clamp(min=0)
-        lm.logits(h[torch.arange(R, device=lm.device), last], out=s["z"])
+        last = (s.pos - 1).clamp(min=0)
+        lm.logits(h[torch.arange(R, device=lm.device), last], out=s.z)
 
         max_steps = cfg.max_cot_length + self.prefill_len + cfg.max_answer_length
         for step in range(max_steps):
             self._run_step(s, self._span(P + step + 1))
             if (step + 1) % SYNC_EVERY == 0 or step + 1 == max_steps or not self.use_graphs:
-                bad = s["bad_step"][:n]
+                bad = s.bad_step[:n]
                 if (bad >= 0).any():
                     rows = (bad >= 0).nonzero().flatten().tolist()
                     raise non_finite(int(bad[rows[0]]), rows)
-                if bool((s["phase"][:n] == DONE).all()):
+                if bool((s.phase[:n] == DONE).all()):
                     break
-        assert bool((s["phase"][:n] == DONE).all()), "rollout did not finish within its step bound"
+        assert bool((s.phase[:n] == DONE).all()), "rollout did not finish within its step bound"
         return self._records(s, prompt_ids, keys)
 
-    def _to_host(self, s: dict, n: int) -> dict:
+    def _to_host(self, s: EngineState, n: int) -> dict[str, torch.Tensor]:
         """The recorded state of the first n rows on the host; on CUDA through pinned memory, in one wait
         (a CoT's inputs are R x L x d: a copy to pageable memory is a measurable share of a rollout)."""
-        names = [k for k in RECORDED if k in s]
+        recorded = s.tensors(EngineState.RECORDED)
         if self.setup.lm.device.type != "cuda":
-            return {k: s[k][:n].cpu() for k in names}
-        host = {k: torch.empty(s[k][:n].shape, dtype=s[k].dtype, pin_memory=True) for k in names}
-        for k in names:
-            host[k].copy_(s[k][:n], non_blocking=True)
+            return {k: v[:n].cpu() for k, v in recorded.items()}
+        host = {k: torch.empty(v[:n].shape, dtype=v.dtype, pin_memory=True) for k, v in recorded.items()}
+        for k, v in recorded.items():
+            host[k].copy_(v[:n], non_blocking=True)
         torch.cuda.current_stream().synchronize()
         return host
 
-    def _records(self, s: dict, prompt_ids, keys):
+    def _records(self, s: EngineState, prompt_ids, keys):
         n = len(prompt_ids)
         host = self._to_host(s, n)
         rows = []

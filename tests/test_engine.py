@@ -143,7 +143,7 @@ def test_a_dropped_compiled_engine_is_freed_at_once(qwen2):
     setup = prepare(qwen2, CoTConfig("soft"), RolloutConfig(**KW))
     engine = StaticEngine(setup, 64, 8, cuda_graphs=False, compile=True)
     assert engine._logic is not None
-    cache, state = weakref.ref(engine.dec.k_cache[0]), weakref.ref(engine.s["z"])
+    cache, state = weakref.ref(engine.dec.k_cache[0]), weakref.ref(engine.s.z)
     del engine
     assert cache() is None and state() is None
 
