@@ -66,7 +66,8 @@ def model_card(cfg, sigma: float) -> str:
     front = ["---", "library_name: transformers", *([f"base_model: {cfg.model}"] if hub_id else []),
              "tags:", "- softtokens", "- soft-thinking", "---"]
     rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot().temperature),
-            ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS(E)", f"{sigma:.6g}"),
+            ("noise on", cfg.noise_on + (f" (k = {cfg.top_k})" if cfg.noise_on == "topk_logits" else "")),
+            ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS of what is noised", f"{sigma:.6g}"),
             ("chat template", cfg.chat_template), ("stop marker", f'`"{prompts.MARKER}"`'),
             ("prefill after the marker", f'`"{prompts.MARKER_PREFILL}"`'),
             ("prefill at the length limit", f'`"{prompts.LENGTH_PREFILL}"`'), ("max CoT length", cfg.max_cot_length),

@@ -36,7 +36,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
 
     With ``overrides`` every flag defaults to None, so only the flags given override a config file.
     """
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    docs = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}  # argparse formats help with %
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:

@@ -12,6 +12,16 @@ from softtokens import cot, prompts
 from softtokens.estimators import CORRECTIONS
 
 
+def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
+    if noise_on not in cot.NOISE_ON:
+        raise ValueError(f"unknown noise_on {noise_on!r}: choose one of {', '.join(cot.NOISE_ON)}")
+    if noise_on != "embedding" and mode == "hard":
+        raise ValueError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
+                         "(use mode soft or fuzzy, or noise_on embedding)")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
 @dataclass
 class CoTConfig:
     """How the chain of thought is fed back (METHOD.md §2, §6)."""
@@ -24,6 +34,10 @@ class CoTConfig:
     """Noise scale: sigma = gamma * RMS of the input-embedding matrix."""
     noise: bool = True
     """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
+    noise_on: str = "embedding"
+    """Where the noise goes (METHOD.md §10): embedding (the paper), hidden (the final hidden state), logits, or topk_logits (the top_k logits, the rest -inf)."""
+    top_k: int = 5
+    """Logits kept by noise_on topk_logits (the paper: 5 or 50, at tau 1.0)."""
 
     def __post_init__(self):
         if self.mode not in cot.MODES:
@@ -40,6 +54,7 @@ class CoTConfig:
             )
         if not self.gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        check_noise_on(self.mode, self.noise_on, self.top_k)
 
     @property
     def sampled(self) -> bool:
@@ -253,7 +268,11 @@ class TrainConfig(DataOptions):
     temperature: float | None = None
     """CoT temperature; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001)."""
     gamma: float = cot.DEFAULT_GAMMA
-    """Noise scale: sigma = gamma * RMS(E), computed once from the initial model and kept for the run."""
+    """Noise scale: sigma = gamma * RMS of what the noise is added to (E by default), computed once from the initial model and kept for the run."""
+    noise_on: str = "embedding"
+    """Where the CoT noise goes: embedding (the paper), hidden, logits or topk_logits (METHOD.md §10; HF engine only but for embedding)."""
+    top_k: int = 5
+    """Logits kept by noise_on topk_logits."""
     prompts_per_step: int = 2
     """B: prompts per optimiser step."""
     num_generations: int = 32
@@ -356,6 +375,7 @@ class TrainConfig(DataOptions):
             raise ValueError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
         if not self.tis_cap >= 1:
             raise ValueError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
+        check_noise_on(self.mode, self.noise_on, self.top_k)
         if self.eval_mode not in cot.MODES:
             raise ValueError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
         if self.estimator not in ("rloo", "grpo"):
@@ -376,7 +396,7 @@ class TrainConfig(DataOptions):
             raise ValueError(f"unknown report_to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
 
     def cot(self) -> CoTConfig:
-        return CoTConfig(self.mode, self.temperature, self.gamma)
+        return CoTConfig(self.mode, self.temperature, self.gamma, noise_on=self.noise_on, top_k=self.top_k)
 
     def rollout(self, seed: int, generations: int, answer_temperature: float) -> RolloutConfig:
         """The RolloutConfig of a training step (seed per step) or of a greedy check (one generation)."""

@@ -22,6 +22,10 @@ DEFAULT_TEMPERATURE = {"hard": 1.0, "soft": 0.5, "fuzzy": 1e-4}
 # METHOD.md §2: sigma = gamma * RMS(E), gamma = 0.33.
 DEFAULT_GAMMA = 0.33
 
+# METHOD.md §10: where a soft / fuzzy CoT step's Gaussian noise goes. The paper's default is the input embedding;
+# the others are its Table 7 ablation.
+NOISE_ON = ("embedding", "hidden", "logits", "topk_logits")
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32: softmax at tau = 1e-4 and log-densities need it; float64 stays float64."""
@@ -108,6 +112,15 @@ def mixture(p: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
     return (p.to(E.dtype) @ E).to(compute_dtype(E.dtype))
 
 
+def topk_mixture(values: torch.Tensor, ids: torch.Tensor, temperature: float, E: torch.Tensor) -> torch.Tensor:
+    """softmax(values / tau) E[ids]: the mixture of the top-k tokens only, the other logits at -inf (METHOD.md §10).
+
+    (..., k), (..., k) long, (V, d) -> (..., d) in E's compute dtype.
+    """
+    p = torch.softmax(values.to(compute_dtype(values.dtype)) / temperature, dim=-1)
+    return (p.to(E.dtype).unsqueeze(-2) @ E[ids]).squeeze(-2).to(compute_dtype(E.dtype))
+
+
 def soft_input(mu: torch.Tensor, eps: torch.Tensor | None, sigma: float) -> torch.Tensor:
     """h~ = mu + sigma * eps (soft / fuzzy CoT input); eps None means no noise (greedy settings)."""
     if eps is None or sigma == 0.0:
@@ -116,9 +129,9 @@ def soft_input(mu: torch.Tensor, eps: torch.Tensor | None, sigma: float) -> torc
 
 
 def gaussian_log_density(h: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log N(h; mu, sigma^2 I) summed over d, with its constant (METHOD.md §5). (..., d) -> (...).
+    """log N(h; mu, sigma^2 I) summed over the last axis, with its constant (METHOD.md §5). (..., n) -> (...).
 
-    ``h`` is data (the stored noisy input); gradients flow through ``mu``.
+    ``h`` is data (the stored noisy input, hidden state or logits); gradients flow through ``mu``.
     """
     assert sigma > 0, "the Gaussian log-density needs sigma > 0 (noise on)"
     h = h.to(mu.dtype)

@@ -29,7 +29,8 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
     ids, mask = lm.pad(prompt_ids, left=True)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # the default positions would count the padding
     cache = lm.new_cache()
-    z = lm.logits(lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1])  # (R, V), one row per live row
+    g = lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1]  # (R, d) the final hidden state, one row per live row
+    z = lm.logits(g)  # (R, V)
     next_pos = pos[:, -1:] + 1
 
     rows = [Row() for _ in range(R)]
@@ -55,7 +56,7 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
         inp = lm.embed(tok)  # (n, d): prefill and answer tokens
         if (phases == COT).any():
             pick = (lambda x: None if x is None else x[live_t, step])
-            st = cot_step(setup, z, pick(eps), pick(u_cot))
+            st = cot_step(setup, z, pick(eps), pick(u_cot), g)
             steps.append(st if n == R else _widen(st, live_t, R))
             inp = torch.where((phases == COT)[:, None], st.inputs, inp)
             shadow = st.ids.tolist()
@@ -84,7 +85,8 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
             inp, mask, next_pos, live = inp[keep_t], mask[keep_t], next_pos[keep_t], [live[k] for k in keep]
 
         mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=dev)], dim=1)
-        z = lm.logits(lm.hidden(inp[:, None], mask, next_pos, cache)[:, -1])
+        g = lm.hidden(inp[:, None], mask, next_pos, cache)[:, -1]
+        z = lm.logits(g)
         next_pos = next_pos + 1
     return records(setup, prompt_ids, keys, rows, stack_steps(steps, setup.cfg.record_means))
 
@@ -100,6 +102,7 @@ def _widen(st: CoTStep, live: torch.Tensor, R: int) -> CoTStep:
         return full
 
     top = None if st.top is None else (wide(st.top[0]), wide(st.top[1]))
-    return CoTStep(wide(st.inputs), wide(st.ids), wide(st.logprob), wide(st.entropy), wide(st.gap), wide(st.mu), top)
+    return CoTStep(wide(st.inputs), wide(st.ids), wide(st.logprob), wide(st.entropy), wide(st.gap), wide(st.mu), top,
+                   wide(st.noisy), wide(st.noisy_ids))
 
 

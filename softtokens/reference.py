@@ -20,23 +20,25 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
     dev = lm.device
     seq = lm.embed(torch.tensor(prompt_ids, device=dev))  # (S, d), grows by one row per step
 
-    def next_logits():
+    def next_hidden():
         n = seq.shape[0]
         mask = torch.ones(1, n, dtype=torch.long, device=dev)
-        return lm.logits(lm.hidden(seq[None], mask, torch.arange(n, device=dev)[None])[0, -1])
+        return lm.hidden(seq[None], mask, torch.arange(n, device=dev)[None])[0, -1:]  # (1, d)
 
-    cot_ids, cot_lp, cot_ent, cot_gap, cot_in = [], [], [], [], []
+    cot_ids, cot_lp, cot_ent, cot_gap, cot_in, noisy = [], [], [], [], [], []
     reason = None
     for t in range(cfg.max_cot_length):
         eps = None if draws.eps is None else draws.eps[t : t + 1]
         u = None if draws.u_cot is None else draws.u_cot[t : t + 1]
-        st = cot_step(setup, next_logits()[None], eps, u)  # a batch of one row
+        g = next_hidden()
+        st = cot_step(setup, lm.logits(g), eps, u, g)  # a batch of one row
         seq = torch.cat([seq, st.inputs])
         cot_ids.append(int(st.ids[0]))
         cot_lp.append(float(st.logprob[0]))
         cot_ent.append(float(st.entropy[0]))
         cot_gap.append(float(st.gap[0]))
         cot_in.append(st.inputs[0])
+        noisy.append(st.noisy)
         reason = cot_stop(setup, cot_ids, t)
         if reason:
             break
@@ -46,7 +48,7 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
 
     answer_ids, answer_lp = [], []
     for k in range(cfg.max_answer_length):
-        a, lp = answer_step(setup, next_logits()[None], None if draws.u_answer is None else draws.u_answer[k : k + 1])
+        a, lp = answer_step(setup, lm.logits(next_hidden()), None if draws.u_answer is None else draws.u_answer[k : k + 1])
         answer_ids.append(int(a[0]))
         answer_lp.append(float(lp[0]))
         if answer_ids[-1] in setup.eos_ids:
@@ -63,4 +65,5 @@ def reference_row(setup: RolloutSetup, prompt_ids: list[int], draws: RowDraws) -
         "cot_entropy": torch.tensor(cot_ent),
         "cot_logit_gap": torch.tensor(cot_gap),
         "cot_embeds": torch.stack(cot_in).cpu() if setup.cot_cfg.mode != "hard" else None,
+        "cot_noisy": None if noisy[0] is None else torch.cat(noisy).cpu(),
     }

@@ -91,7 +91,7 @@ def generate_rollouts(
     out: list[Rollout] = []
     for batch in batches:
         draws = [
-            row_draws(row_seed(cfg.seed, questions[qi], g), setup.E.shape[1], cot_cfg, cfg, lm.device, torch.float32)
+            row_draws(row_seed(cfg.seed, questions[qi], g), setup.noise_dim, cot_cfg, cfg, lm.device, torch.float32)
             for qi, g in batch
         ]
         done = decode([prompt_ids[qi] for qi, _ in batch], draws, [(questions[qi], g) for qi, g in batch])
@@ -103,9 +103,12 @@ def generate_rollouts(
 
 def _engine(setup: RolloutSetup, prompt_ids: list[list[int]], rows: int):
     """The decode function for this call: the static engine where asked for (or on CUDA), else the HF loop."""
-    cfg, model = setup.cfg, setup.lm.model
+    cfg, model, noise_on = setup.cfg, setup.lm.model, setup.cot_cfg.noise_on
+    if cfg.engine == "static" and noise_on != "embedding":
+        raise ValueError(f"engine 'static' puts the noise on the input embedding only; noise_on {noise_on} runs "
+                         "on engine 'hf' (--engine hf, or auto)")
     static = cfg.engine == "static" or (
-        cfg.engine == "auto" and setup.lm.device.type == "cuda" and decoder.supports(model)
+        cfg.engine == "auto" and setup.lm.device.type == "cuda" and decoder.supports(model) and noise_on == "embedding"
     )
     if not static:
         return lambda p, d, k: decode_batch(setup, p, d, k)

@@ -6,6 +6,9 @@ input around ``mu_t = softmax(z_{t-1}/tau) E`` (recomputed by the current
 model), or the token log-prob of each hard CoT token, and the answer token
 log-probs. Prefilled tokens are excluded. The stored CoT inputs are data;
 gradients reach the weights through ``z`` and through ``E`` (inputs and ``mu``).
+With the noise on the hidden state or the logits (METHOD.md §10), a CoT step's
+term is the Gaussian density of the recorded noisy hidden state / logits around
+the current model's own.
 
 The output head runs on chunks of the scored positions only, each chunk
 checkpointed, so ``tokens x vocab`` logits are never held for the whole batch,
@@ -41,9 +44,10 @@ class Scores(NamedTuple):
 
 
 def _settings(rollouts: list[Rollout]) -> tuple:
-    keys = {(r.mode, r.cot_temperature, r.answer_temperature, r.sigma) for r in rollouts}
+    keys = {(r.mode, r.cot_temperature, r.answer_temperature, r.sigma, r.noise_on) for r in rollouts}
     if len(keys) != 1:
-        raise ValueError(f"rollouts scored together must share mode, temperatures and sigma; got {sorted(keys)}")
+        raise ValueError("rollouts scored together must share mode, temperatures, sigma and noise placement; "
+                         f"got {sorted(keys)}")
     return keys.pop()
 
 
@@ -86,7 +90,7 @@ def score_rollouts(
         raise ValueError("no rollouts to score")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    mode, tau, answer_tau, sigma = _settings(rollouts)
+    mode, tau, answer_tau, sigma, noise_on = _settings(rollouts)
     soft = mode != "hard"
     dev, N = lm.device, len(rollouts)
     P = [len(r.prompt_ids) for r in rollouts]
@@ -121,12 +125,25 @@ def score_rollouts(
         lp = cot.gaussian_log_density(target, mu, sigma) if sigma > 0 else torch.zeros_like(mu[:, 0])
         return lp, cot.entropy(z).detach(), cot.argmax(z.detach()), mu.detach() if return_means else mu[:, :0].detach()
 
+    def noisy_chunk(h, noisy, ids):
+        """noise_on hidden / logits / topk_logits: the recorded noisy variable around the model's own."""
+        z = lm.logits(h)
+        own = z.gather(-1, ids) if noise_on == "topk_logits" else h if noise_on == "hidden" else z
+        own = own.to(cot.compute_dtype(own.dtype))
+        lp = cot.gaussian_log_density(noisy, own, sigma) if sigma > 0 else torch.zeros_like(own[:, 0])
+        return lp, cot.entropy(z).detach()
+
     def token_chunk(h, target, temperature):
         z = lm.logits(h)
         return cot.token_log_probs(z, target, temperature), cot.entropy(z).detach()
 
     h_cot = hidden[cot_row, cot_col]
-    if soft:
+    if soft and noise_on != "embedding":
+        noisy = torch.cat([r.cot_noisy for r in rollouts]).to(dev) if sum(T) else h_cot.new_zeros(0)
+        ids = (torch.cat([r.cot_noisy_ids for r in rollouts]).to(dev) if noise_on == "topk_logits" and sum(T)
+               else torch.zeros(len(cot_row), 0, dtype=torch.long, device=dev))
+        cot_out = _chunked(noisy_chunk, len(cot_row), chunk_size, h_cot, noisy, ids)
+    elif soft:
         cot_out = _chunked(soft_chunk, len(cot_row), chunk_size, h_cot, stored)
     else:
         cot_ids = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=dev)
@@ -145,10 +162,10 @@ def score_rollouts(
         t_idx = torch.tensor([t for i in range(N) for t in range(T[i])], dtype=torch.long, device=dev)
         cot_steps = cot_steps.index_put((cot_row, t_idx), cot_out[0])
         cot_ent = cot_ent.index_put((cot_row, t_idx), cot_out[1])
-        if soft:
+        if soft and noise_on == "embedding":  # elsewhere the density is smooth in the model's output: no flips
             shadow = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=dev)
             flips = flips.index_put((cot_row, t_idx), cot_out[2] != shadow)
-        if soft and return_means:
+        if soft and return_means and noise_on == "embedding":
             means = torch.zeros(N, max(T), E.shape[1], dtype=cdt, device=dev).index_put((cot_row, t_idx), cot_out[3])
     a_idx = torch.tensor([k for i in range(N) for k in range(A[i])], dtype=torch.long, device=dev)
     answer_steps = torch.zeros(N, max(A), dtype=cdt, device=dev).index_put((ans_row, a_idx), ans_lp)

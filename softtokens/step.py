@@ -3,8 +3,9 @@
 A row moves through its own phases, CoT -> prefill -> answer -> done, and every
 step feeds it one input embedding:
 
-- CoT: ``E[x_t]`` (hard) or ``h~_t = p E + sigma eps_t`` (soft / fuzzy), with the
-  greedy shadow (soft / fuzzy) or the sampled text (hard) checked for the marker;
+- CoT: ``E[x_t]`` (hard) or ``h~_t = p E + sigma eps_t`` (soft / fuzzy; or the
+  noise on the hidden state or the logits, METHOD.md §10), with the greedy
+  shadow (soft / fuzzy) or the sampled text (hard) checked for the marker;
 - prefill: the forced tokens ``\\boxed{`` or ``The final answer is: \\boxed{``;
 - answer: sampled or greedy hard tokens until EOS or ``max_answer_length``.
 
@@ -65,6 +66,13 @@ class Rollout:
     """(T, k) most likely tokens of p at each CoT step (p at tau = 1 for greedy hard), with ``record_top_k``."""
     cot_top_probs: torch.Tensor | None = None
     prefill_text: str = ""
+    noise_on: str = "embedding"
+    """Where the CoT noise went (METHOD.md §10)."""
+    cot_noisy: torch.Tensor | None = None
+    """noise_on hidden / logits / topk_logits: the noisy hidden state (T, d), logits (T, V) or top-k logits (T, k)
+    as sampled, in float32: the variable whose Gaussian density is the step's log-likelihood."""
+    cot_noisy_ids: torch.Tensor | None = None
+    """noise_on topk_logits: the top-k token ids (T, k) the noise was added to."""
 
     @property
     def cot_length(self) -> int:
@@ -85,7 +93,7 @@ class Rollout:
 class RowDraws:
     """Everything random about one row, drawn before decoding starts."""
 
-    eps: torch.Tensor | None  # (L, d) standard normal, soft / fuzzy with noise
+    eps: torch.Tensor | None  # (L, n) standard normal, soft / fuzzy with noise (n: RolloutSetup.noise_dim)
     u_cot: torch.Tensor | None  # (L,) uniforms, hard sampled CoT
     u_answer: torch.Tensor | None  # (A,) uniforms, sampled answer
 
@@ -125,14 +133,21 @@ class RolloutSetup:
     """Characters of the CoT's tail that the marker test reads (both engines read the same tail)."""
     eos_ids: set[int] = field(default_factory=set)
 
+    @property
+    def noise_dim(self) -> int:
+        """Coordinates of one step's noise: d on the embedding or hidden state, V on the logits, k on the top k."""
+        c = self.cot_cfg
+        return {"logits": self.E.shape[0], "topk_logits": min(c.top_k, self.E.shape[0])}.get(c.noise_on,
+                                                                                           self.E.shape[1])
+
 
 def prepare(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float | None = None) -> RolloutSetup:
     """Resolve sigma, the prefill tokens and the marker test for one rollout call."""
     E = lm.embedding_matrix().detach()
-    if sigma is None:
-        sigma = cot.noise_scale(E, cot_cfg.gamma)
     if cot_cfg.mode == "hard" or not cot_cfg.sampled:
         sigma = 0.0
+    elif sigma is None:
+        sigma = default_sigma(lm, cot_cfg)
     tok = lm.tokenizer
     prefills = {
         "marker": tok.encode(cfg.marker_prefill, add_special_tokens=False),
@@ -145,6 +160,25 @@ def prepare(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float |
     # Only a token whose text ends in the marker's last character can complete it: decode the tail then.
     marker_end_ids = lm.ids_ending_with(marker[-1])
     return RolloutSetup(lm, cot_cfg, cfg, sigma, E, prefills, marker_end_ids, marker_window(marker), set(lm.eos_ids))
+
+
+@torch.no_grad()
+def default_sigma(lm: CausalLM, cot_cfg: CoTConfig) -> float:
+    """sigma = gamma x RMS of what the noise is added to (METHOD.md §2, §10), from the model as it is now.
+
+    The embedding: RMS(E). The hidden state and the logits vary with the input, so their RMS is measured on a
+    fixed text (the default prompt around a small sum), over all its positions; the logits are centred per
+    position first (a constant shift changes no softmax). The top-k logits take the logits' scale.
+    """
+    E = lm.embedding_matrix().detach()
+    if cot_cfg.noise_on == "embedding":
+        return cot.noise_scale(E, cot_cfg.gamma)
+    ids = torch.tensor([lm.tokenizer.encode(prompts.format_prompt("What is 12 + 30?"))], device=lm.device)
+    g = lm.hidden(lm.embed(ids), torch.ones_like(ids), torch.arange(ids.shape[1], device=lm.device)[None])[0]
+    if cot_cfg.noise_on == "hidden":
+        return cot.noise_scale(g, cot_cfg.gamma)
+    z = lm.logits(g)
+    return cot.noise_scale(z - z.mean(-1, keepdim=True), cot_cfg.gamma)
 
 
 def marker_window(marker: str) -> int:
@@ -198,10 +232,16 @@ class CoTStep:
     gap: torch.Tensor  # (R,) top-1 minus top-2 logit
     mu: torch.Tensor | None  # (R, d) soft / fuzzy mean
     top: tuple | None  # (probs, ids) each (R, k), with record_top_k
+    noisy: torch.Tensor | None = None  # (R, n) the noisy hidden state / logits / top-k logits (noise_on != embedding)
+    noisy_ids: torch.Tensor | None = None  # (R, k) the top-k ids (noise_on topk_logits)
 
 
-def cot_step(setup: RolloutSetup, z: torch.Tensor, eps: torch.Tensor | None, u: torch.Tensor | None) -> CoTStep:
-    """The next CoT input from logits z (R, V): a sampled / argmax token, or p E + sigma eps (METHOD.md §2)."""
+def cot_step(setup: RolloutSetup, z: torch.Tensor, eps: torch.Tensor | None, u: torch.Tensor | None,
+             hidden: torch.Tensor | None = None) -> CoTStep:
+    """The next CoT input from logits z (R, V): a sampled / argmax token, or p E + sigma eps (METHOD.md §2).
+
+    ``hidden`` (R, d), the final hidden state the logits came from, is read by noise_on hidden only.
+    """
     lm, c, cfg = setup.lm, setup.cot_cfg, setup.cfg
     top = None
     if cfg.record_top_k:
@@ -210,10 +250,37 @@ def cot_step(setup: RolloutSetup, z: torch.Tensor, eps: torch.Tensor | None, u: 
         x = cot.sample_categorical(cot.cot_probs(z, c.temperature), u) if c.temperature > 0 else cot.argmax(z)
         return CoTStep(lm.embed(x), x, cot.token_log_probs(z, x, c.temperature), cot.entropy(z), cot.top2_gap(z),
                        None, top)
+    if c.noise_on != "embedding":
+        return _noised_elsewhere(setup, z, eps, hidden, top)
     mu = cot.mixture(cot.cot_probs(z, c.temperature), setup.E)  # (R, d)
     h = cot.soft_input(mu, eps, setup.sigma).to(lm.dtype)
     lp = cot.gaussian_log_density(h, mu, setup.sigma) if setup.sigma > 0 else torch.zeros_like(mu[:, 0])
     return CoTStep(h, cot.argmax(z), lp, cot.entropy(z), cot.top2_gap(z), mu, top)
+
+
+def _noised_elsewhere(setup: RolloutSetup, z, eps, hidden, top) -> CoTStep:
+    """Noise on the hidden state, the logits or the top-k logits (METHOD.md §10): the step samples that variable
+    (recorded, float32) around the model's own, and feeds the mixture it gives, softmax(z~ / tau) E. The
+    log-density is the Gaussian of the noisy variable; the shadow token is the argmax of the noisy logits."""
+    lm, c, sigma = setup.lm, setup.cot_cfg, setup.sigma
+    ids = None
+    if c.noise_on == "hidden":
+        assert hidden is not None, "noise_on hidden needs the step's hidden state"
+        own = hidden.to(cot.compute_dtype(hidden.dtype))
+        noisy = cot.soft_input(own, eps, sigma).to(lm.dtype).to(own.dtype)  # the head reads model-dtype states
+        z_noisy = lm.logits(noisy.to(lm.dtype))
+    elif c.noise_on == "logits":
+        own = z.to(cot.compute_dtype(z.dtype))
+        noisy = z_noisy = cot.soft_input(own, eps, sigma)
+    else:
+        own, ids = z.to(cot.compute_dtype(z.dtype)).topk(setup.noise_dim, dim=-1)
+        noisy = cot.soft_input(own, eps, sigma)
+    lp = cot.gaussian_log_density(noisy, own, sigma) if sigma > 0 else torch.zeros_like(own[:, 0])
+    if ids is None:
+        inputs, shadow = cot.mixture(cot.cot_probs(z_noisy, c.temperature), setup.E), cot.argmax(z_noisy)
+    else:
+        inputs, shadow = cot.topk_mixture(noisy, ids, c.temperature, setup.E), ids.gather(1, noisy.argmax(-1, keepdim=True))[:, 0]
+    return CoTStep(inputs.to(lm.dtype), shadow, lp, cot.entropy(z), cot.top2_gap(z), inputs, top, noisy, ids)
 
 
 def answer_step(setup: RolloutSetup, z: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +317,8 @@ def stack_steps(steps: list[CoTStep], keep_means: bool) -> dict[str, torch.Tenso
         "mu": stacked(lambda s: s.mu) if keep_means else None,
         "top_p": stacked(lambda s: s.top and s.top[0]),
         "top_ids": stacked(lambda s: s.top and s.top[1]),
+        "noisy": stacked(lambda s: s.noisy),
+        "noisy_ids": stacked(lambda s: s.noisy_ids),
     }
 
 
@@ -262,7 +331,7 @@ def records(setup: RolloutSetup, prompt_ids, keys, rows: list[Row], cot: dict) -
         T = len(row.cot_ids)
 
         def cut(name):
-            return None if cot[name] is None else cot[name][:T, r].clone()
+            return None if cot.get(name) is None else cot[name][:T, r].clone()
 
         out.append(
             Rollout(
@@ -288,6 +357,9 @@ def records(setup: RolloutSetup, prompt_ids, keys, rows: list[Row], cot: dict) -
                 prefill_text=tok.decode(row.prefill),
                 cot_top_ids=cut("top_ids"),
                 cot_top_probs=cut("top_p"),
+                noise_on=cot_cfg.noise_on,
+                cot_noisy=cut("noisy"),
+                cot_noisy_ids=cut("noisy_ids"),
             )
         )
     return out

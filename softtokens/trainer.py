@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch.distributed.tensor import DTensor
 
-from softtokens import cot, distributed, mismatch
+from softtokens import distributed, mismatch
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, TrainConfig
 from softtokens.data import Problem, load_dataset
@@ -60,6 +60,7 @@ from softtokens.resume import set_aside_later, start_point
 from softtokens.reward import Grader, reward_spec
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
+from softtokens.step import default_sigma
 
 
 OOD_SETS = dict(TABLE2)
@@ -420,7 +421,7 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
         if d.main:
             print(f"resuming from {start} at step {state['step']}")
     else:
-        sigma = cot.noise_scale(policy.rollout.embedding_matrix().float(), cfg.gamma)
+        sigma = default_sigma(policy.rollout, cfg.cot())
         state = {"step": 0, "sigma": sigma, "best": None, "before": None}
     ref = None
     if cfg.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it

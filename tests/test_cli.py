@@ -234,3 +234,14 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, args, message):
     res = run_cli(*args, "--model", str(tmp_path / "no-model"), out_flag, str(tmp_path / "o"), "--device", "cpu")
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
     assert "no model at" not in res.stderr
+
+
+def test_every_command_has_a_help(capsys):
+    """In-process: each command's --help renders (a field's docstring with a % once broke argparse's)."""
+    from softtokens.cli import main
+
+    for command in ("generate", "eval", "train", "ood", "report"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0, command
+        assert "--" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import json
 import os
 import signal
@@ -389,3 +390,18 @@ def test_a_model_object_and_no_checkpoints(tmp_path, monkeypatch):
     assert any(not torch.equal(p, before[n]) for n, p in lm.model.named_parameters()), "the object given was trained"
     with pytest.raises(ValueError, match="push_to_hub needs a checkpoint"):
         dataclasses.replace(cfg, push_to_hub="me/x")
+
+
+@pytest.mark.parametrize("noise_on", ["hidden", "logits", "topk_logits"])
+def test_a_run_with_the_noise_elsewhere(model_dir, tmp_path, monkeypatch, noise_on):
+    """noise_on reaches the rollouts and the scorer of a run, and its sigma is the one default_sigma measures."""
+    from softtokens.models import load_model
+    from softtokens.step import default_sigma
+
+    use_reward(monkeypatch)
+    cfg = _cfg(model_dir, tmp_path / "run", max_steps=2, mode="soft", noise_on=noise_on, temperature=1.0)
+    summary = tr.train(cfg, progress=False)
+    assert summary["sigma"] == pytest.approx(default_sigma(load_model(model_dir, device="cpu"), cfg.cot()))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
