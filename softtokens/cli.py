@@ -21,7 +21,7 @@ import typing
 
 from softtokens import __version__
 from softtokens.config import (CoTConfig, EvalConfig, OODConfig, RolloutConfig, TrainConfig, config_from_dict,
-                               field_docs)
+                               field_docs, parse_seeds)
 from softtokens.models import EMBEDDED_MODEL
 
 
@@ -43,6 +43,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         if f.name in skip:
             continue
         flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        if typing.get_origin(kind) is list:
+            kind = parse_seeds
         default = None if overrides else f.default
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])

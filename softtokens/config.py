@@ -22,6 +22,23 @@ def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
+def check_seeds(seeds: list[int] | None) -> None:
+    if seeds is None:
+        return
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeats a seed: {seeds}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (the --seeds flag)."""
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 @dataclass
 class CoTConfig:
     """How the chain of thought is fed back (METHOD.md §2, §6)."""
@@ -187,6 +204,8 @@ class EvalConfig(DataOptions):
     """Rows (problems x samples) decoded together."""
     seed: int = 0
     """Base seed of the sampled settings."""
+    seeds: list[int] | None = None
+    """Several evaluations, one per seed, each in out/seed-N (--seeds 0,1,2); overrides seed."""
     gamma: float = cot.DEFAULT_GAMMA
     """Noise scale of the soft/fuzzy sample settings: sigma = gamma * RMS(E), computed once per run."""
     grading_workers: int = 2
@@ -211,6 +230,7 @@ class EvalConfig(DataOptions):
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if not self.datasets.strip():
             raise ValueError("datasets must name at least one dataset")
+        check_seeds(self.seeds)
 
     def rollout(self, samples: int) -> RolloutConfig:
         """The RolloutConfig of one setting: ``samples`` per problem, greedy answers."""
@@ -329,6 +349,8 @@ class TrainConfig(DataOptions):
     """cpu, cuda, cuda:N (auto: cuda when available)."""
     seed: int = 0
     """Seeds the problem order and every rollout."""
+    seeds: list[int] | None = None
+    """Several runs, one per seed, each in output_dir/seed-N (--seeds 0,1,2); overrides seed. report gives their mean +- std."""
     eval_steps: int = 100
     """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
     save_steps: int = 100
@@ -376,6 +398,7 @@ class TrainConfig(DataOptions):
         if not self.tis_cap >= 1:
             raise ValueError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
         check_noise_on(self.mode, self.noise_on, self.top_k)
+        check_seeds(self.seeds)
         if self.eval_mode not in cot.MODES:
             raise ValueError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
         if self.estimator not in ("rloo", "grpo"):
@@ -425,6 +448,12 @@ def config_from_dict(cls, values: dict, source: str = "config"):
         kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
         if value is None and type(None) in typing.get_args(hints[key]):
             out[key] = None
+        elif any(typing.get_origin(k) is list for k in kinds):
+            if isinstance(value, (str, int)) and not isinstance(value, bool):
+                value = parse_seeds(value)
+            if not isinstance(value, list):
+                raise ValueError(f"{source}: {key} must be a list such as [0, 1, 2], got {value!r}")
+            out[key] = value
         elif bool in kinds:
             if not isinstance(value, bool):
                 raise ValueError(f"{source}: {key} must be true or false, got {value!r}")

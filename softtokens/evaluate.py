@@ -30,6 +30,7 @@ from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, reward_spec
 from softtokens.rollout import generate_rollouts
+from softtokens.seeds import per_seed
 
 SETTINGS = {
     "hard_greedy": dict(mode="hard", temperature=0.0),
@@ -94,7 +95,11 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
 
     ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
     ``datasets``: what ``check_eval`` returned, to skip loading them again.
+    With ``cfg.seeds``, one evaluation per seed in out/seed-N; returns {seed: summary}.
     """
+    if cfg.seeds:
+        datasets = datasets or check_eval(cfg, reward_fn)
+        return {c.seed: evaluate(lm, c, progress, reward_fn, datasets) for c in per_seed(cfg, "out")}
     settings = parse_settings(cfg.settings)
     names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
     datasets = datasets or check_eval(cfg, reward_fn)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from softtokens.evaluate import PAPER_COLUMNS, summarize
+from softtokens.seeds import format_mean_std, group_name, seed_folders
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -21,8 +22,27 @@ def load_results(run_dir: str | Path) -> dict:
     raise FileNotFoundError(f"{run_dir}: no results.json or config.json; is this an evaluation folder?")
 
 
+IGNORED_IN_GROUPS = ("seed", "seeds", "sigma", "model", "provenance")
+
+
+def group_runs(runs: list[dict]) -> list[list[dict]]:
+    """Runs that differ only by seed, together (in first-seen order): the same model path but for its seed-N
+    components, and the same evaluation config but for the seed (and the sigma measured on each model)."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        config = {k: v for k, v in r.get("config", {}).items() if k not in IGNORED_IN_GROUPS}
+        groups.setdefault(json.dumps([group_name(r["model"]), config], sort_keys=True, default=str), []).append(r)
+    return list(groups.values())
+
+
+def group_label(group: list[dict]) -> str:
+    name = group_name(group[0]["model"])
+    return name if len(group) == 1 else f"{name} ({len(group)} seeds)"
+
+
 def paper_table(runs: list[dict]) -> str:
-    """One Markdown table per dataset: HG HS1 HSn FG FS1 FSn SG SS1 SSn (percent), a row per model."""
+    """One Markdown table per dataset: HG HS1 HSn FG FS1 FSn SG SS1 SSn (percent), a row per model, mean ± std
+    over the runs that differ only by seed."""
     out = []
     datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
     for ds in datasets:
@@ -32,15 +52,17 @@ def paper_table(runs: list[dict]) -> str:
         problems = max(s["problems"] for r in runs for s in r["datasets"].get(ds, {}).values())
         out += [f"**{ds}** ({problems} problems, pass@k in %)", "",
                 "| model | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
-        for r in runs:
+        for group in group_runs(runs):
             cells = []
             for _, setting, k in cols:
-                s = r["datasets"].get(ds, {}).get(setting)
-                value = s["pass@k"].get(k) if s else None
-                cells.append("-" if value is None else f"{100 * value:.1f}")
-            out.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+                values = [r["datasets"][ds][setting]["pass@k"].get(k) for r in group
+                          if setting in r["datasets"].get(ds, {})]
+                values = [v for v in values if v is not None]
+                cells.append(format_mean_std(values) if values else "-")
+            out.append(f"| {group_label(group)} | " + " | ".join(cells) + " |")
         out += ["", f"H / F / S = hard / fuzzy / soft CoT; G = greedy pass@1; S1 = sampled pass@1; S{n} = pass@{n} of "
-                f"{n} samples; in percent; standard errors in results.json.", ""]
+                f"{n} samples; in percent; a ± is the standard deviation over seeds (n - 1), one run has none; "
+                "standard errors of each run in its results.json.", ""]
     return "\n".join(out)
 
 
@@ -71,16 +93,20 @@ def _grid(n: int, cols: int | None = None, size: tuple[float, float] = (5, 4)):
 
 def _per_dataset(runs: list[dict], path: Path, draw, xlabel: str, ylabel: str, log2_x: bool = False,
                  percent: bool = False) -> None:
-    """One panel per dataset; ``draw(ax, setting, summary, label, style)`` adds each run's settings to it."""
+    """One panel per dataset; ``draw(ax, summaries, style)`` adds a setting of a group of seeds to it."""
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
+    groups = group_runs(runs)
     plt, fig, axes = _grid(len(datasets))
     fig.set_size_inches(5 * len(datasets) + 2.8, 4)
     for ax, ds in zip(axes, datasets):
-        for i, r in enumerate(runs):
-            for setting, s in r["datasets"].get(ds, {}).items():
-                draw(ax, setting, s, setting, setting_style(setting, i))
+        for i, group in enumerate(groups):
+            settings = list(dict.fromkeys(st for r in group for st in r["datasets"].get(ds, {})))
+            for setting in settings:
+                draw(ax, [r["datasets"][ds][setting] for r in group if setting in r["datasets"].get(ds, {})],
+                     setting_style(setting, i))
         if log2_x:
             ax.set_xscale("log", base=2)
         if percent:
@@ -92,23 +118,37 @@ def _per_dataset(runs: list[dict], path: Path, draw, xlabel: str, ylabel: str, l
     modes = list(dict.fromkeys(st.split("_")[0] for r in runs for d in r["datasets"].values() for st in d))
     handles = [Line2D([], [], color=MODE_COLOURS[m], linewidth=2, label=m) for m in modes]
     handles += [Line2D([], [], color="black", linestyle=ls, label=k) for ls, k in (("--", "greedy"), ("-", "sampled"))]
-    if len(runs) > 1:
+    if len(groups) > 1:
         handles += [Line2D([], [], color="black", linestyle="none", marker=RUN_MARKERS[i % 8],
-                           label="/".join(Path(str(r["model"])).parts[-2:])) for i, r in enumerate(runs)]
+                           label="/".join(Path(group_label(g)).parts[-2:])) for i, g in enumerate(groups)]
+    if any(len(g) > 1 for g in groups):
+        handles.append(Patch(color="grey", alpha=0.25, label="band: seeds' min to max"))
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_size_inches()[0], 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _draw_passk(ax, setting: str, s: dict, label: str, style: dict) -> None:
-    ks = sorted(int(k) for k in s["pass@k"])
-    ax.plot(ks, [100 * s["pass@k"][str(k)] for k in ks], label=label, **style)
+def _mean_and_band(ax, x: list, curves: list[list[float]], style: dict, **kw) -> None:
+    """The mean curve over seeds, and their min-to-max band where there are several."""
+    n = min(len(c) for c in curves)
+    x, curves = x[:n], [c[:n] for c in curves]
+    ax.plot(x, [sum(v) / len(v) for v in zip(*curves)], **style, **kw)
+    if len(curves) > 1:
+        ax.fill_between(x, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)], color=style["color"],
+                        alpha=0.2, linewidth=0)
 
 
-def _draw_entropy(ax, setting: str, s: dict, label: str, style: dict) -> None:
-    n = len(s["entropy"])
-    ax.plot(range(n), s["entropy"], label=label, markevery=max(1, n // 8), markersize=4, **style)
+def _draw_passk(ax, summaries: list[dict], style: dict) -> None:
+    ks = sorted({int(k) for s in summaries for k in s["pass@k"]})
+    ks = [k for k in ks if all(str(k) in s["pass@k"] for s in summaries)]
+    _mean_and_band(ax, ks, [[100 * s["pass@k"][str(k)] for k in ks] for s in summaries], style)
+
+
+def _draw_entropy(ax, summaries: list[dict], style: dict) -> None:
+    n = min(len(s["entropy"]) for s in summaries)
+    _mean_and_band(ax, list(range(n)), [s["entropy"] for s in summaries], style, markevery=max(1, n // 8),
+                   markersize=4)
 
 
 def plot_passk(runs: list[dict], path: Path) -> None:
@@ -141,7 +181,9 @@ def _smooth(ys: list[float], k: int) -> list[float]:
 
 
 def training_report(run_dir: str | Path) -> str:
-    """training.png (the curves against the step, the before / after check) and a one-line summary."""
+    """training.png (the curves against the step, the before / after check) and a one-line summary.
+
+    A folder of seed-N runs gets one figure of them all: the mean curve and the seeds' min-to-max band."""
     import json
 
     from softtokens.metrics import read_metrics
@@ -149,28 +191,35 @@ def training_report(run_dir: str | Path) -> str:
 
     from matplotlib.ticker import MaxNLocator
 
-    rows = read_metrics(run_dir)
+    runs = seed_folders(run_dir) or [Path(run_dir)]
+    all_rows = [read_metrics(d) for d in runs]
     summary_path = Path(run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     plt, fig, axes = _grid(len(TRAINING_PANELS), cols=4, size=(4.5, 3.4))
-    k = max(1, len(rows) // 10)
+    k = max(1, min(len(rows) for rows in all_rows) // 10)
     for ax, (title, (ylabel, keys)) in zip(axes, TRAINING_PANELS.items()):
-        for key in keys:
+        for n, key in enumerate(keys):
             scale = 100 if key in PERCENT_KEYS else 1
-            pts = [(r["step"], scale * r[key]) for r in rows if key in r]
-            if not pts:
+            per_run = [[(r["step"], scale * r[key]) for r in rows if key in r] for rows in all_rows]
+            per_run = [pts for pts in per_run if pts]
+            if not per_run:
                 continue
-            x, y = zip(*pts)
             label = key.split("/")[-1].replace("_", " ").replace("stop ", "ended on ")
+            colour = f"C{n}"
             if key.startswith("eval/"):
-                ax.plot(x, y, "o-", label="greedy validation")
+                colour = "C3"
+                _mean_and_band(ax, [x for x, _ in per_run[0]], [[y for _, y in pts] for pts in per_run],
+                               dict(color=colour), marker="o", label="greedy validation")
                 continue
-            line = ax.plot(x, y, ".", alpha=0.35)[0]
-            ax.plot(x, _smooth(list(y), k) if k > 1 else y, "-", color=line.get_color(),
-                    label=label + (f" ({k}-step mean)" if k > 1 else ""))
+            if len(per_run) == 1:
+                ax.plot(*zip(*per_run[0]), ".", alpha=0.35, color=colour)
+            smooth = [_smooth([y for _, y in pts], k) if k > 1 else [y for _, y in pts] for pts in per_run]
+            _mean_and_band(ax, [x for x, _ in per_run[0]], smooth, dict(color=colour),
+                           label=label + (f" ({k}-step mean)" if k > 1 else ""))
         if title == "accuracy" and summary.get("after") is not None and summary.get("before") is not None:
             n = summary.get("held_out", {}).get("n")
-            for step, acc, name in ((0, summary["before"], "held-out before"), (rows[-1]["step"], summary["after"], "held-out after")):
+            for step, acc, name in ((0, summary["before"], "held-out before"),
+                                    (all_rows[0][-1]["step"], summary["after"], "held-out after")):
                 err = None
                 if n:
                     low, high = wilson_interval(round(acc * n), n)
@@ -185,13 +234,26 @@ def training_report(run_dir: str | Path) -> str:
         ax.grid(alpha=0.3)
         if len(ax.get_legend_handles_labels()[0]) > 1 or title == "accuracy" and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"{run_dir}")
+    seeds = f" ({len(runs)} seeds: mean, band min to max)" if len(runs) > 1 else ""
+    fig.suptitle(f"{run_dir}{seeds}")
     fig.tight_layout()
     fig.savefig(Path(run_dir) / "training.png", dpi=100)
     plt.close(fig)
-    last = rows[-1]
-    return (f"{run_dir}: {len(rows)} logged steps, last step {last['step']}: reward {last['rollout/reward']:.1f}, "
-            f"accuracy {last['rollout/accuracy']:.3f}; curves in {run_dir}/training.png")
+    lasts = [rows[-1] for rows in all_rows]
+    reward = format_mean_std([r["rollout/reward"] for r in lasts], scale=1)
+    accuracy = format_mean_std([r["rollout/accuracy"] for r in lasts], scale=1, digits=3)
+    return (f"{run_dir}{seeds}: {len(all_rows[0])} logged steps, last step {lasts[0]['step']}: reward {reward}, "
+            f"accuracy {accuracy}; curves in {run_dir}/training.png")
+
+
+def expand(run_dirs: list[str]) -> list[str]:
+    """Evaluation folders, with a folder of seed-N evaluations standing for them (training folders stay whole)."""
+    out = []
+    for d in run_dirs:
+        children = seed_folders(d)
+        training = (Path(d) / "metrics.jsonl").exists() or any((c / "metrics.jsonl").exists() for c in children)
+        out += [str(c) for c in children] if children and not training else [d]
+    return out
 
 
 def report(run_dirs: list[str], out: str | None = None) -> str:
@@ -200,7 +262,10 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
     Training output_dirs (with metrics.jsonl) get their curves in training.png instead."""
     if not run_dirs:
         raise ValueError("give at least one evaluation folder")
-    training = [d for d in run_dirs if (Path(d) / "metrics.jsonl").exists()]
+    out = out or (run_dirs[0] if len(run_dirs) == 1 else None)
+    run_dirs = expand(run_dirs)
+    training = [d for d in run_dirs if (Path(d) / "metrics.jsonl").exists()
+                or any((c / "metrics.jsonl").exists() for c in seed_folders(d))]
     lines = [training_report(d) for d in training]
     run_dirs = [d for d in run_dirs if d not in training]
     if not run_dirs:

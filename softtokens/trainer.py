@@ -60,6 +60,7 @@ from softtokens.resume import set_aside_later, start_point
 from softtokens.reward import Grader, reward_spec
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
+from softtokens.seeds import per_seed
 from softtokens.step import default_sigma
 
 
@@ -278,7 +279,12 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     dtype that ``policy.plan`` gives), as TRL's trainers take a model object.
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
+    With ``cfg.seeds``: one run per seed in output_dir/seed-N, in turn; returns {seed: summary}.
     """
+    if cfg.seeds:
+        if lm is not None and len(cfg.seeds) > 1:
+            raise ValueError("train(lm=...) trains that one model object: give one seed, or load by cfg.model")
+        return {c.seed: _train_seed(c, progress, reward_fn, lm) for c in per_seed(cfg, "output_dir")}
     out = Path(cfg.output_dir)
     main = os.environ.get("RANK", "0") == "0"
     if main:
@@ -303,6 +309,24 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
             return _train(cfg, out, start, data, held_out, device, dtype, d, progress, reward_fn, lm)
         finally:
             distributed.close()
+
+
+def finished(cfg: TrainConfig) -> dict | None:
+    """The summary of a run in cfg.output_dir that reached max_steps, else None."""
+    path = Path(cfg.output_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    return summary if summary and summary.get("step") == cfg.max_steps else None
+
+
+def _train_seed(cfg: TrainConfig, progress: bool, reward_fn, lm) -> dict:
+    """One seed of a several-seed run. With --resume: a finished seed is skipped, an interrupted one resumed,
+    a missing one started."""
+    if cfg.resume and (done := finished(cfg)):
+        print(f"{cfg.output_dir}: finished at step {done['step']}, skipped")
+        return done
+    if cfg.resume and not checkpoints(Path(cfg.output_dir)):
+        cfg = dataclasses.replace(cfg, resume=False)
+    return train(cfg, progress, reward_fn, lm)
 
 
 @dataclasses.dataclass

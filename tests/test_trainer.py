@@ -367,7 +367,7 @@ def test_model_card_hub_push_and_report_to(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     summary = tr.train(_cfg(model_dir, out, max_steps=2, report_to="wandb", push_to_hub="me/soft-demo"), progress=False)
     card = (out / "checkpoint-2" / "README.md").read_text()
-    assert "| CoT mode | soft |" in card and f"| sigma = gamma x RMS(E) | {summary['sigma']:.6g} |" in card
+    assert "| CoT mode | soft |" in card and f"| sigma = gamma x RMS of what is noised | {summary['sigma']:.6g} |" in card
     assert "The final answer is:" in card and "{question}" in card
     assert calls[0] == ("create", "me/soft-demo") and "README.md" in calls[1][1] and calls[1][2] == [
         "trainer_state.pt", "checksums.json"]
