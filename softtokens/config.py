@@ -250,7 +250,11 @@ class OODConfig:
     limit: int | None = None
     """Score only the first N items of each dataset."""
     batch_size: int = 32
-    """Sequences (item x choice) per forward pass."""
+    """Sequences (item x choice) per forward pass; items decoded together with --protocol generate."""
+    protocol: str = "cloze"
+    """cloze: rank the choices' texts by likelihood (lm-eval's acc, acc_norm) and the correct one's NLL; generate: lettered choices in the prompt, a greedy hard CoT and answer, graded by letter or text (the paper's Table 2 success rate)."""
+    max_cot_length: int = 256
+    """CoT length limit of --protocol generate."""
     out: str = "runs/ood"
     """Records, results and the chart go here."""
     resume: bool = False
@@ -261,6 +265,10 @@ class OODConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.protocol not in ("cloze", "generate"):
+            raise ValueError(f"unknown protocol {self.protocol!r}: choose cloze or generate")
+        if self.max_cot_length < 1:
+            raise ValueError(f"max_cot_length must be >= 1, got {self.max_cot_length}")
 
 
 REPORT_TO = ("tensorboard", "wandb", "none")

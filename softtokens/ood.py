@@ -13,6 +13,12 @@ loses nothing.
 Prompt (cloze style, as lm-eval scores ARC and HellaSwag): HellaSwag scores
 ``{context}`` + `` {ending}``; ARC and MMLU score ``Question: {question}\\nAnswer:``
 + `` {choice}``.
+
+``protocol="generate"`` is the paper's Table 2 protocol ("success rate, with
+hard greedy sampling"): the question and its choices, lettered A, B, C, ...,
+go into the zero-shot maths prompt (METHOD.md §3); the model writes a greedy
+hard CoT, the marker's prefill and a greedy answer, and the item is right when
+the boxed answer is the right letter or the right choice's text. No NLL.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+
+import re
 
 from softtokens import cot, jsonl
 from softtokens.data import jsonl_rows
@@ -134,6 +142,50 @@ def _score_batch(lm: CausalLM, batch: list[tuple[list[int], list[list[int]]]], k
     return [out[b * k : (b + 1) * k] for b in range(B)]
 
 
+PROTOCOLS = ("cloze", "generate")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def lettered_question(item: MCItem, dataset: str) -> str:
+    """The question of the generate protocol: the stem, then one lettered line per choice."""
+    stem = f"Which ending continues this text best? {item.question}" if dataset == "hellaswag" else item.question
+    lines = [f"{LETTERS[j]}. {c}" for j, c in enumerate(item.choices)]
+    return f"{stem}\n" + "\n".join(lines) + "\nAnswer with the letter of the correct choice."
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[\W_]+", " ", text).strip().casefold()
+
+
+def chosen(answer: str, choices: tuple[str, ...]) -> int:
+    """The choice a boxed answer names: its letter (A, (b), C. ...) or its text; -1 for neither."""
+    inside = answer.split("}", 1)[0].strip()
+    texts = [_norm(c) for c in choices]
+    if _norm(inside) in texts:  # the text first: a choice such as "a dog" is not the letter a
+        return texts.index(_norm(inside))
+    m = re.fullmatch(r"\(?([A-Za-z])\)?[.:)]?(\s.*)?", inside, flags=re.S)
+    if m and LETTERS.find(m.group(1).upper()) in range(len(choices)):
+        return LETTERS.index(m.group(1).upper())
+    return -1
+
+
+@torch.no_grad()
+def answer_items(lm: CausalLM, items: list[MCItem], dataset: str, batch_size: int, max_cot_length: int) -> list[dict]:
+    """The generate protocol: a greedy hard CoT and a greedy answer per item, graded by letter or text."""
+    from softtokens.config import CoTConfig, RolloutConfig
+    from softtokens.rollout import generate_rollouts
+
+    cfg = RolloutConfig(max_cot_length=max_cot_length, answer_temperature=0.0, num_generations=1,
+                        batch_size=batch_size)
+    rollouts = generate_rollouts(lm, [lettered_question(it, dataset) for it in items], CoTConfig("hard", 0.0), cfg)
+    out = []
+    for it, r in zip(items, rollouts):
+        pred = chosen(r.answer_text, it.choices)
+        out.append({"id": it.id, "subject": it.subject, "label": it.label, "pred": pred, "correct": pred == it.label,
+                    "answer": r.completion, "cot": r.cot_text})
+    return out
+
+
 def item_metrics(rec: dict) -> dict:
     ll, label = rec["loglik"], rec["label"]
     pred = max(range(len(ll)), key=lambda j: ll[j])
@@ -142,6 +194,10 @@ def item_metrics(rec: dict) -> dict:
 
 
 def _scores(records: list[dict]) -> dict:
+    if "pred" in records[0]:  # the generate protocol: a success rate, no likelihoods
+        right = [float(r["correct"]) for r in records]
+        return {"items": len(right), "accuracy": sum(right) / len(right), "accuracy_stderr": standard_error(right),
+                "answered": sum(r["pred"] >= 0 for r in records) / len(records)}
     ms = [item_metrics(r) for r in records]
     return {
         "items": len(ms),
@@ -162,15 +218,19 @@ def summarize_ood(records: list[dict]) -> dict:
 
 
 def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | None = None, batch_size: int = 32,
-             chunk: int = 64, progress: bool = True) -> dict:
-    """Score each dataset into out/records/<dataset>.jsonl (resuming what is there) and return out/results.json."""
+             chunk: int = 64, progress: bool = True, protocol: str = "cloze", max_cot_length: int = 256) -> dict:
+    """Score each dataset into out/records/<dataset>.jsonl (<dataset>.generate.jsonl for the generate
+    protocol), resuming what is there, and return out/results.json."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: choose cloze or generate")
     out = Path(out)
     (out / "records").mkdir(parents=True, exist_ok=True)
     results = {"model": lm.name, "provenance": provenance(lm.name),
-               "config": {"datasets": datasets, "limit": limit, "batch_size": batch_size}, "datasets": {}}
+               "config": {"datasets": datasets, "limit": limit, "batch_size": batch_size, "protocol": protocol},
+               "datasets": {}}
     for name in datasets:
         items = load_mc(name, limit)
-        path = out / "records" / f"{name}.jsonl"
+        path = out / "records" / (f"{name}.jsonl" if protocol == "cloze" else f"{name}.generate.jsonl")
         done = jsonl.read(path, repair=True)
         done_ids = {r["id"] for r in done}
         todo = [it for it in items if it.id not in done_ids]
@@ -180,7 +240,8 @@ def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | No
 
             bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"ood {name}", unit="item")
         for s in range(0, len(todo), chunk):
-            recs = score_items(lm, todo[s : s + chunk], name, batch_size)
+            recs = (score_items(lm, todo[s : s + chunk], name, batch_size) if protocol == "cloze"
+                    else answer_items(lm, todo[s : s + chunk], name, batch_size, max_cot_length))
             jsonl.append(path, recs)
             done += recs
             if bar is not None:
@@ -204,15 +265,19 @@ def table2(runs: list[dict], base: dict | None = None) -> str:
         cells = []
         for k, _ in names:
             d = r["datasets"].get(k)
-            cells += [f"{100 * d['accuracy']:.2f}", f"{d['nll']:.3f}"] if d else ["-", "-"]
+            cells += [f"{100 * d['accuracy']:.2f}", f"{d['nll']:.3f}" if "nll" in d else "-"] if d else ["-", "-"]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
         if base and r is not base:
             delta = []
             for k, _ in names:
                 d, b = r["datasets"].get(k), base["datasets"].get(k)
-                delta += [f"{100 * (d['accuracy'] - b['accuracy']):+.2f}", f"{d['nll'] - b['nll']:+.3f}"] if d and b else ["-", "-"]
+                delta += [f"{100 * (d['accuracy'] - b['accuracy']):+.2f}",
+                          f"{d['nll'] - b['nll']:+.3f}" if "nll" in d and "nll" in b else "-"] if d and b else ["-", "-"]
             lines.append("| change vs base | " + " | ".join(delta) + " |")
-    lines += ["", "acc %: accuracy in percent (the choice of highest likelihood); NLL: mean per-token negative "
+    generate = any(r["config"].get("protocol") == "generate" for r in runs if "config" in r)
+    how = ("the generate protocol's success rate: the boxed answer of a greedy hard CoT names the right letter or "
+           "text; no NLL" if generate else "the choice of highest likelihood")
+    lines += ["", f"acc %: accuracy in percent ({how}); NLL: mean per-token negative "
               "log-likelihood of the correct choice, in nats; standard errors are in ood.json."]
     return "\n".join(lines)
 
@@ -261,7 +326,8 @@ def compare(model: str, cfg, device: str, dtype: str) -> str:
         for role, name in (("model", model), ("base", cfg.base)):
             if name is not None:
                 lm = load_model(name, dtype=dtype, device=device)
-                runs[role] = ood_eval(lm, names, out / role, cfg.limit, cfg.batch_size)
+                runs[role] = ood_eval(lm, names, out / role, cfg.limit, cfg.batch_size, protocol=cfg.protocol,
+                                      max_cot_length=cfg.max_cot_length)
                 del lm
         table = table2([runs["model"]], runs.get("base"))
         (out / "ood.json").write_text(json.dumps(runs, indent=1))

@@ -16,7 +16,7 @@ def test_builtin_sets_load():
     assert len({it.subject for it in load_mc("mmlu")}) == 57
 
 
-@pytest.mark.parametrize("dataset", ["arc_challenge", "hellaswag"])
+@pytest.mark.parametrize("dataset", ["arc_challenge", "arc_easy", "hellaswag"])
 def test_batched_scores_equal_one_forward_per_choice(lm, dataset):
     items = load_mc(dataset, limit=4)
     recs = score_items(lm, items, dataset, batch_size=3)  # batches mix items, lengths and padding
@@ -79,3 +79,45 @@ def test_malformed_items_name_file_and_line(tmp_path, row, message):
     with pytest.raises(ValueError, match=message):
         load_mc(str(path))
     assert isinstance(load_mc(str(path), limit=1)[0], MCItem)
+
+
+def test_a_boxed_answer_names_a_choice_by_letter_or_text():
+    from softtokens.ood import chosen
+
+    choices = ("a dog", "Paris", "42 apples", "none")
+    assert [chosen(a, choices) for a in ("B}", "(c)}", "D. none}", " b }.", "paris}", "A DOG}", "E}", "Rome}")] == \
+        [1, 2, 3, 1, 1, 0, -1, -1]
+
+
+@pytest.mark.parametrize("dataset", ["arc_easy", "arc_challenge"])
+def test_generate_protocol_answers_and_grades_each_item(llama, tmp_path, dataset, monkeypatch):
+    """The paper's Table 2 protocol: lettered choices in the maths prompt, a greedy hard CoT, a graded letter."""
+    from softtokens import ood
+    from softtokens.step import Rollout
+
+    items = load_mc(dataset, limit=3)
+    question = ood.lettered_question(items[0], dataset)
+    assert "\nA. " in question and "\nB. " in question and question.endswith("letter of the correct choice.")
+    res = ood_eval(llama, [dataset], tmp_path, limit=3, protocol="generate", max_cot_length=4, progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "records" / f"{dataset}.generate.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(r["answer"].startswith("\\boxed{") and r["correct"] == (r["pred"] == r["label"])
+                                  for r in recs)
+    d = res["datasets"][dataset]
+    assert d["items"] == 3 and "nll" not in d and d["accuracy"] == sum(r["correct"] for r in recs) / 3
+    assert "-" in table2([res]).splitlines()[2] and "success rate" in table2([res])
+    # a model that answers with the right letter scores 100%
+    import softtokens.rollout as rollout
+
+    def right_letter(lm, questions, cot_cfg, cfg, **kw):
+        out = []
+        for q in questions:
+            it = next(i for i in items if ood.lettered_question(i, dataset) == q)
+            out.append(Rollout(q, 0, "hard", 0.0, 0.0, 0.0, [], [], None, "", "marker", [], [],
+                               f"({ood.LETTERS[it.label]})}}", torch.zeros(0), torch.zeros(0), torch.zeros(0)))
+        return out
+
+    monkeypatch.setattr(rollout, "generate_rollouts", right_letter)
+    res = ood_eval(llama, [dataset], tmp_path / "right", limit=3, protocol="generate", progress=False)
+    assert res["datasets"][dataset]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="unknown protocol"):
+        ood_eval(llama, [dataset], tmp_path, protocol="mc")
