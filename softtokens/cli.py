@@ -5,6 +5,7 @@
     softtokens train --config configs/demo.yaml [--max-steps 10 ...]
     softtokens ood --model TRAINED --base BASE [--limit N] --out DIR
     softtokens report DIR [DIR ...] [--out DIR]
+    softtokens grid PLAN.yaml [--dry-run]
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ EPILOG = """examples:
   softtokens train --config configs/demo.yaml                       train the embedded model (CPU, ~10 min)
   softtokens eval --model runs/demo/checkpoint-best --limit 50      the six inference settings on 50 problems each
   softtokens report runs/eval                                        tables and plots of finished runs
+  softtokens grid configs/grids/paper.yaml --dry-run                 the paper's grid: its runs and GPU-hours
 Flags take dashes or underscores (--learning-rate, --learning_rate). `softtokens COMMAND --help` lists a command's."""
 
 
@@ -93,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     ood = sub.add_parser("ood", allow_abbrev=False, help="check a trained model kept its general skills (HellaSwag, ARC, MMLU) vs its base")
     add_model_flags(ood)
     add_config_flags(ood, OODConfig)
+
+    grid = sub.add_parser("grid", allow_abbrev=False, help="train configs x seeds, evaluate each best checkpoint and the base, OOD, the paper's tables")
+    grid.add_argument("plan", help="a grid plan (YAML: configs, seeds, train / eval / ood settings, out; configs/grids/)")
+    grid.add_argument("--dry-run", action="store_true", help="print the runs, what is done and the estimated GPU-hours")
+    grid.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    grid.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bfloat16 on cuda)")
 
     rep = sub.add_parser("report", allow_abbrev=False, help="paper-style tables and plots of eval folders, curves of training folders")
     rep.add_argument("runs", nargs="+", help="evaluation folders (config.json, records/) or training output_dirs")
@@ -208,6 +216,27 @@ def cmd_ood(args) -> int:
     return 0
 
 
+def cmd_grid(args) -> int:
+    from softtokens.grid import describe, load_plan, run_grid
+    from softtokens.models import resolve_device
+    from softtokens.trainer import Stopped
+
+    plan = load_plan(args.plan)
+    print(describe(plan))
+    if args.dry_run:
+        return 0
+    if resolve_device(args.device, args.dtype)[0] == "cpu" and plan.eval.get("limit") is None:
+        raise ValueError(f"{args.plan}: evaluating whole test sets on a CPU takes days; set eval: {{limit: N}}")
+    try:
+        print(run_grid(plan, args.device, args.dtype))
+    except Stopped as e:
+        print(f"softtokens: stopped during training ({signal.Signals(e.signum).name}); rerun "
+              f"`softtokens grid {args.plan}` to go on where it stopped", file=sys.stderr)
+        return e.exit_code
+    print(f"tables in {plan.out}/results.md")
+    return 0
+
+
 def cmd_report(args) -> int:
     from softtokens.report import report
 
@@ -258,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # train's own: checkpoint, then stop
     try:
-        commands = {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "ood": cmd_ood, "report": cmd_report}
+        commands = {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "ood": cmd_ood, "report": cmd_report,
+                    "grid": cmd_grid}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"softtokens: error: {e}", file=sys.stderr)

@@ -36,7 +36,9 @@ def group_runs(runs: list[dict]) -> list[list[dict]]:
 
 
 def group_label(group: list[dict]) -> str:
+    """The group's path without its seed-* component, and how many seeds it holds."""
     name = group_name(group[0]["model"])
+    name = str(Path(*[p for p in Path(name).parts if p != "seed-*"])) if name != "seed-*" else name
     return name if len(group) == 1 else f"{name} ({len(group)} seeds)"
 
 

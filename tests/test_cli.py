@@ -15,8 +15,8 @@ GENERATE_FLAGS = [
     "--cuda-graphs", "--device",
     "--dtype", "--engine", "--gamma", "--json",
     "--length-prefill", "--marker", "--marker-prefill", "--max-answer-length", "--max-cot-length", "--mode",
-    "--model", "--noise", "--num-generations", "--prompt-template", "--question", "--seed", "--show-top-k",
-    "--stop-at-eos", "--temperature",
+    "--model", "--noise", "--noise-on", "--num-generations", "--prompt-template", "--question", "--seed",
+    "--show-top-k", "--stop-at-eos", "--temperature", "--top-k",
 ]
 
 
@@ -26,18 +26,20 @@ FLAGS = {
     "generate": GENERATE_FLAGS,
     "eval": sorted(DATA_FLAGS + ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout",
                     "--grading-workers", "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples",
-                    "--out", "--require-number", "--resume", "--save-cot-text", "--seed", "--settings", "--yes"]),
+                    "--out", "--require-number", "--resume", "--save-cot-text", "--seed", "--seeds", "--settings", "--yes"]),
     "train": sorted(DATA_FLAGS + ["--adam-beta1", "--adam-beta2", "--answer-temperature", "--beta", "--config", "--dataset", "--device",
               "--dtype", "--estimator", "--eval-before-after", "--eval-dataset", "--eval-mode", "--eval-steps", "--gamma",
               "--gradient-checkpointing",
-              "--grading-workers", "--learning-rate", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
+              "--grading-workers", "--noise-on", "--seeds", "--top-k", "--learning-rate", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
               "--lora-target-modules", "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps",
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
               "--output-dir", "--prompts-per-step", "--push-to-hub", "--report-to", "--require-number", "--resume",
               "--resume-from-previous", "--rollout-batch-size",
               "--rollout-correction", "--save-steps", "--save-strategy", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
               "--warmup-steps", "--weight-decay"]),
-    "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--model", "--out", "--resume"],
+    "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--max-cot-length", "--model",
+            "--out", "--protocol", "--resume"],
+    "grid": ["--device", "--dry-run", "--dtype"],
     "report": ["--out"],
 }
 
@@ -240,7 +242,7 @@ def test_every_command_has_a_help(capsys):
     """In-process: each command's --help renders (a field's docstring with a % once broke argparse's)."""
     from softtokens.cli import main
 
-    for command in ("generate", "eval", "train", "ood", "report"):
+    for command in ("generate", "eval", "train", "ood", "report", "grid"):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0, command

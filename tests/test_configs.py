@@ -1,0 +1,43 @@
+"""The committed configs are what configs/generate.py writes, each one loads, and each grid plan is valid."""
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from softtokens.config import TrainConfig, config_from_dict
+from softtokens.grid import jobs, load_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("generate_configs", ROOT / "configs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configs_are_generated_and_load(monkeypatch):
+    files = _generator().files()
+    stale = [rel for rel, text in files.items() if (ROOT / "configs" / rel).read_text() != text]
+    assert not stale, f"run python configs/generate.py: {stale}"
+    committed = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
+    assert committed - set(files) == {"demo.yaml"}, "a config that the generator does not write"
+    monkeypatch.chdir(ROOT)
+    for rel in files:
+        if rel.startswith("grids/"):
+            plan = load_plan(f"configs/{rel}")
+            assert len(jobs(plan)) == 3 * len(plan.configs)
+        else:
+            config_from_dict(TrainConfig, yaml.safe_load((ROOT / "configs" / rel).read_text()), rel)
+
+
+def test_the_ablations_are_the_papers():
+    g = _generator()
+    cfgs = {rel: yaml.safe_load(text.split("\n", 2)[2]) for rel, text in g.files().items() if rel.startswith("ablations/")}
+    assert sorted(c["gamma"] for c in cfgs.values() if "gamma" in c) == [0.1, 1.0, 3.0]
+    assert sorted(c["temperature"] for r, c in cfgs.items() if "tau" in r) == [0.001, 0.01, 0.1]
+    topk = [c for c in cfgs.values() if c.get("noise_on") == "topk_logits"]
+    assert sorted(c["top_k"] for c in topk) == [5, 50] and all(c["temperature"] == 1.0 and c["mode"] == "soft"
+                                                               for c in topk)
