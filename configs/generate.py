@@ -7,7 +7,8 @@
 - the ablations on Llama-3.2-3B-Instruct, GSM8K (``ablations/``): the noise
   scale gamma (Table 6, fuzzy), where the noise goes (Table 7) and the fuzzy
   CoT temperature (Table 8);
-- the grid plans (``grids/``) that run them over 3 seeds with ``softtokens grid``.
+- the grid plans (``grids/``) that run them over 3 seeds with ``softtokens grid``;
+- the same pipeline at CPU scale (``sums/``, ``grids/sums.yaml``): configs/demo.yaml's recipe in each mode.
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def files() -> dict[str, str]:
                     ood=dict(datasets="hellaswag,arc_challenge,mmlu", protocol="cloze"), out=f"runs/grid-{name}")
         out[f"grids/{name}.yaml"] = (f"# {what}. Written by configs/generate.py.\n# softtokens grid configs/grids/{name}.yaml\n"
                                      + yaml.safe_dump(plan, sort_keys=False))
+
+    # The same grid at CPU scale: the demo's recipe (configs/demo.yaml) in each mode on two-number sums.
+    demo = {k: v for k, v in yaml.safe_load((HERE / "demo.yaml").read_text()).items()
+            if k not in ("eval_before_after", "eval_dataset", "eval_mode")}
+    sums = [config(f"sums/{mode}.yaml", f"The demo's recipe with {mode} CoT, on two-number sums",
+                   demo | dict(mode=mode, output_dir=f"runs/sums_{mode}")) for mode in MODES]
+    plan = dict(configs=sums, seeds=[0, 1], base_model=True,
+                eval=dict(datasets="sums_test", settings="all", num_samples=4, limit=48, max_cot_length=16,
+                          max_answer_length=8, batch_size=64),
+                ood=dict(datasets="arc_easy", protocol="generate", limit=40, max_cot_length=32), out="runs/grid-sums")
+    out["grids/sums.yaml"] = ("# The paper's pipeline at CPU scale on the embedded model (an hour or two on 2 cores). "
+                              "Written by configs/generate.py.\n# softtokens grid configs/grids/sums.yaml\n"
+                              + yaml.safe_dump(plan, sort_keys=False))
     return out
 
 

@@ -28,7 +28,7 @@ def test_configs_are_generated_and_load(monkeypatch):
     for rel in files:
         if rel.startswith("grids/"):
             plan = load_plan(f"configs/{rel}")
-            assert len(jobs(plan)) == 3 * len(plan.configs)
+            assert len(jobs(plan)) == len(plan.seeds) * len(plan.configs)
         else:
             config_from_dict(TrainConfig, yaml.safe_load((ROOT / "configs" / rel).read_text()), rel)
 
