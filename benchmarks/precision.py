@@ -1,6 +1,7 @@
 """bf16 rollouts against their rescoring, and what float32 logits cost: the embedded model (or tiny ones) on CPU.
 
     python benchmarks/precision.py [--models smollm2,llama,qwen2] [--rows 16] [--cot 24]
+    python benchmarks/precision.py --decode-shape qwen2.5-3b --rows 64 --cot 128     # GPU: a decode step's cost
 
 For each model in bf16, each engine (hf, static) and each CoT mode (hard, soft, fuzzy: the training
 settings), rolls out ``--rows`` rows, rescores them with the teacher-forced scorer and reports, per CoT
@@ -8,6 +9,10 @@ step, |l_rollout - l_scored| on steps whose argmax agrees (median, max), the fli
 its cost per flip, and the near-tie rate. Once with float32 logits (``CausalLM.logits``) and once with the
 head's bf16 output upcast (the bf16 formulation, for comparison). Then times the output head, one HF decode step
 and one scoring pass (forward and backward) both ways. Appends the tables to benchmarks/RESULTS.md.
+
+``--decode-shape`` instead times whole soft rollouts of a random-init model of that shape (bf16; the static
+engine on CUDA, the HF engine elsewhere) with float32 and with bf16 logits, and reports milliseconds per decode
+step and what the float32 logits add.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_no_write, write_results  # noqa: E402
+from common import add_no_write, machine, questions_for, random_model, sync, write_results  # noqa: E402
 
 from softtokens import mismatch  # noqa: E402
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
@@ -118,13 +123,47 @@ def costs(lm: CausalLM, rows: int) -> dict:
     return out
 
 
+def decode_cost(shape: str, rows: int, cot: int) -> str:
+    """A decode step's milliseconds with float32 and with bf16 logits, from whole soft rollouts."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = random_model(shape, torch.bfloat16, device)
+    questions = questions_for(lm, rows, 128)
+    cfg = RolloutConfig(max_cot_length=cot, max_answer_length=16, num_generations=1, batch_size=rows,
+                        engine="static" if device == "cuda" else "hf")
+    out = {}
+    for name, on in (("float32", False), ("bf16", True)):
+        lm.__dict__.pop("_static_engine", None)  # its captured graphs hold the head as it was
+        with bf16_logits(on):
+            rollouts = generate_rollouts(lm, questions, CoTConfig("soft"), cfg)  # compiles and captures
+            steps = max(r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(3):
+                generate_rollouts(lm, questions, CoTConfig("soft"), cfg)
+            sync(device)
+            out[name] = (time.perf_counter() - start) / 3 / steps * 1e3
+    extra = 100 * (out["float32"] / out["bf16"] - 1)
+    return "\n".join([
+        f"### float32 CoT logits in a decode step, {datetime.date.today()}, {shape} (random init, bf16), {device}",
+        "", f"{machine(device)}; `python benchmarks/precision.py --decode-shape {shape} --rows {rows} --cot {cot}`: "
+        f"soft rollouts of {rows} rows, prompt 128 tokens, CoT <= {cot}, answer <= 16, {cfg.engine} engine; ms per "
+        "decode step (the whole rollout, prompt prefill included, over its steps), mean of 3 after one to compile",
+        "", "| logits | ms per decode step |", "|---|---:|",
+        *[f"| {k} | {v:.3f} |" for k, v in out.items()], "",
+        f"float32 logits add {extra:+.1f}% to a decode step.",
+    ])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2,llama,qwen2")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--cot", type=int, default=24)
+    ap.add_argument("--decode-shape", default=None, help="time a decode step of this shape (benchmarks/common.py) instead")
     add_no_write(ap)
     args = ap.parse_args()
+    if args.decode_shape:
+        return write_results(args, decode_cost(args.decode_shape, args.rows, args.cot), echo=True)
     torch.manual_seed(0)
     lines = [
         f"### bf16 rollouts against their rescoring, {datetime.date.today()}, on cpu",

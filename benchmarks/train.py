@@ -1,10 +1,23 @@
-"""Seconds per training step, split into rollout, grading, scoring (forward + backward) and optimiser, and peak memory.
+"""Seconds per training step by phase (rollout, grading, scoring, optimiser), hard, soft and fuzzy side by side,
+against what the machine allows: the rollout's share of the weight-bandwidth floor, the scoring pass's share of the
+measured matmul rate, peak memory, and the rollout-scorer mismatch.
 
-    python benchmarks/train.py [--config configs/demo.yaml] [--max-steps 4]
-    python benchmarks/train.py --config configs/qwen-2.5-3b-instruct_math_soft.yaml --random-shape qwen2.5-3b  # GPU
+    python benchmarks/train.py [--config configs/demo.yaml] [--modes soft] [--max-steps 6]
+    python benchmarks/train.py --config configs/qwen-2.5-3b-instruct_math_soft.yaml --random-shape qwen2.5-3b \\
+        --modes hard,soft,fuzzy --max-steps 6 [--profile runs/profile]          # GPU
 
-Runs ``softtokens.trainer.train`` on the config (into a temporary output_dir, validation and
-before/after evaluation off), reads its metrics.jsonl, prints a table, appends it to
+Runs ``softtokens.trainer.train`` per mode on the config (a temporary output_dir, validation, checkpoints and
+before / after checks off) and reads its metrics.jsonl. The first step (compilation, graph capture) and a profiled
+step are left out of the means. Two rates are measured on the device first: a large copy (bytes read + written per
+second: the bandwidth a decode step's weight reads get) and a large matmul in the compute dtype. Then:
+
+- rollout floor = rows x bandwidth / weight bytes tokens per second (every decode step reads every weight once
+  and gives each row a token); the table gives the rollout's measured tokens/s as a share of it;
+- scoring FLOPs = 8 N per scored token with activation checkpointing (forward, recomputed forward, backward),
+  6 N without; the table gives them per second as a share of the matmul rate.
+
+``--profile DIR`` runs torch.profiler over the last step of each mode (of ``--profile-modes``; one more step),
+writes a Chrome trace per mode into DIR and prints the top operators and the phases (``softtokens/rollout`` ...). Appends the table to
 benchmarks/RESULTS.md with the machine and versions, and ends with one JSON line.
 """
 
@@ -14,7 +27,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -25,68 +37,173 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_no_write, random_model, write_results  # noqa: E402
+from common import ROOT, add_no_write, machine, random_model, sync, write_results  # noqa: E402
 
 from softtokens.config import TrainConfig, config_from_dict  # noqa: E402
 from softtokens.metrics import read_metrics  # noqa: E402
+from softtokens.models import _DTYPES, load_model, resolve_device  # noqa: E402
+from softtokens.policy import plan  # noqa: E402
 from softtokens.trainer import train  # noqa: E402
 
 PHASES = ("rollout", "grading", "scoring", "optimizer")
+MISMATCH = (("mismatch: mean absolute log-ratio per rollout (nats)", "mismatch/log_ratio_abs_mean", "{:.3g}"),
+            ("mismatch: largest absolute difference of a CoT step (nats)", "mismatch/cot_step_abs_max", "{:.3g}"),
+            ("near-tie rate of CoT steps", "mismatch/near_tie_rate", "{:.3f}"),
+            ("flip rate of CoT steps", "mismatch/flip_rate", "{:.4f}"))
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a 1 GiB (CUDA) or 256 MiB (CPU) copy, best of 5."""
+    n = (1 << 30 if device.startswith("cuda") else 1 << 28) // 4
+    x, y = torch.empty(n, device=device), torch.empty(n, device=device)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4 * n / best
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul in the compute dtype (8192 on CUDA, 1024 on CPU), best of 5."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class StepProfiler:
+    """torch.profiler over one chosen step, through train()'s callbacks."""
+
+    def __init__(self, out: Path, mode: str, step: int, device: str):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        self.path, self.device = out / f"trace-{mode}.json", device
+        self.prof = profile(activities=activities, schedule=schedule(wait=step - 1, warmup=0, active=1),
+                            on_trace_ready=lambda p: p.export_chrome_trace(str(self.path)))
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        self.prof.step()
+
+    def summary(self) -> str:
+        by = "self_cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
+        events = self.prof.key_averages()
+        phases = [e for e in events if e.key.startswith("softtokens/")]
+        lines = [f"phases (trace {self.path}):"]
+        lines += [f"  {e.key}: {e.cpu_time_total / 1e6:.3f} s wall" for e in phases]
+        return "\n".join(lines) + "\n" + events.table(sort_by=by, row_limit=20)
+
+
+def run_mode(cfg: TrainConfig, mode: str, args, device: str, dtype: str) -> tuple[list[dict], float, float, str]:
+    """One mode's run: (measured metrics rows, peak GB, seconds with model loading, profile summary)."""
+    extra = 1 if args.profile and mode in args.profile_modes.split(",") else 0
+    with tempfile.TemporaryDirectory() as out:
+        cfg = dataclasses.replace(cfg, mode=mode, temperature=None, max_steps=args.max_steps + extra, eval_steps=0,
+                                  eval_before_after=0, ood_limit=0, output_dir=out, save_strategy="no",
+                                  report_to="none")
+        lm = None
+        if args.random_shape:  # built on the device in the master dtype, handed to train (no disk round trip)
+            lm = random_model(args.random_shape, _DTYPES[plan(cfg, dtype, 1)[0]], device)
+            cfg = dataclasses.replace(cfg, model=args.random_shape)
+        profiler = StepProfiler(Path(args.profile), mode, cfg.max_steps, device) if extra else None
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        if profiler:
+            with profiler.prof:
+                train(cfg, progress=False, lm=lm, callbacks=[profiler])
+        else:
+            train(cfg, progress=False, lm=lm)
+        seconds = time.perf_counter() - start
+        rows = read_metrics(out)
+    peak = (torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    measured = rows[args.warmup : len(rows) - extra]
+    return measured, peak, seconds, profiler.summary() if profiler else ""
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--modes", default=None, help="comma-separated CoT modes, each its own run (default: the config's)")
+    ap.add_argument("--max-steps", type=int, default=6, help="steps per mode, the first included")
+    ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the means")
     ap.add_argument("--random-shape", default=None,
-                    help="train a random-init model of this shape (benchmarks/rollout.py) instead of the config's; "
-                         "checkpoint writing is skipped")
+                    help="train a random-init model of this shape (benchmarks/common.py SHAPES) instead of the config's")
+    ap.add_argument("--profile", default=None, help="profile one more step per mode; traces go to this folder")
+    ap.add_argument("--profile-modes", default="hard,soft,fuzzy", help="the modes --profile profiles")
     add_no_write(ap)
     args = ap.parse_args()
+    if args.max_steps <= args.warmup:
+        raise SystemExit("--max-steps must exceed --warmup: no step would be measured")
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
-    with tempfile.TemporaryDirectory() as out:
-        cfg = dataclasses.replace(cfg, max_steps=args.max_steps, eval_steps=0, eval_before_after=0, output_dir=out,
-                                  save_steps=10**9)
-        lm = None
-        if args.random_shape:  # built on the device in the master dtype, handed to train (no disk round trip)
-            from softtokens.models import _DTYPES, resolve_device
-            from softtokens.policy import plan
+    modes = (args.modes or cfg.mode).split(",")
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
 
-            device, dtype = resolve_device(cfg.device, cfg.dtype)
-            lm = random_model(args.random_shape, _DTYPES[plan(cfg, dtype, 1)[0]], device)
-            # a random model's checkpoint is not worth the disk time
-            cfg = dataclasses.replace(cfg, model=args.random_shape, save_strategy="no")
-        start = time.perf_counter()
-        train(cfg, progress=False, lm=lm)
-        total = time.perf_counter() - start
-        rows = read_metrics(cfg.output_dir)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-    if torch.cuda.is_available():
-        peak_gb = torch.cuda.max_memory_allocated() / 1e9
-    mean = {p: sum(r[f"time/{p}_s"] for r in rows) / len(rows) for p in PHASES}
+    bandwidth, flops = copy_bandwidth(device), matmul_rate(device, _DTYPES[dtype])
+    if args.random_shape:
+        counter = random_model(args.random_shape, _DTYPES[dtype], "meta")
+    else:
+        counter = load_model(cfg.model, dtype=dtype, device="cpu")
+    n_params = sum(p.numel() for p in counter.model.parameters())
+    weight_bytes = n_params * _DTYPES[dtype].itemsize
+    del counter
+
+    rows = min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_generations)
+    floor = rows * bandwidth / weight_bytes  # tokens per second
+    flops_per_token = (8 if cfg.gradient_checkpointing else 6) * n_params
+    results, profiles = {}, []
+    for mode in modes:
+        measured, peak, seconds, prof = run_mode(cfg, mode, args, device, dtype)
+        mean = {k: sum(r[k] for r in measured) / len(measured) for k in measured[0] if isinstance(measured[0][k], float)}
+        results[mode] = dict(mean=mean, peak=peak, seconds=seconds, steps=len(measured))
+        if prof:
+            profiles.append(f"#### {mode}\n\n```\n{prof}\n```")
+
+    def line(label, fn):
+        return f"| {label} | " + " | ".join(fn(results[m]) for m in modes) + " |"
+
     lines = [
         f"### training step time, {datetime.date.today()}, {Path(args.config).name} "
-        f"({args.random_shape + ' shape, random init' if args.random_shape else cfg.model}, {cfg.mode})",
+        f"({args.random_shape + ' shape, random init' if args.random_shape else cfg.model}, {', '.join(modes)})",
         "",
-        f"machine: {torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()}"
-        f", {torch.get_num_threads()} threads; torch "
-        f"{torch.__version__}, transformers {__import__('transformers').__version__}; B={cfg.prompts_per_step} x "
-        f"G={cfg.num_generations}, CoT <= {cfg.max_cot_length}, answer <= {cfg.max_answer_length}, micro-batch "
-        f"{cfg.micro_batch_size}; mean of {len(rows)} steps (the first included)",
+        f"{machine(device)}; B={cfg.prompts_per_step} x G={cfg.num_generations}, CoT <= {cfg.max_cot_length}, answer "
+        f"<= {cfg.max_answer_length}, micro-batch {cfg.micro_batch_size}, {dtype}; mean of steps {args.warmup + 1}-"
+        f"{args.max_steps} ({results[modes[0]]['steps']} steps) per mode",
+        f"measured: copy {bandwidth / 1e9:.0f} GB/s, {dtype} matmul {flops / 1e12:.1f} TFLOP/s; {n_params / 1e9:.3g}B "
+        f"parameters ({weight_bytes / 1e9:.2f} GB); rollout floor {floor:.0f} tokens/s at {rows} rows",
         "",
-        "| phase | seconds per step |",
-        "|---|---:|",
-        *[f"| {p} | {mean[p]:.2f} |" for p in PHASES],
-        f"| total | {sum(mean.values()):.2f} |",
+        "| seconds per step | " + " | ".join(modes) + " |",
+        "|---|" + "---:|" * len(modes),
+        *[line(p, lambda r, p=p: f"{r['mean'][f'time/{p}_s']:.2f}") for p in PHASES],
+        line("total", lambda r: f"{sum(r['mean'][f'time/{p}_s'] for p in PHASES):.2f}"),
+        line("rollout tokens/s", lambda r: f"{r['mean']['time/rollout_tokens_per_s']:.0f}"),
+        line("rollout, % of the weight-bandwidth floor",
+             lambda r: f"{100 * r['mean']['time/rollout_tokens_per_s'] / floor:.1f}"),
+        line("scoring tokens/s (forward + backward)", lambda r: f"{r['mean']['time/scoring_tokens_per_s']:.0f}"),
+        line("scoring, % of the matmul rate",
+             lambda r: f"{100 * r['mean']['time/scoring_tokens_per_s'] * flops_per_token / flops:.1f}"),
+        line("peak memory (GB)", lambda r: f"{r['peak']:.1f}"),
+        *[line(label, lambda r, k=k, f=f: f.format(r["mean"].get(k, float("nan")))) for label, k, f in MISMATCH],
+        line("whole run with model loading (s)", lambda r: f"{r['seconds']:.0f}"),
         "",
-        f"rollout {sum(r['time/rollout_tokens_per_s'] for r in rows) / len(rows):.0f} tokens/s, scoring "
-        f"{sum(r['time/scoring_tokens_per_s'] for r in rows) / len(rows):.0f} tokens/s (forward + backward); "
-        f"peak memory {peak_gb:.1f} GB ({'GPU' if torch.cuda.is_available() else 'process RSS'}); "
-        f"whole run with model loading {total:.0f} s",
+        f"peak memory: {'GPU, torch.cuda.max_memory_allocated' if device.startswith('cuda') else 'process RSS, the largest so far'}.",
     ]
-    text = "\n".join(lines)
+    text = "\n".join(lines + ([""] + profiles if profiles else []))
     write_results(args, text, echo=True)
-    print(json.dumps({"seconds_per_step": mean, "peak_gb": peak_gb}))
+    print(json.dumps({m: {"seconds_per_step": {p: results[m]["mean"][f"time/{p}_s"] for p in PHASES},
+                          "peak_gb": results[m]["peak"]} for m in modes}))
 
 
 if __name__ == "__main__":

@@ -151,24 +151,30 @@ PARAMS = {"meta-llama/Llama-3.2-3B-Instruct": 3.21e9, "meta-llama/Llama-3.1-8B-I
           "Qwen/Qwen2.5-3B-Instruct": 3.09e9}
 SHAPES = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct", "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
           "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct"}
-SECTION = re.compile(r"^### training step time, [^,]+, (?P<config>\S+) \((?P<shape>[^,]+) shape")
+SECTION = re.compile(r"^### training step time, [^,]+, (?P<config>\S+) \((?P<shape>[^,]+) shape, random init, "
+                     r"(?P<modes>[^)]+)\)$")
 
 
 def measured_steps(results: Path) -> list[dict]:
-    """GPU training-step measurements in benchmarks/RESULTS.md: config, machine, rows x tokens, seconds."""
+    """GPU training-step measurements in benchmarks/RESULTS.md (benchmarks/train.py's tables): config, shape,
+    machine, tokens per step and the total seconds per step of each mode measured."""
     if not results.is_file():
         return []
     out, current = [], None
     for line in results.read_text().splitlines():
         m = SECTION.match(line)
         if m:
-            current = {"config": m["config"], "shape": m["shape"]}
+            current = {"config": m["config"], "shape": m["shape"], "title_modes": m["modes"].split(", ")}
         elif current and line.startswith("machine: NVIDIA"):
             dims = re.search(r"B=(\d+) x G=(\d+), CoT <= (\d+), answer <= (\d+)", line)
             current |= {"machine": line.split(",")[0][len("machine: "):],
                         "tokens": int(dims[1]) * int(dims[2]) * (int(dims[3]) + int(dims[4]))} if dims else {}
-        elif current and "machine" in current and line.startswith("| total |"):
-            current["seconds"] = float(line.split("|")[2])
+        elif current and "tokens" in current and line.startswith("| phase |"):  # one column, the mode in the title
+            current["modes"] = current["title_modes"]
+        elif current and "tokens" in current and line.startswith("| seconds per step |"):
+            current["modes"] = [c.strip() for c in line.split("|")[2:-1]]
+        elif current and "modes" in current and line.startswith("| total |"):
+            current["seconds"] = dict(zip(current["modes"], (float(c) for c in line.split("|")[2:-1])))
             out.append(current)
             current = None
     return out
@@ -179,6 +185,7 @@ def estimate_hours(cfg: TrainConfig, measured: list[dict]) -> tuple[float | None
     if not measured:
         return None, "no GPU step time in benchmarks/RESULTS.md"
     ref = next((m for m in measured if Path(m["config"]).stem == Path(cfg.output_dir).parts[-2]), measured[-1])
+    mode = cfg.mode if cfg.mode in ref["seconds"] else next(iter(ref["seconds"]))
     tokens = cfg.prompts_per_step * cfg.num_generations * (cfg.max_cot_length + cfg.max_answer_length)
     scale = tokens / ref["tokens"]
     ref_model = SHAPES.get(ref["shape"])
@@ -187,8 +194,9 @@ def estimate_hours(cfg: TrainConfig, measured: list[dict]) -> tuple[float | None
         how = "tokens per step and parameters"
     else:
         how = "tokens per step (parameters unknown: same size assumed)"
-    seconds = ref["seconds"] * scale * cfg.max_steps
-    return seconds / 3600, f"{ref['seconds']:.1f} s/step measured for {ref['config']} on {ref['machine']}, scaled by {how}"
+    seconds = ref["seconds"][mode] * scale * cfg.max_steps
+    return seconds / 3600, (f"{ref['seconds'][mode]:.1f} s/step measured for {ref['config']} ({mode}) on "
+                            f"{ref['machine']}, scaled by {how}")
 
 
 # --- running it ------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from softtokens import distributed, mismatch
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
@@ -126,22 +127,49 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         rows = owners[start : start + len(batch)]
         handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows)))
 
-    t0 = time.perf_counter()
-    policy.sync_rollout()
-    policy.rollout.model.eval()
-    rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(),
-                                 cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
-                                 rows=[divmod(j, G) for j in mine], on_batch=submit)
-    t1 = time.perf_counter()
-    grades = [g for _, h in handles for g in grader.result(h)]
+    dev = policy.lm.device
+    t0 = _now(dev)
+    with record_function("softtokens/rollout"):
+        policy.sync_rollout()
+        policy.rollout.model.eval()
+        rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(),
+                                     cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
+                                     rows=[divmod(j, G) for j in mine], on_batch=submit)
+    t1 = _now(dev)
+    with record_function("softtokens/grading"):
+        grades = [g for _, h in handles for g in grader.result(h)]
     stats = [RowStats(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
                       r.cot_length + len(r.prefill_ids) + len(r.answer_ids), len(r.prompt_ids))
              for g, r in zip(grades, rollouts)]
     rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
     advantages = ESTIMATORS[cfg.estimator](rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
-    t2 = time.perf_counter()
+    t2 = _now(dev)
 
+    with record_function("softtokens/scoring"):
+        loss_sum, kl_sum, seen = backward(policy, ref, optimizer, rollouts, advantages, cfg)
+    t3 = _now(dev)
+    with record_function("softtokens/optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+    t4 = _now(dev)
+
+    losses = gather_objects((loss_sum, kl_sum), d)
+    seen = [row for part in gather_objects(seen, d) for row in part]
+    return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
+                        (t0, t1, t2, t3, t4))
+
+
+def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, advantages: torch.Tensor,
+             cfg: TrainConfig) -> tuple[float, float, list[dict]]:
+    """Score this rank's rollouts in micro-batches and accumulate the gradient of the loss; returns the summed
+    loss and KL and each rollout's mismatch figures."""
     policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
     n, loss_sum, kl_sum, seen = len(rollouts), 0.0, 0.0, []
@@ -164,21 +192,14 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
             kl_sum += float(kl.detach().sum())
         loss.backward()
         loss_sum += float(loss.detach())
-    t3 = time.perf_counter()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-    grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
-    finite = math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    t4 = time.perf_counter()
+    return loss_sum, kl_sum, seen
 
-    losses = gather_objects((loss_sum, kl_sum), d)
-    seen = [row for part in gather_objects(seen, d) for row in part]
-    return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
-                        (t0, t1, t2, t3, t4))
+
+def _now(device) -> float:
+    """A phase boundary: on CUDA after the queued work has run, so each phase's time is its own."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, losses: list, seen: list[dict],
@@ -271,12 +292,15 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM | None = None) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM | None = None,
+          callbacks: list | None = None) -> dict:
     """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
 
     ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
     ``lm``: an already loaded model to train instead of loading ``cfg.model`` (one process; in the master
     dtype that ``policy.plan`` gives), as TRL's trainers take a model object.
+    ``callbacks``: functions called as ``fn(step, metrics)`` after each step on every rank (TRL's on_step_end),
+    e.g. to step a profiler.
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
     With ``cfg.seeds``: one run per seed in output_dir/seed-N, in turn; returns {seed: summary}.
@@ -284,7 +308,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     if cfg.seeds:
         if lm is not None and len(cfg.seeds) > 1:
             raise ValueError("train(lm=...) trains that one model object: give one seed, or load by cfg.model")
-        return {c.seed: _train_seed(c, progress, reward_fn, lm) for c in per_seed(cfg, "output_dir")}
+        return {c.seed: _train_seed(c, progress, reward_fn, lm, callbacks) for c in per_seed(cfg, "output_dir")}
     out = Path(cfg.output_dir)
     main = os.environ.get("RANK", "0") == "0"
     if main:
@@ -306,7 +330,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
                              f"rows do not split evenly over {world} processes")
         d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
         try:
-            return _train(cfg, out, start, data, held_out, device, dtype, d, progress, reward_fn, lm)
+            return _train(cfg, out, start, data, held_out, device, dtype, d, progress, reward_fn, lm, callbacks)
         finally:
             distributed.close()
 
@@ -318,7 +342,7 @@ def finished(cfg: TrainConfig) -> dict | None:
     return summary if summary and summary.get("step") == cfg.max_steps else None
 
 
-def _train_seed(cfg: TrainConfig, progress: bool, reward_fn, lm) -> dict:
+def _train_seed(cfg: TrainConfig, progress: bool, reward_fn, lm, callbacks) -> dict:
     """One seed of a several-seed run. With --resume: a finished seed is skipped, an interrupted one resumed,
     a missing one started."""
     if cfg.resume and (done := finished(cfg)):
@@ -326,7 +350,7 @@ def _train_seed(cfg: TrainConfig, progress: bool, reward_fn, lm) -> dict:
         return done
     if cfg.resume and not checkpoints(Path(cfg.output_dir)):
         cfg = dataclasses.replace(cfg, resume=False)
-    return train(cfg, progress, reward_fn, lm)
+    return train(cfg, progress, reward_fn, lm, callbacks)
 
 
 @dataclasses.dataclass
@@ -464,7 +488,7 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
 
 
 def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list[Problem], device: str, dtype: str,
-           d: Dist, progress: bool, reward_fn=None, lm: CausalLM | None = None) -> dict:
+           d: Dist, progress: bool, reward_fn=None, lm: CausalLM | None = None, callbacks=None) -> dict:
     run = start_run(cfg, out, start, held_out, device, dtype, d, progress, lm)
     state, stopping = run.state, False
     train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
@@ -484,6 +508,8 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
             if cfg.eval_steps and cfg.val_size and (state["step"] % cfg.eval_steps == 0 or last):
                 run.validate_and_keep_best(grader, val_set, metrics)
             run.log(metrics, last)
+            for fn in callbacks or ():
+                fn(state["step"], metrics)
             stopping = any_rank(stop.set, d)
             if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stopping:
                 run.save_and_prune()

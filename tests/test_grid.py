@@ -63,7 +63,15 @@ def test_dry_run_lists_runs_states_and_an_estimate_from_results(model_dir, tmp_p
                        "| phase | seconds per step |\n|---|---:|\n| total | 36.00 |\n")
     text = grid.describe(plan, results)
     assert "tiny_hard seed 1: 2 steps, ~0.0 GPU-h (to train, to evaluate, OOD to do)" in text
-    assert "36.0 s/step measured for tiny_soft.yaml on NVIDIA H200" in text
+    assert "36.0 s/step measured for tiny_soft.yaml (soft) on NVIDIA H200" in text
+    # benchmarks/train.py's table of several modes: each run takes its own mode's column
+    results.write_text(results.read_text() + "\n### training step time, 2026-12-01, tiny_hard.yaml (llama-3.2-3b shape, "
+                       "random init, hard, soft)\n\nmachine: NVIDIA H100, 16 threads; B=1 x G=2, CoT <= 3, answer <= 2\n"
+                       "\n| seconds per step | hard | soft |\n|---|---:|---:|\n| rollout | 1 | 2 |\n| total | 1800.00 | 3600.00 |\n")
+    steps = grid.measured_steps(results)
+    assert steps[-1]["seconds"] == {"hard": 1800.0, "soft": 3600.0} and steps[0]["seconds"] == {"soft": 36.0}
+    text = grid.describe(plan, results)
+    assert "tiny_hard seed 0: 2 steps, ~1.0 GPU-h" in text and "tiny_soft seed 0: 2 steps, ~0.0 GPU-h" in text
     assert "no GPU step time measured" in grid.describe(plan, tmp_path / "none.md")
 
 
