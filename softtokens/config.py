@@ -48,7 +48,7 @@ class CoTConfig:
     temperature: float | None = None
     """CoT temperature tau; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001). 0 = argmax (hard only)."""
     gamma: float = cot.DEFAULT_GAMMA
-    """Noise scale: sigma = gamma * RMS of the input-embedding matrix."""
+    """Noise scale: sigma = gamma * RMS of what the noise is added to (the input-embedding matrix by default)."""
     noise: bool = True
     """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
     noise_on: str = "embedding"

@@ -279,7 +279,8 @@ def _noised_elsewhere(setup: RolloutSetup, z, eps, hidden, top) -> CoTStep:
     if ids is None:
         inputs, shadow = cot.mixture(cot.cot_probs(z_noisy, c.temperature), setup.E), cot.argmax(z_noisy)
     else:
-        inputs, shadow = cot.topk_mixture(noisy, ids, c.temperature, setup.E), ids.gather(1, noisy.argmax(-1, keepdim=True))[:, 0]
+        inputs = cot.topk_mixture(noisy, ids, c.temperature, setup.E)
+        shadow = ids.gather(1, noisy.argmax(-1, keepdim=True))[:, 0]
     return CoTStep(inputs.to(lm.dtype), shadow, lp, cot.entropy(z), cot.top2_gap(z), inputs, top, noisy, ids)
 
 

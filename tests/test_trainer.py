@@ -405,3 +405,17 @@ def test_a_run_with_the_noise_elsewhere(model_dir, tmp_path, monkeypatch, noise_
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+
+
+def test_callbacks_see_each_step_and_the_phases_are_profiled(model_dir, tmp_path, monkeypatch):
+    """train(callbacks=) is called after each step (a profiler steps there); the phases carry profiler labels."""
+    from torch.profiler import profile
+
+    use_reward(monkeypatch)
+    seen = []
+    with profile() as prof:
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=2, eval_steps=0), progress=False,
+                 callbacks=[lambda step, metrics: seen.append((step, metrics["time/rollout_s"] > 0))])
+    assert seen == [(1, True), (2, True)]
+    labels = {e.key for e in prof.key_averages()}
+    assert {f"softtokens/{p}" for p in ("rollout", "grading", "scoring", "optimizer")} <= labels
