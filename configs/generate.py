@@ -109,7 +109,7 @@ def files() -> dict[str, str]:
                 eval=dict(datasets="sums_test", settings="all", num_samples=4, limit=48, max_cot_length=16,
                           max_answer_length=8, batch_size=64),
                 ood=dict(datasets="arc_easy", protocol="generate", limit=40, max_cot_length=32), out="runs/grid-sums")
-    out["grids/sums.yaml"] = ("# The paper's pipeline at CPU scale on the embedded model (an hour or two on 2 cores). "
+    out["grids/sums.yaml"] = ("# The paper's pipeline at CPU scale on the embedded model (75 min on 2 cores: benchmarks/RESULTS.md). "
                               "Written by configs/generate.py.\n# softtokens grid configs/grids/sums.yaml\n"
                               + yaml.safe_dump(plan, sort_keys=False))
     return out

@@ -70,12 +70,11 @@ def paper_table(runs: list[dict]) -> str:
 
 # One colour per CoT mode in every figure; greedy settings dashed, sampled ones solid.
 MODE_COLOURS = {"hard": "tab:blue", "soft": "tab:orange", "fuzzy": "tab:green"}
-RUN_MARKERS = "os^Dv<>p"
 
 
-def setting_style(setting: str, run: int = 0) -> dict:
+def setting_style(setting: str) -> dict:
     mode, kind = setting.split("_")
-    return dict(color=MODE_COLOURS[mode], linestyle="--" if kind == "greedy" else "-", marker=RUN_MARKERS[run % 8],
+    return dict(color=MODE_COLOURS[mode], linestyle="--" if kind == "greedy" else "-", marker="o",
                 linewidth=2.6 if mode == "hard" else 1.4, zorder=1 if mode == "hard" else 2)
 
 
@@ -95,39 +94,41 @@ def _grid(n: int, cols: int | None = None, size: tuple[float, float] = (5, 4)):
 
 def _per_dataset(runs: list[dict], path: Path, draw, xlabel: str, ylabel: str, log2_x: bool = False,
                  percent: bool = False) -> None:
-    """One panel per dataset; ``draw(ax, summaries, style)`` adds a setting of a group of seeds to it."""
+    """A panel per dataset and model (a group of seeds): ``draw(ax, summaries, style)`` adds one setting to it.
+
+    One model per panel, as the paper's figures: its six settings stay readable, and the seeds' bands do not
+    cover another model's curves."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
     groups = group_runs(runs)
-    plt, fig, axes = _grid(len(datasets))
-    fig.set_size_inches(5 * len(datasets) + 2.8, 4)
-    for ax, ds in zip(axes, datasets):
-        for i, group in enumerate(groups):
-            settings = list(dict.fromkeys(st for r in group for st in r["datasets"].get(ds, {})))
-            for setting in settings:
-                draw(ax, [r["datasets"][ds][setting] for r in group if setting in r["datasets"].get(ds, {})],
-                     setting_style(setting, i))
+    panels = [(ds, g) for ds in datasets for g in groups if any(ds in r["datasets"] for r in g)]
+    cols = min(len(panels), 4)
+    plt, fig, axes = _grid(len(panels), cols=cols, size=(4.6, 3.6))
+    fig.set_size_inches(4.6 * cols + 2.2, fig.get_size_inches()[1])
+    for ax, (ds, group) in zip(axes, panels):
+        settings = list(dict.fromkeys(st for r in group for st in r["datasets"].get(ds, {})))
+        for setting in settings:
+            draw(ax, [r["datasets"][ds][setting] for r in group if setting in r["datasets"].get(ds, {})],
+                 setting_style(setting))
         if log2_x:
             ax.set_xscale("log", base=2)
         if percent:
             ax.set_ylim(0, 100)
-        problems = max((s["problems"] for r in runs for s in r["datasets"].get(ds, {}).values()), default=0)
-        ax.set(title=f"{ds} ({problems} problems)", xlabel=xlabel, ylabel=ylabel)
+        problems = max(s["problems"] for r in group for s in r["datasets"].get(ds, {}).values())
+        ax.set(title=f"{group_label(group)}\n{ds} ({problems} problems)", xlabel=xlabel, ylabel=ylabel)
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-    # one legend for the figure: colour = mode, line = greedy / sampled, marker = run
+    # one legend for the figure: colour = mode, line = greedy / sampled, band = seeds
     modes = list(dict.fromkeys(st.split("_")[0] for r in runs for d in r["datasets"].values() for st in d))
     handles = [Line2D([], [], color=MODE_COLOURS[m], linewidth=2, label=m) for m in modes]
     handles += [Line2D([], [], color="black", linestyle=ls, label=k) for ls, k in (("--", "greedy"), ("-", "sampled"))]
-    if len(groups) > 1:
-        handles += [Line2D([], [], color="black", linestyle="none", marker=RUN_MARKERS[i % 8],
-                           label="/".join(Path(group_label(g)).parts[-2:])) for i, g in enumerate(groups)]
     if any(len(g) > 1 for g in groups):
         handles.append(Patch(color="grey", alpha=0.25, label="band: seeds' min to max"))
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_size_inches()[0], 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_size_inches()[0], 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
