@@ -59,17 +59,17 @@ def bf16_logits(on: bool):
         CausalLM.logits = real
 
 
-def model(name: str) -> CausalLM:
+def model(name: str, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
     if name == "smollm2":
-        return load_model("smollm2", dtype="bfloat16")
+        return load_model("smollm2", dtype=str(dtype).removeprefix("torch."))
     lm = tiny_lm(name, tie=name == "llama")
     with torch.no_grad():
         lm.model.model.norm.weight.mul_(60.0)  # logits of a trained model's size (as tests/test_bf16.py)
-    return CausalLM(lm.model.to(torch.bfloat16), lm.tokenizer, name=f"tiny-{name}")
+    return CausalLM(lm.model.to(dtype), lm.tokenizer, name=f"tiny-{name}")
 
 
-def gaps(lm, mode, engine, rows, cot):
-    rollouts = generate_rollouts(lm, QS, CoTConfig(mode), RolloutConfig(
+def gaps(lm, cot_cfg: CoTConfig, engine, rows, cot):
+    rollouts = generate_rollouts(lm, QS, cot_cfg, RolloutConfig(
         max_cot_length=cot, max_answer_length=4, num_generations=max(1, rows // len(QS)), engine=engine))
     with torch.no_grad():
         scores = score_rollouts(lm, rollouts)
@@ -82,7 +82,7 @@ def gaps(lm, mode, engine, rows, cot):
     steps = len(same) + len(flipped)
     return {"steps": steps, "median": statistics.median(same) if same else 0.0, "max": max(same, default=0.0),
             "flip_rate": len(flipped) / steps, "flip_cost": statistics.median(flipped) if flipped else None,
-            "near_tie_rate": mismatch.near_tie_rate(rollouts, CoTConfig(mode).temperature)}
+            "near_tie_rate": mismatch.near_tie_rate(rollouts, cot_cfg.temperature)}
 
 
 def timed(fn, repeat: int = 5) -> float:
@@ -123,6 +123,24 @@ def costs(lm: CausalLM, rows: int) -> dict:
     return out
 
 
+def placement_gaps(args) -> str:
+    """|dl| per CoT step between rollout and rescoring for each noise placement, float32 and bf16 models."""
+    lines = [f"### rollout against rescoring per noise placement, {datetime.date.today()}, on cpu", "",
+             f"{machine('cpu')}. `python benchmarks/precision.py --noise-on --models {args.models} --rows {args.rows} "
+             f"--cot {args.cot}`: soft CoTs (top-k logits: k = 5, tau 1), HF engine, float32 logits; |dl| per CoT "
+             "step in nats.", "",
+             "| model | dtype | noise on | steps | median abs dl | max abs dl |", "|---|---|---|---:|---:|---:|"]
+    for name in args.models.split(","):
+        for dtype in ("float32", "bfloat16"):
+            lm = model(name) if dtype == "bfloat16" else model(name, torch.float32)
+            for noise_on in ("embedding", "hidden", "logits", "topk_logits"):
+                cot_cfg = CoTConfig("soft", 1.0 if noise_on == "topk_logits" else None, noise_on=noise_on)
+                g = gaps(lm, cot_cfg, "hf", args.rows, args.cot)
+                lines.append(f"| {lm.name} | {dtype} | {noise_on} | {g['steps']} | {g['median']:.3g} | {g['max']:.3g} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def decode_cost(shape: str, rows: int, cot: int) -> str:
     """A decode step's milliseconds with float32 and with bf16 logits, from whole soft rollouts."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,10 +178,14 @@ def main():
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--cot", type=int, default=24)
     ap.add_argument("--decode-shape", default=None, help="time a decode step of this shape (benchmarks/common.py) instead")
+    ap.add_argument("--noise-on", action="store_true",
+                    help="instead: the rollout-scorer gaps of each noise placement (METHOD.md §10), soft, HF engine")
     add_no_write(ap)
     args = ap.parse_args()
     if args.decode_shape:
         return write_results(args, decode_cost(args.decode_shape, args.rows, args.cot), echo=True)
+    if args.noise_on:
+        return write_results(args, placement_gaps(args), echo=True)
     torch.manual_seed(0)
     lines = [
         f"### bf16 rollouts against their rescoring, {datetime.date.today()}, on cpu",
@@ -186,7 +208,7 @@ def main():
             for mode in ("hard", "soft", "fuzzy"):
                 for logits in ("float32", "bf16"):
                     with bf16_logits(logits == "bf16"):
-                        g = gaps(lm, mode, engine, args.rows, args.cot)
+                        g = gaps(lm, CoTConfig(mode), engine, args.rows, args.cot)
                     record[f"{name}/{engine}/{mode}/{logits}"] = g
                     flip = "-" if g["flip_cost"] is None else f"{g['flip_cost']:.3g}"
                     lines.append(f"| {lm.name} | {engine} | {mode} | {logits} | {g['steps']} | {g['median']:.3g} | "

@@ -97,8 +97,9 @@ def load_plan(path: str) -> GridPlan:
 def jobs(plan: GridPlan) -> list[Job]:
     out = []
     stems = [Path(c).stem for c in plan.configs]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"two configs share a file name: {stems}; the grid names runs by it")
+    if len(set(stems)) != len(stems) or "base" in stems:
+        raise ValueError(f"configs need distinct file names other than base (the base models' folder): {stems}; "
+                         "the grid names runs by them")
     for config, stem in zip(plan.configs, stems):
         try:
             values = yaml.safe_load(Path(config).read_text()) or {}

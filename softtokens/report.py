@@ -27,12 +27,19 @@ IGNORED_IN_GROUPS = ("seed", "seeds", "sigma", "model", "provenance")
 
 def group_runs(runs: list[dict]) -> list[list[dict]]:
     """Runs that differ only by seed, together (in first-seen order): the same model path but for its seed-N
-    components, and the same evaluation config but for the seed (and the sigma measured on each model)."""
-    groups: dict[str, list[dict]] = {}
+    components, and the same evaluation config but for the seed (and the sigma measured on each model). A run
+    that repeats a member (the same model and seed) starts a group of its own: it is no other seed."""
+    groups: list[tuple[str, list[dict]]] = []
     for r in runs:
         config = {k: v for k, v in r.get("config", {}).items() if k not in IGNORED_IN_GROUPS}
-        groups.setdefault(json.dumps([group_name(r["model"]), config], sort_keys=True, default=str), []).append(r)
-    return list(groups.values())
+        key = json.dumps([group_name(r["model"]), config], sort_keys=True, default=str)
+        ident = (r["model"], r.get("config", {}).get("seed"))
+        home = next((g for k, g in groups if k == key and ident not in
+                     [(m["model"], m.get("config", {}).get("seed")) for m in g]), None)
+        if home is None:
+            groups.append((key, home := []))
+        home.append(r)
+    return [g for _, g in groups]
 
 
 def group_label(group: list[dict]) -> str:

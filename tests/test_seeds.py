@@ -40,6 +40,7 @@ def test_runs_group_by_everything_but_the_seed():
     runs = [run("a/seed-0/best", seed=0), run("a/seed-1/best", seed=1), run("a/seed-2/best", num_samples=8),
             run("b", seed=0)]
     assert [len(g) for g in group_runs(runs)] == [2, 1, 1]
+    assert [len(g) for g in group_runs([runs[0], runs[0], runs[1]])] == [2, 1], "a repeated run is no other seed"
     runs[1]["datasets"]["d"]["hard_greedy"]["pass@k"]["1"] = 1.0
     table = paper_table(runs)
     assert "| a/best (2 seeds) | 75.0±35.4 |" in table and "| b | 50.0 |" in table
