@@ -46,6 +46,7 @@ def plot(grid: GridPlan, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from softtokens.report import MODE_COLOURS
 
@@ -57,10 +58,13 @@ def plot(grid: GridPlan, path: Path) -> None:
         for job in jobs(grid):
             pts = [(r["step"], r[key]) for r in read_metrics(job.train.output_dir) if key in r]
             if pts:
+                hard = job.train.mode == "hard"  # drawn wider and underneath, so that an equal curve shows it
                 ax.plot(*zip(*pts), "o-" if key.startswith("eval/") else "-", color=MODE_COLOURS[job.train.mode],
-                        alpha=0.6, markersize=3, label=None if job.train.mode in labelled else job.train.mode)
+                        alpha=0.6, markersize=3, linewidth=2.6 if hard else 1.4, zorder=1 if hard else 2,
+                        label=None if job.train.mode in labelled else job.train.mode)
                 labelled.add(job.train.mode)
         ax.set(title=title, xlabel="step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"SmolLM2-135M, two-number sums: hard / soft / fuzzy RL, one line per seed ({len(grid.seeds)} seeds)")
