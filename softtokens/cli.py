@@ -233,6 +233,10 @@ def cmd_grid(args) -> int:
         print(f"softtokens: stopped during training ({signal.Signals(e.signum).name}); rerun "
               f"`softtokens grid {args.plan}` to go on where it stopped", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt as e:  # the grid has no --resume: a rerun resumes
+        print(f"softtokens: interrupted; finished work is on disk: rerun `softtokens grid {args.plan}` to go on",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     print(f"tables in {plan.out}/results.md")
     return 0
 

@@ -84,3 +84,16 @@ def test_dry_run_lists_runs_states_and_an_estimate_from_results(model_dir, tmp_p
 def test_bad_plans_are_refused_before_anything_runs(model_dir, tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
         load_plan(_plan(tmp_path, model_dir, **change))
+
+
+def test_an_interrupted_grid_says_how_to_go_on(model_dir, tmp_path, monkeypatch, capsys):
+    from softtokens import cli
+
+    plan = _plan(tmp_path, model_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid, "run_grid", interrupted)
+    assert cli.main(["grid", plan]) == 130
+    assert f"rerun `softtokens grid {plan}` to go on" in capsys.readouterr().err
