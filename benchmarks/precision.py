@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_no_write, machine, questions_for, random_model, sync, write_results  # noqa: E402
+from common import add_no_write, machine, questions_for, random_model, write_results  # noqa: E402
+from common import timed as timed_on  # noqa: E402
 
 from softtokens import mismatch  # noqa: E402
 from softtokens.config import CoTConfig, RolloutConfig  # noqa: E402
@@ -154,12 +155,9 @@ def decode_cost(shape: str, rows: int, cot: int) -> str:
         with bf16_logits(on):
             rollouts = generate_rollouts(lm, questions, CoTConfig("soft"), cfg)  # compiles and captures
             steps = max(r.cot_length + len(r.prefill_ids) + len(r.answer_ids) for r in rollouts)
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(3):
-                generate_rollouts(lm, questions, CoTConfig("soft"), cfg)
-            sync(device)
-            out[name] = (time.perf_counter() - start) / 3 / steps * 1e3
+            seconds = timed_on(lambda: [generate_rollouts(lm, questions, CoTConfig("soft"), cfg) for _ in range(3)],
+                               device)[1]
+            out[name] = seconds / 3 / steps * 1e3
     extra = 100 * (out["float32"] / out["bf16"] - 1)
     return "\n".join([
         f"### float32 CoT logits in a decode step, {datetime.date.today()}, {shape} (random init, bf16), {device}",

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_no_write, machine, random_model, sync, write_results  # noqa: E402
+from common import ROOT, add_no_write, machine, random_model, timed, write_results  # noqa: E402
 
 from softtokens.config import TrainConfig, config_from_dict  # noqa: E402
 from softtokens.metrics import read_metrics  # noqa: E402
@@ -56,28 +56,14 @@ def copy_bandwidth(device: str) -> float:
     """Bytes read + written per second by a 1 GiB (CUDA) or 256 MiB (CPU) copy, best of 5."""
     n = (1 << 30 if device.startswith("cuda") else 1 << 28) // 4
     x, y = torch.empty(n, device=device), torch.empty(n, device=device)
-    best = float("inf")
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * 4 * n / best
+    return 2 * 4 * n / min(timed(lambda: y.copy_(x), device)[1] for _ in range(6))
 
 
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
     """FLOP/s of a square matmul in the compute dtype (8192 on CUDA, 1024 on CPU), best of 5."""
     n = 8192 if device.startswith("cuda") else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(timed(lambda: a @ b, device)[1] for _ in range(6))
 
 
 class StepProfiler:

@@ -31,6 +31,14 @@ def check_seeds(seeds: list[int] | None) -> None:
         raise ValueError(f"seeds repeats a seed: {seeds}")
 
 
+def split_names(text: str) -> list[str]:
+    """'gsm8k, math500,' -> ['gsm8k', 'math500'] (the comma-separated dataset and setting options)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+PROTOCOLS = ("cloze", "generate")  # the OOD check's (ood.py)
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0,1,2' -> [0, 1, 2] (the --seeds flag)."""
     try:
@@ -265,7 +273,7 @@ class OODConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.protocol not in ("cloze", "generate"):
+        if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}: choose cloze or generate")
         if self.max_cot_length < 1:
             raise ValueError(f"max_cot_length must be >= 1, got {self.max_cot_length}")

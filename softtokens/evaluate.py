@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from softtokens import cot, jsonl
-from softtokens.config import CoTConfig, EvalConfig
+from softtokens.config import CoTConfig, EvalConfig, split_names
 from softtokens.data import load_dataset
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
@@ -54,7 +54,7 @@ def setting_config(name: str, gamma: float) -> CoTConfig:
 
 
 def parse_settings(spec: str) -> list[str]:
-    names = list(SETTINGS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(SETTINGS) if spec.strip() == "all" else split_names(spec)
     unknown = [s for s in names if s not in SETTINGS]
     if unknown or not names:
         raise ValueError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)} or 'all'")
@@ -86,7 +86,7 @@ def check_eval(cfg: EvalConfig, reward_fn=None) -> dict:
     parse_settings(cfg.settings)
     reward_spec(reward_fn or cfg.reward)
     prepare(cfg.out, "--out")
-    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    names = split_names(cfg.datasets)
     return {name: load_dataset(name, limit=cfg.limit, **cfg.load_options(reward_fn)) for name in names}
 
 
@@ -101,7 +101,7 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
         datasets = datasets or check_eval(cfg, reward_fn)
         return {c.seed: evaluate(lm, c, progress, reward_fn, datasets) for c in per_seed(cfg, "out")}
     settings = parse_settings(cfg.settings)
-    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    names = split_names(cfg.datasets)
     datasets = datasets or check_eval(cfg, reward_fn)
     run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),

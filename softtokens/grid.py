@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from softtokens.config import EvalConfig, OODConfig, TrainConfig, config_from_dict
+from softtokens.checkpoint import checkpoints
+from softtokens.config import EvalConfig, OODConfig, TrainConfig, check_seeds, config_from_dict, split_names
 from softtokens.seeds import format_mean_std
 
 DONE = ".done"  # written into a stage's folder when the stage finished
@@ -88,8 +89,10 @@ def load_plan(path: str) -> GridPlan:
     config_from_dict(EvalConfig, plan.eval, f"{path}: eval")
     if plan.ood is not None:
         config_from_dict(OODConfig, plan.ood, f"{path}: ood")
-    if not plan.seeds or not all(isinstance(s, int) and s >= 0 for s in plan.seeds):
-        raise ValueError(f"{path}: seeds must be a non-empty list of integers >= 0")
+    try:
+        check_seeds(plan.seeds)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     jobs(plan)  # each config file read and checked
     return plan
 
@@ -133,8 +136,6 @@ def _mark(path: Path) -> None:
 
 def trained_model(cfg: TrainConfig) -> Path:
     """The checkpoint a run's evaluations use: checkpoint-best, or the last checkpoint when validation is off."""
-    from softtokens.checkpoint import checkpoints
-
     out = Path(cfg.output_dir)
     if (out / "checkpoint-best").is_dir():
         return out / "checkpoint-best"
@@ -204,15 +205,15 @@ def estimate_hours(cfg: TrainConfig, measured: list[dict]) -> tuple[float | None
 
 def describe(plan: GridPlan, results: Path = Path("benchmarks/RESULTS.md")) -> str:
     """The plan as --dry-run prints it: each run's stages and their state, and the estimated GPU-hours."""
+    from softtokens.trainer import finished
+
     measured = measured_steps(results)
     lines, total = [f"grid into {plan.out}: {len(plan.configs)} configs x {len(plan.seeds)} seeds"], 0.0
     for job in jobs(plan):
-        from softtokens.trainer import finished
-
         hours, why = estimate_hours(job.train, measured)
         total += hours or 0
         state = ("trained" if finished(job.train) else "training partly done"
-                 if any(Path(job.train.output_dir).glob("checkpoint-*")) else "to train")
+                 if checkpoints(Path(job.train.output_dir)) else "to train")
         state += ", evaluated" if _done(job.eval_out) else ", to evaluate"
         if plan.ood is not None:
             state += ", OOD done" if _done(job.ood_out) else ", OOD to do"
@@ -229,7 +230,7 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     from softtokens.evaluate import check_eval, evaluate
     from softtokens.models import load_model, resolve_device
     from softtokens.ood import ood_eval
-    from softtokens.trainer import finished, train
+    from softtokens.trainer import continue_training
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("softtokens grid runs in one process: train a run on several GPUs with torchrun "
@@ -238,24 +239,23 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     device, dtype = resolve_device(device, dtype)
 
     def evaluate_and_check(model: str, eval_out: Path, ood_out: Path, seed: int) -> None:
+        ood = ood_cfg is not None and not _done(ood_out)
+        if _done(eval_out) and not ood:
+            return
+        lm = load_model(model, dtype=dtype, device=device)  # once for both stages
         if not _done(eval_out):
             cfg = config_from_dict(EvalConfig, {**plan.eval, "seed": seed, "out": str(eval_out), "resume": True})
-            lm = load_model(model, dtype=dtype, device=device)
             evaluate(lm, cfg, progress, datasets=check_eval(cfg))
             _mark(eval_out)
-        if ood_cfg is not None and not _done(ood_out):
-            lm = load_model(model, dtype=dtype, device=device)
-            names = [d.strip() for d in ood_cfg.datasets.split(",") if d.strip()]
-            ood_eval(lm, names, ood_out, ood_cfg.limit, ood_cfg.batch_size, progress=progress,
+        if ood:
+            ood_eval(lm, split_names(ood_cfg.datasets), ood_out, ood_cfg.limit, ood_cfg.batch_size, progress=progress,
                      protocol=ood_cfg.protocol, max_cot_length=ood_cfg.max_cot_length)
             _mark(ood_out)
 
     for model in base_models(plan):
         evaluate_and_check(model, _base_dir(plan, "eval", model), _base_dir(plan, "ood", model), 0)
     for job in jobs(plan):
-        if not finished(job.train):
-            resume = any(Path(job.train.output_dir).glob("checkpoint-*"))
-            train(dataclasses.replace(job.train, resume=resume), progress)
+        continue_training(dataclasses.replace(job.train, resume=True), progress)  # skips a finished run
         evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed)
     return write_tables(plan)
 

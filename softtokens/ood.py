@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-import re
-
 from softtokens import cot, jsonl
+from softtokens.config import PROTOCOLS, CoTConfig, RolloutConfig, split_names
 from softtokens.data import jsonl_rows
 from softtokens.passk import standard_error
 from softtokens.provenance import provenance
@@ -142,7 +142,6 @@ def _score_batch(lm: CausalLM, batch: list[tuple[list[int], list[list[int]]]], k
     return [out[b * k : (b + 1) * k] for b in range(B)]
 
 
-PROTOCOLS = ("cloze", "generate")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -172,7 +171,6 @@ def chosen(answer: str, choices: tuple[str, ...]) -> int:
 @torch.no_grad()
 def answer_items(lm: CausalLM, items: list[MCItem], dataset: str, batch_size: int, max_cot_length: int) -> list[dict]:
     """The generate protocol: a greedy hard CoT and a greedy answer per item, graded by letter or text."""
-    from softtokens.config import CoTConfig, RolloutConfig
     from softtokens.rollout import generate_rollouts
 
     cfg = RolloutConfig(max_cot_length=max_cot_length, answer_temperature=0.0, num_generations=1,
@@ -320,7 +318,7 @@ def compare(model: str, cfg, device: str, dtype: str) -> str:
     out = Path(cfg.out)
     if (out / "model").exists() and not cfg.resume:
         refuse_to_overwrite(out, "an OOD check", "--out")
-    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    names = split_names(cfg.datasets)
     runs = {}
     with FolderLock(prepare(out, "--out"), "--out"):
         for role, name in (("model", model), ("base", cfg.base)):

@@ -256,13 +256,17 @@ def training_report(run_dir: str | Path) -> str:
             f"accuracy {accuracy}; curves in {run_dir}/training.png")
 
 
+def is_training(folder: str | Path) -> bool:
+    """A training output_dir (metrics.jsonl), or a folder of seed-N training runs."""
+    return any((d / "metrics.jsonl").exists() for d in [Path(folder), *seed_folders(folder)])
+
+
 def expand(run_dirs: list[str]) -> list[str]:
     """Evaluation folders, with a folder of seed-N evaluations standing for them (training folders stay whole)."""
     out = []
     for d in run_dirs:
         children = seed_folders(d)
-        training = (Path(d) / "metrics.jsonl").exists() or any((c / "metrics.jsonl").exists() for c in children)
-        out += [str(c) for c in children] if children and not training else [d]
+        out += [str(c) for c in children] if children and not is_training(d) else [d]
     return out
 
 
@@ -274,8 +278,7 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
         raise ValueError("give at least one evaluation folder")
     out = out or (run_dirs[0] if len(run_dirs) == 1 else None)
     run_dirs = expand(run_dirs)
-    training = [d for d in run_dirs if (Path(d) / "metrics.jsonl").exists()
-                or any((c / "metrics.jsonl").exists() for c in seed_folders(d))]
+    training = [d for d in run_dirs if is_training(d)]
     lines = [training_report(d) for d in training]
     run_dirs = [d for d in run_dirs if d not in training]
     if not run_dirs:

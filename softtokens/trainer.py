@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     if cfg.seeds:
         if lm is not None and len(cfg.seeds) > 1:
             raise ValueError("train(lm=...) trains that one model object: give one seed, or load by cfg.model")
-        return {c.seed: _train_seed(c, progress, reward_fn, lm, callbacks) for c in per_seed(cfg, "output_dir")}
+        return {c.seed: continue_training(c, progress, reward_fn, lm, callbacks) for c in per_seed(cfg, "output_dir")}
     out = Path(cfg.output_dir)
     main = os.environ.get("RANK", "0") == "0"
     if main:
@@ -342,9 +342,9 @@ def finished(cfg: TrainConfig) -> dict | None:
     return summary if summary and summary.get("step") == cfg.max_steps else None
 
 
-def _train_seed(cfg: TrainConfig, progress: bool, reward_fn, lm, callbacks) -> dict:
-    """One seed of a several-seed run. With --resume: a finished seed is skipped, an interrupted one resumed,
-    a missing one started."""
+def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm=None, callbacks=None) -> dict:
+    """A run of a several-seed run or of a grid. With cfg.resume: a finished run is skipped, an interrupted one
+    resumed from its last checkpoint-<step>, a missing one started; without, a plain ``train``."""
     if cfg.resume and (done := finished(cfg)):
         print(f"{cfg.output_dir}: finished at step {done['step']}, skipped")
         return done
