@@ -45,12 +45,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
             continue
         flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
         if typing.get_origin(kind) is list:
-            kind = parse_seeds
+            kind = _seeds_flag
         default = None if overrides else f.default
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
         else:
             group.add_argument(flag, type=kind, default=default, help=docs[f.name] + f" (default: {f.default})")
+
+
+def _seeds_flag(text: str) -> list[int]:
+    try:
+        return parse_seeds(text)
+    except ValueError as e:  # argparse prints this message, not "invalid parse_seeds value"
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -82,3 +82,12 @@ def test_eval_seeds_and_their_report(llama, tmp_path):
     values = [r["datasets"]["gsm8k"]["soft_sample"]["pass@k"]["1"] for r in results.values()]
     assert format_mean_std(values) in row
     assert (tmp_path / "eval" / "results.md").exists() and (tmp_path / "eval" / "passk.png").exists()
+
+
+def test_a_bad_seeds_flag_says_what_is_wrong(capsys):
+    from softtokens.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--seeds", "0,x"])
+    assert e.value.code == 2
+    assert "argument --seeds: seeds must be comma-separated integers such as 0,1,2, got '0,x'" in capsys.readouterr().err
