@@ -129,6 +129,8 @@ class RolloutConfig:
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0
     """Keep the k most likely tokens of p and their probabilities at each CoT step (for reading soft CoTs)."""
+    share_prompt: bool = True
+    """Prefill each distinct prompt of a batch once and copy its KV cache to the rows that share it (a group's G rows)."""
 
     def __post_init__(self):
         for name in ("max_cot_length", "max_answer_length", "num_generations", "batch_size"):
@@ -284,7 +286,8 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 # TrainConfig fields a resumed run may change: the schedule's length, intervals, memory and process knobs.
 # Any other change is a different run and --resume refuses it.
 RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
-             "rollout_batch_size", "gradient_checkpointing", "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
+             "rollout_batch_size", "gradient_checkpointing", "share_prompt", "skip_zero_advantage",
+             "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
              "resume",
              "resume_from_previous")
 
@@ -347,6 +350,10 @@ class TrainConfig(DataOptions):
     """Rows decoded together during rollouts."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (large models)."""
+    skip_zero_advantage: bool = True
+    """Do not score rollouts whose advantage is 0 when no KL term needs them (they add nothing to the loss or its gradient); logged as train/rows_skipped."""
+    share_prompt: bool = True
+    """Compute each group's prompt once: one prefill copied to its G rollouts, and in scoring one pass over the prompt that its G continuations attend to (equal results; false repeats the prompt per row, for comparison)."""
     dtype: str = "auto"
     """Compute dtype: float32, bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)."""
     mixed_precision: bool = True
@@ -442,7 +449,7 @@ class TrainConfig(DataOptions):
         return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
                              answer_temperature=answer_temperature, num_generations=generations, seed=seed,
                              batch_size=self.rollout_batch_size, prompt_template=self.prompt_template,
-                             chat_template=self.chat_template)
+                             chat_template=self.chat_template, share_prompt=self.share_prompt)
 
 
 def config_from_dict(cls, values: dict, source: str = "config"):

@@ -144,7 +144,8 @@ class StaticDecoder:
         return self.kernel
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """Final hidden states (R, n, d) for inputs x (R, n, d) at positions pos (R, n).
+        """Final hidden states (R, n, d) for inputs x (R, n, d) at positions pos (R, n), in cache rows 0..R-1
+        (R <= rows: a prefill of fewer rows than the batch).
 
         Keys are written at their positions; each query attends to cache slots
         at or before its own position. With SDPA, attention covers slots
@@ -177,7 +178,7 @@ class StaticDecoder:
             if kernel:  # which also rotates q and k and writes k and v into the cache
                 o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin, k, v, self.locks, self.splits)
             else:
-                o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
+                o = F.scaled_dot_product_attention(q, kc[:R, :, :span], vc[:R, :, :span], attn_mask=mask)
             x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
         return f_norm(x, delta, self.norm, self.eps)
 

@@ -26,7 +26,7 @@ import torch
 from softtokens import cot
 from softtokens.decoder import StaticDecoder, first_call
 from softtokens.step import (ANSWER, COT, DONE, PREFILL, Row, RolloutSetup, RowDraws, answer_step, cot_step,
-                             marker_window, non_finite, records)
+                             marker_window, non_finite, records, unique_prompts)
 
 SYNC_EVERY = 16
 SPAN_BUCKET = 128
@@ -312,13 +312,20 @@ class StaticEngine:
         self.dec.refresh()  # the weights may have changed since the last call (a training step)
         self._reset(prompt_ids, draws)
 
-        # Prompts, right-padded: each row's cache holds its prompt from slot 0, no gaps.
-        ids, _ = lm.pad(prompt_ids + [[lm.tokenizer.pad_token_id]] * (R - len(prompt_ids)))  # bucket rows: padding
-        P = ids.shape[1]
-        pos = torch.arange(P, device=lm.device)[None].expand(R, P)
+        # Prompts, right-padded: each row's cache holds its prompt from slot 0, no gaps. Each distinct prompt is
+        # prefilled once, into the first cache rows, then copied to the rows that share it.
+        unique, which = unique_prompts(prompt_ids) if cfg.share_prompt else (prompt_ids, list(range(n)))
+        ids, _ = lm.pad(unique)
+        U, P = ids.shape
+        pos = torch.arange(P, device=lm.device)[None].expand(U, P)
         h = self.dec.forward(lm.embed(ids), pos, _round_up(P, SPAN_BUCKET) if self.use_graphs else P)
+        which = torch.tensor(which + [0] * (R - n), device=lm.device)  # bucket rows: any prompt, they are DONE
+        if U < R:
+            for kc, vc in zip(self.dec.k_cache, self.dec.v_cache):
+                kc[:R, :, :P] = kc[which, :, :P]
+                vc[:R, :, :P] = vc[which, :, :P]
         last = (s.pos - 1).clamp(min=0)
-        lm.logits(h[torch.arange(R, device=lm.device), last], out=s.z)
+        lm.logits(h[which, last], out=s.z)
 
         max_steps = cfg.max_cot_length + self.prefill_len + cfg.max_answer_length
         for step in range(max_steps):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from softtokens.step import (ANSWER, COT, DONE, PREFILL, CoTStep, Row, Rollout, RolloutSetup, RowDraws, answer_step,
-                             cot_step, cot_stop, non_finite, records, stack_steps)
+                             cot_step, cot_stop, non_finite, records, stack_steps, unique_prompts)
 
 
 @torch.no_grad()
@@ -26,10 +26,16 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
     eps, u_cot, u_ans = (None if getattr(draws[0], n) is None else torch.stack([getattr(d, n) for d in draws])
                          for n in ("eps", "u_cot", "u_answer"))
 
-    ids, mask = lm.pad(prompt_ids, left=True)
+    # Each distinct prompt is prefilled once; its cache rows are copied to the rows that share it.
+    unique, which = unique_prompts(prompt_ids) if cfg.share_prompt else (prompt_ids, list(range(R)))
+    ids, mask = lm.pad(unique, left=True)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # the default positions would count the padding
     cache = lm.new_cache()
-    g = lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1]  # (R, d) the final hidden state, one row per live row
+    g = lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1]  # (U, d) the final hidden state of each prompt
+    if len(unique) < R:
+        copy = torch.tensor(which, device=dev)
+        cache.batch_select_indices(copy)
+        g, mask, pos = g[copy], mask[copy], pos[copy]
     z = lm.logits(g)  # (R, V)
     next_pos = pos[:, -1:] + 1
 

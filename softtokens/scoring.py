@@ -1,7 +1,9 @@
 """Teacher-forced log-likelihood of recorded rollouts under the current model (METHOD.md §5).
 
 One forward pass with ``inputs_embeds`` over ``[prompt ; CoT inputs ; prefill ;
-answer]`` gives every term: the Gaussian log-density of each soft/fuzzy CoT
+answer]`` gives every term (with ``share_prompt``, over ``[prompt ; continuation 1 ;
+... ; continuation G]`` per group, a 4-D mask keeping each continuation to its
+prompt and itself, so the prompt is computed once): the Gaussian log-density of each soft/fuzzy CoT
 input around ``mu_t = softmax(z_{t-1}/tau) E`` (recomputed by the current
 model), or the token log-prob of each hard CoT token, and the answer token
 log-probs. Prefilled tokens are excluded. The stored CoT inputs are data;
@@ -78,14 +80,80 @@ class Scorer(torch.nn.Module):
         self.model = lm.model
         self.lm = lm
 
-    def forward(self, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False) -> Scores:
-        return score_rollouts(self.lm, rollouts, chunk_size, return_means)
+    def forward(self, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False,
+                share_prompt: bool = True) -> Scores:
+        return score_rollouts(self.lm, rollouts, chunk_size, return_means, share_prompt)
+
+
+def shares_prompts(lm: CausalLM) -> bool:
+    """Whether this model can score a group under one prompt: a custom 4-D attention mask reaches its
+    attention (eager or SDPA), and no layer has a sliding window the mask would override."""
+    config = lm.model.config
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa") and not sliding
+            and all(t == "full_attention" for t in layer_types))
+
+
+class Layout(NamedTuple):
+    """Where each rollout sits in the packed batch: a packed row is one prompt followed by the continuations
+    (CoT inputs, prefill, answer) of the rollouts that share it; without sharing, one rollout per row."""
+
+    rows: list[list[int]]  # packed row -> the rollouts in it
+    row: list[int]  # rollout -> its packed row
+    offset: list[int]  # rollout -> the column where its continuation starts
+    seqs: list[list[int]]  # packed row -> token ids (0 where a soft CoT input goes)
+    segment: list[list[int]]  # packed row -> per column: 0 prompt, k + 1 the row's k-th rollout
+
+    def before(self, i: int, j: int, prompt_len: int) -> int:
+        """The column whose hidden state predicts rollout i's continuation column j (the prompt's last for j = 0)."""
+        return prompt_len - 1 if j == 0 else self.offset[i] + j - 1
+
+
+def layout(rollouts: list[Rollout], soft: bool, share: bool) -> Layout:
+    groups: dict = {}
+    for i, r in enumerate(rollouts):
+        groups.setdefault(tuple(r.prompt_ids) if share else i, []).append(i)
+    rows, row, offset, seqs, segment = list(groups.values()), [0] * len(rollouts), [0] * len(rollouts), [], []
+    for k, members in enumerate(rows):
+        seq = list(rollouts[members[0]].prompt_ids)
+        seg = [0] * len(seq)
+        for m, i in enumerate(members):
+            r = rollouts[i]
+            row[i], offset[i] = k, len(seq)
+            cont = ([0] * r.cot_length if soft else r.cot_ids) + r.prefill_ids + r.answer_ids
+            seq += cont
+            seg += [m + 1] * len(cont)
+        seqs.append(seq)
+        segment.append(seg)
+    return Layout(rows, row, offset, seqs, segment)
+
+
+def group_mask(segment: list[list[int]], dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive (rows, 1, S, S) mask: causal, and a continuation sees its prompt and itself, never a sibling.
+    A padding query sees itself only (no empty softmax row)."""
+    S = max(len(s) for s in segment)
+    seg = torch.full((len(segment), S), -1, dtype=torch.long)
+    for k, s in enumerate(segment):
+        seg[k, : len(s)] = torch.tensor(s)
+    seg = seg.to(device)
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(S, dtype=torch.bool, device=device)
+    allowed = (causal & (k >= 0) & ((k == 0) | (k == q))) | eye
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def score_rollouts(
-    lm: CausalLM, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False
+    lm: CausalLM, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False,
+    share_prompt: bool = True,
 ) -> Scores:
-    """Log-likelihoods of rollouts in one forward pass; differentiable unless called under no_grad."""
+    """Log-likelihoods of rollouts in one forward pass; differentiable unless called under no_grad.
+
+    ``share_prompt``: rollouts with the same prompt (a group's G rows) are packed into one sequence, the
+    prompt once, and each continuation attends to the prompt and to itself only (a 4-D mask); the prompt's
+    forward and backward are done once per group. Every score and gradient equals the unshared computation's.
+    """
     if not rollouts:
         raise ValueError("no rollouts to score")
     if chunk_size < 1:
@@ -97,26 +165,38 @@ def score_rollouts(
     T = [r.cot_length for r in rollouts]
     F = [len(r.prefill_ids) for r in rollouts]
     A = [len(r.answer_ids) for r in rollouts]
+    lay = layout(rollouts, soft, share_prompt and shares_prompts(lm))
 
-    # Right-padded token ids; soft CoT positions get their stored inputs afterwards.
-    ids, mask = lm.pad([r.prompt_ids + ([0] * T[i] if soft else r.cot_ids) + r.prefill_ids + r.answer_ids
-                        for i, r in enumerate(rollouts)])
+    # Right-padded packed rows; soft CoT positions get their stored inputs afterwards.
+    ids, mask = lm.pad(lay.seqs)
     embeds = lm.embed(ids)
     if soft and sum(T):
-        rows = torch.tensor([i for i in range(N) for _ in range(T[i])], device=dev)
-        cols = torch.tensor([P[i] + t for i in range(N) for t in range(T[i])], device=dev)
+        rows = torch.tensor([lay.row[i] for i in range(N) for _ in range(T[i])], device=dev)
+        cols = torch.tensor([lay.offset[i] + t for i in range(N) for t in range(T[i])], device=dev)
         stored = torch.cat([r.cot_embeds for r in rollouts]).to(dev, embeds.dtype)  # data, no gradient
         embeds = embeds.index_put((rows, cols), stored)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = lm.hidden(embeds, mask, pos)  # (N, S, d)
+    # Positions: the prompt from 0, each continuation from the prompt's end.
+    pos = torch.zeros(ids.shape, dtype=torch.long)
+    for k, members in enumerate(lay.rows):
+        p = P[members[0]]
+        pos[k, :p] = torch.arange(p)
+        for i in members:
+            n = T[i] + F[i] + A[i]
+            pos[k, lay.offset[i] : lay.offset[i] + n] = torch.arange(p, p + n)
+    pos = pos.to(dev)
+    if any(len(m) > 1 for m in lay.rows):
+        mask = group_mask(lay.segment, embeds.dtype, dev)
+    hidden = lm.hidden(embeds, mask, pos)  # (rows, S, d)
 
-    # Position q predicts the input at q + 1.
+    # The state before each scored input predicts it.
     cot_row = torch.tensor([i for i in range(N) for _ in range(T[i])], dtype=torch.long, device=dev)
-    cot_col = torch.tensor([P[i] + t - 1 for i in range(N) for t in range(T[i])], dtype=torch.long, device=dev)
+    cot_at = (torch.tensor([lay.row[i] for i in range(N) for _ in range(T[i])], dtype=torch.long, device=dev),
+              torch.tensor([lay.before(i, t, P[i]) for i in range(N) for t in range(T[i])], dtype=torch.long,
+                           device=dev))
     ans_row = torch.tensor([i for i in range(N) for _ in range(A[i])], dtype=torch.long, device=dev)
-    ans_col = torch.tensor(
-        [P[i] + T[i] + F[i] + k - 1 for i in range(N) for k in range(A[i])], dtype=torch.long, device=dev
-    )
+    ans_at = (torch.tensor([lay.row[i] for i in range(N) for _ in range(A[i])], dtype=torch.long, device=dev),
+              torch.tensor([lay.before(i, T[i] + F[i] + k, P[i]) for i in range(N) for k in range(A[i])],
+                           dtype=torch.long, device=dev))
     E = lm.embedding_matrix()
 
     def soft_chunk(h, target):
@@ -137,7 +217,7 @@ def score_rollouts(
         z = lm.logits(h)
         return cot.token_log_probs(z, target, temperature), cot.entropy(z).detach()
 
-    h_cot = hidden[cot_row, cot_col]
+    h_cot = hidden[cot_at]
     if soft and noise_on != "embedding":
         noisy = torch.cat([r.cot_noisy for r in rollouts]).to(dev) if sum(T) else h_cot.new_zeros(0)
         ids = (torch.cat([r.cot_noisy_ids for r in rollouts]).to(dev) if noise_on == "topk_logits" and sum(T)
@@ -150,7 +230,7 @@ def score_rollouts(
         cot_out = _chunked(lambda h, x: token_chunk(h, x, tau), len(cot_row), chunk_size, h_cot, cot_ids)
     ans_ids = torch.tensor([t for r in rollouts for t in r.answer_ids], dtype=torch.long, device=dev)
     (ans_lp,) = _chunked(
-        lambda h, x: token_chunk(h, x, answer_tau)[:1], len(ans_row), chunk_size, hidden[ans_row, ans_col], ans_ids
+        lambda h, x: token_chunk(h, x, answer_tau)[:1], len(ans_row), chunk_size, hidden[ans_at], ans_ids
     )
 
     cdt = cot.compute_dtype(hidden.dtype)

@@ -98,6 +98,13 @@ class RowDraws:
     u_answer: torch.Tensor | None  # (A,) uniforms, sampled answer
 
 
+def unique_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in order of first appearance, and each row's index among them."""
+    index: dict[tuple, int] = {}
+    which = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
+    return [list(p) for p in index], which
+
+
 def row_seed(seed: int, question: str, sample_index: int) -> int:
     """A stable 63-bit seed for one row: the same (seed, question, g) always gives the same rollout."""
     digest = hashlib.sha256(f"{seed}\0{sample_index}\0{question}".encode()).digest()

@@ -147,7 +147,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     t2 = _now(dev)
 
     with record_function("softtokens/scoring"):
-        loss_sum, kl_sum, seen = backward(policy, ref, optimizer, rollouts, advantages, cfg)
+        loss_sum, kl_sum, seen, skipped = backward(policy, ref, optimizer, rollouts, advantages, cfg, d)
     t3 = _now(dev)
     with record_function("softtokens/optimizer"):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
@@ -160,39 +160,54 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         scheduler.step()
     t4 = _now(dev)
 
-    losses = gather_objects((loss_sum, kl_sum), d)
+    losses = gather_objects((loss_sum, kl_sum, skipped), d)
     seen = [row for part in gather_objects(seen, d) for row in part]
     return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
                         (t0, t1, t2, t3, t4))
 
 
 def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, advantages: torch.Tensor,
-             cfg: TrainConfig) -> tuple[float, float, list[dict]]:
+             cfg: TrainConfig, d: Dist = Dist()) -> tuple[float, float, list[dict], int]:
     """Score this rank's rollouts in micro-batches and accumulate the gradient of the loss; returns the summed
-    loss and KL and each rollout's mismatch figures."""
+    loss and KL, the mismatch figures of each scored rollout, and how many rollouts were skipped.
+
+    A rollout whose advantage is 0 adds 0 to the loss and its gradient when nothing else needs its gradient
+    (no KL term): it is not scored, and the monitor leaves it out. Parameters no scored row reached get a zero
+    gradient, so AdamW steps exactly as after the full computation.
+    """
     policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
     n, loss_sum, kl_sum, seen = len(rollouts), 0.0, 0.0, []
-    for s in range(0, n, cfg.micro_batch_size):
-        part = rollouts[s : s + cfg.micro_batch_size]
-        scores = policy.scorer(part)
-        seen += mismatch.rollout_stats(part, scores, cfg.cot().temperature)
+    needed = ref is not None or not cfg.skip_zero_advantage
+    keep = [i for i, a in enumerate(advantages.tolist()) if a != 0 or needed]
+    parts = [keep[s : s + cfg.micro_batch_size] for s in range(0, len(keep), cfg.micro_batch_size)]
+    # Under FSDP every rank runs the same number of forward / backward passes (each is a collective): a rank
+    # with fewer parts scores its first row again with weight 0.
+    padding = max(gather_objects(len(parts), d)) - len(parts) if d.world > 1 else 0
+    for rows, weight in [(rows, 1.0) for rows in parts] + [([0], 0.0)] * padding:
+        part = [rollouts[i] for i in rows]
+        scores = policy.scorer(part, share_prompt=cfg.share_prompt)
+        if weight:
+            seen += mismatch.rollout_stats(part, scores, cfg.cot().temperature)
         weights = None
         if cfg.rollout_correction == "tis":
             rolled = torch.stack([r.loglik for r in part])
             weights = tis_weights(scores.total, rolled, cfg.tis_cap)
         # Normalised by this rank's n rows: FSDP averages gradients over the ranks, which makes -(1/BG) sum A l.
-        loss = policy_gradient_loss(advantages[s : s + len(part)], scores.total, n, weights)
+        loss = policy_gradient_loss(advantages[rows] * weight, scores.total, n, weights)
         if ref is not None:
             with torch.no_grad():
-                ref_scores = score_rollouts(ref, part)
+                ref_scores = score_rollouts(ref, part, share_prompt=cfg.share_prompt)
             kl = kl_k3(torch.cat([scores.cot_steps, scores.answer_steps], 1),
                        torch.cat([ref_scores.cot_steps, ref_scores.answer_steps], 1).to(scores.cot_steps.dtype))
-            loss = loss + cfg.beta * kl.sum() / n
-            kl_sum += float(kl.detach().sum())
+            loss = loss + weight * cfg.beta * kl.sum() / n
+            kl_sum += weight * float(kl.detach().sum())
         loss.backward()
         loss_sum += float(loss.detach())
-    return loss_sum, kl_sum, seen
+    for p in policy.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return loss_sum, kl_sum, seen, n - len(keep)
 
 
 def _now(device) -> float:
@@ -207,7 +222,7 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
     """The step's row in metrics.jsonl, from every rank's rows: train/, rollout/, mismatch/ and time/."""
     N = len(rows)
     t0, t1, t2, t3, t4 = times
-    capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / N
+    capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / max(1, len(seen))
     tokens = sum(row.generated for row in rows)
     scored = sum(row.generated + row.prompt for row in rows)
     stops = [row.stop for row in rows]
@@ -215,6 +230,7 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
         "train/loss": sum(x[0] for x in losses) / d.world, "train/grad_norm": grad_norm,
         "train/learning_rate": lr, "train/skipped_nonfinite": int(not finite),
         "train/kl": sum(x[1] for x in losses) / N if kl else 0.0,
+        "train/rows_skipped": sum(x[2] for x in losses),
         "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(row.correct for row in rows) / N,
         "rollout/boxed_rate": sum(row.boxed for row in rows) / N,
         "rollout/cot_length": sum(row.cot_length for row in rows) / N,

@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun (FSDP2) take the same steps as one process on the same global batch,
-and their checkpoints resume in one process."""
+and their checkpoints resume in one process. The two processes share each group's prompt and skip rows with
+advantage 0 (the defaults); the one process does neither, so the two computations are also compared."""
 
 import json
 import os
@@ -57,7 +58,8 @@ def _metrics(out):
 def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, monkeypatch):
     use_reward(monkeypatch)
     extra = dict(use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2) if lora else {}
-    one = tr.train(TrainConfig(**_cfg(model_dir, tmp_path / "one", **extra)), progress=False)
+    unshared = dict(share_prompt=False, skip_zero_advantage=False)
+    one = tr.train(TrainConfig(**_cfg(model_dir, tmp_path / "one", **extra, **unshared)), progress=False)
     run = _torchrun(_cfg(model_dir, tmp_path / "two", **extra), tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads(run.stdout.strip().splitlines()[-1])
@@ -70,6 +72,8 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, mon
             assert a.get(key) == b.get(key), key
         for key in ("train/loss", "train/grad_norm", "rollout/entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        assert a["train/rows_skipped"] == 0
+    assert sum(b["train/rows_skipped"] for b in m2) > 0, "some rows had advantage 0 and were skipped"
 
     # The weights after two AdamW steps: float32, only the order of the gradient sums differs.
     w1 = load_file(str(tmp_path / "one" / "checkpoint-2" / "model.safetensors"))
@@ -81,8 +85,9 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, mon
     assert sum(not torch.equal(w1[n], start[n]) for n in w1 if n in start) >= len(w1) // 2, "the steps moved the weights"
 
     # Checkpoints hold full, name-keyed state: the two-process run resumes in one process like the one-process run.
-    for run in ("one", "two"):
-        tr.train(TrainConfig(**_cfg(model_dir, tmp_path / run, max_steps=3, resume=True, **extra)), progress=False)
+    for run, kw in (("one", unshared), ("two", {})):
+        tr.train(TrainConfig(**_cfg(model_dir, tmp_path / run, max_steps=3, resume=True, **extra, **kw)),
+                 progress=False)
     w1 = load_file(str(tmp_path / "one" / "checkpoint-3" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "checkpoint-3" / "model.safetensors"))
     for name in w1:
