@@ -15,6 +15,14 @@ second: the bandwidth a decode step's weight reads get) and a large matmul in th
   and gives each row a token); the table gives the rollout's measured tokens/s as a share of it;
 - scoring FLOPs = 8 N per scored token with activation checkpointing (forward, recomputed forward, backward),
   6 N without; the table gives them per second as a share of the matmul rate.
+- the step's FLOPs, counted from what it computed (metrics ``time/prefill_tokens``, ``generated_tokens``,
+  ``scored_tokens``, ``scored_positions``): 2 N_body per rollout token, 2 V d per decoded token's logits,
+  6 N_body per scored token and 6 V d per scored position (attention's own FLOPs left out: under 10% at
+  these lengths); divided by the matmul rate measured at the model's own GEMM shapes, that is the step's
+  floor, and the table gives it as a share of the measured step.
+
+``--compare-sharing`` runs each mode twice, with ``share_prompt`` and ``skip_zero_advantage`` off and on (same
+seed, same rollouts), and gives the ratio of their seconds per step.
 
 ``--profile DIR`` runs torch.profiler over the last step of each mode (of ``--profile-modes``; one more step),
 writes a Chrome trace per mode into DIR and prints the top operators and the phases (``softtokens/rollout`` ...). Appends the table to
@@ -66,6 +74,29 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / min(timed(lambda: a @ b, device)[1] for _ in range(6))
 
 
+def shape_matmul_rate(model: torch.nn.Module, device: str, dtype: torch.dtype, tokens: int = 512) -> float:
+    """FLOP/s of the model's own GEMMs (every linear layer and the output head, tokens x in @ in x out), each
+    shape timed once (best of 5) and weighted by how often it occurs."""
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
+    flops = seconds = 0.0
+    for (out, inp), count in shapes.items():
+        x, w = torch.randn(tokens, inp, device=device, dtype=dtype), torch.randn(out, inp, device=device, dtype=dtype)
+        best = min(timed(lambda: x @ w.t(), device)[1] for _ in range(6))
+        flops, seconds = flops + count * 2 * tokens * out * inp, seconds + count * best
+    return flops / seconds
+
+
+def step_flops(mean: dict, n_body: int, head: int, checkpointing: bool) -> float:
+    """FLOPs of a step from its token counts (module docstring)."""
+    rollout = 2 * n_body * (mean["time/prefill_tokens"] + mean["time/generated_tokens"])
+    rollout += 2 * head * mean["time/generated_tokens"]
+    passes = 8 if checkpointing else 6
+    return rollout + passes * n_body * mean["time/scored_tokens"] + 6 * head * mean["time/scored_positions"]
+
+
 class StepProfiler:
     """torch.profiler over one chosen step, through train()'s callbacks."""
 
@@ -89,11 +120,11 @@ class StepProfiler:
         return "\n".join(lines) + "\n" + events.table(sort_by=by, row_limit=20)
 
 
-def run_mode(cfg: TrainConfig, mode: str, args, device: str, dtype: str) -> tuple[list[dict], float, float, str]:
+def run_mode(cfg: TrainConfig, mode: str, args, device: str, dtype: str, **overrides) -> tuple[list[dict], float, float, str]:
     """One mode's run: (measured metrics rows, peak GB, seconds with model loading, profile summary)."""
-    extra = 1 if args.profile and mode in args.profile_modes.split(",") else 0
+    extra = 1 if args.profile and mode in args.profile_modes.split(",") and not overrides else 0
     with tempfile.TemporaryDirectory() as out:
-        cfg = dataclasses.replace(cfg, mode=mode, temperature=None, max_steps=args.max_steps + extra, eval_steps=0,
+        cfg = dataclasses.replace(cfg, **overrides, mode=mode, temperature=None, max_steps=args.max_steps + extra, eval_steps=0,
                                   eval_before_after=0, ood_limit=0, output_dir=out, save_strategy="no",
                                   report_to="none")
         lm = None
@@ -127,6 +158,8 @@ def main():
                     help="train a random-init model of this shape (benchmarks/common.py SHAPES) instead of the config's")
     ap.add_argument("--profile", default=None, help="profile one more step per mode; traces go to this folder")
     ap.add_argument("--profile-modes", default="hard,soft,fuzzy", help="the modes --profile profiles")
+    ap.add_argument("--compare-sharing", action="store_true",
+                    help="run each mode with share_prompt and skip_zero_advantage off, then on, and give the ratio")
     add_no_write(ap)
     args = ap.parse_args()
     if args.max_steps <= args.warmup:
@@ -139,23 +172,34 @@ def main():
 
     bandwidth, flops = copy_bandwidth(device), matmul_rate(device, _DTYPES[dtype])
     if args.random_shape:
-        counter = random_model(args.random_shape, _DTYPES[dtype], "meta")
+        counter = random_model(args.random_shape, _DTYPES[dtype], device)
     else:
-        counter = load_model(cfg.model, dtype=dtype, device="cpu")
+        counter = load_model(cfg.model, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in counter.model.parameters())
     weight_bytes = n_params * _DTYPES[dtype].itemsize
+    head = counter.model.get_output_embeddings().weight.numel()
+    n_body = n_params - counter.model.get_input_embeddings().weight.numel() - (
+        0 if counter.model.config.tie_word_embeddings else head)
+    shape_rate = shape_matmul_rate(counter.model, device, _DTYPES[dtype])
     del counter
 
     rows = min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_generations)
     floor = rows * bandwidth / weight_bytes  # tokens per second
     flops_per_token = (8 if cfg.gradient_checkpointing else 6) * n_params
-    results, profiles = {}, []
+    variants = ([("unshared", dict(share_prompt=False, skip_zero_advantage=False)), ("shared", {})]
+                if args.compare_sharing else [("", {})])
+    results, profiles, columns = {}, [], []
     for mode in modes:
-        measured, peak, seconds, prof = run_mode(cfg, mode, args, device, dtype)
-        mean = {k: sum(r[k] for r in measured) / len(measured) for k in measured[0] if isinstance(measured[0][k], float)}
-        results[mode] = dict(mean=mean, peak=peak, seconds=seconds, steps=len(measured))
-        if prof:
-            profiles.append(f"#### {mode}\n\n```\n{prof}\n```")
+        for label, overrides in variants:
+            column = f"{mode} {label}".strip()
+            measured, peak, seconds, prof = run_mode(cfg, mode, args, device, dtype, **overrides)
+            mean = {k: sum(r[k] for r in measured) / len(measured) for k in measured[0]
+                    if isinstance(measured[0][k], (int, float))}
+            results[column] = dict(mean=mean, peak=peak, seconds=seconds, steps=len(measured))
+            columns.append(column)
+            if prof:
+                profiles.append(f"#### {mode}\n\n```\n{prof}\n```")
+    modes = columns
 
     def line(label, fn):
         return f"| {label} | " + " | ".join(fn(results[m]) for m in modes) + " |"
@@ -167,7 +211,8 @@ def main():
         f"{machine(device)}; B={cfg.prompts_per_step} x G={cfg.num_generations}, CoT <= {cfg.max_cot_length}, answer "
         f"<= {cfg.max_answer_length}, micro-batch {cfg.micro_batch_size}, {dtype}; mean of steps {args.warmup + 1}-"
         f"{args.max_steps} ({results[modes[0]]['steps']} steps) per mode",
-        f"measured: copy {bandwidth / 1e9:.0f} GB/s, {dtype} matmul {flops / 1e12:.1f} TFLOP/s; {n_params / 1e9:.3g}B "
+        f"measured: copy {bandwidth / 1e9:.0f} GB/s, {dtype} matmul {flops / 1e12:.2f} TFLOP/s (square), "
+        f"{shape_rate / 1e12:.3f} TFLOP/s at the model's GEMM shapes (512 tokens); {n_params / 1e9:.3g}B "
         f"parameters ({weight_bytes / 1e9:.2f} GB); rollout floor {floor:.0f} tokens/s at {rows} rows",
         "",
         "| seconds per step | " + " | ".join(modes) + " |",
@@ -180,12 +225,22 @@ def main():
         line("scoring tokens/s (forward + backward)", lambda r: f"{r['mean']['time/scoring_tokens_per_s']:.0f}"),
         line("scoring, % of the matmul rate",
              lambda r: f"{100 * r['mean']['time/scoring_tokens_per_s'] * flops_per_token / flops:.1f}"),
+        line("rows skipped (advantage 0) per step", lambda r: f"{r['mean']['train/rows_skipped']:.1f}"),
+        line("tokens through the scorer per step", lambda r: f"{r['mean']['time/scored_tokens']:.0f}"),
+        line("step GFLOPs (counted)", lambda r: f"{step_flops(r['mean'], n_body, head, cfg.gradient_checkpointing) / 1e9:.1f}"),
+        line("step floor at the GEMM-shape rate (s)",
+             lambda r: f"{step_flops(r['mean'], n_body, head, cfg.gradient_checkpointing) / shape_rate:.2f}"),
+        line("measured step, % of that floor", lambda r: f"{100 * step_flops(r['mean'], n_body, head, cfg.gradient_checkpointing) / shape_rate / sum(r['mean'][f'time/{p}_s'] for p in PHASES):.1f}"),
         line("peak memory (GB)", lambda r: f"{r['peak']:.1f}"),
         *[line(label, lambda r, k=k, f=f: f.format(r["mean"].get(k, float("nan")))) for label, k, f in MISMATCH],
         line("whole run with model loading (s)", lambda r: f"{r['seconds']:.0f}"),
         "",
         f"peak memory: {'GPU, torch.cuda.max_memory_allocated' if device.startswith('cuda') else 'process RSS, the largest so far'}.",
     ]
+    if args.compare_sharing:
+        total = {c: sum(results[c]["mean"][f"time/{p}_s"] for p in PHASES) for c in columns}
+        lines += [""] + [f"{m}: shared / unshared seconds per step = {total[f'{m} shared'] / total[f'{m} unshared']:.2f}"
+                         for m in dict.fromkeys(c.rsplit(" ", 1)[0] for c in columns)]
     text = "\n".join(lines + ([""] + profiles if profiles else []))
     write_results(args, text, echo=True)
     print(json.dumps({m: {"seconds_per_step": {p: results[m]["mean"][f"time/{p}_s"] for p in PHASES},

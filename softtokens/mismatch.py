@@ -41,6 +41,7 @@ def rollout_stats(rollouts, scores, tau: float) -> list[dict]:
             "answer_abs_mean": float(d_ans.mean()) if A else 0.0, "answer_abs_max": float(d_ans.max()) if A else 0.0,
             "log_ratio": float(scores.total[i].detach()) - float(r.loglik),
             "steps": T,
+            "answer_steps": A,
             "near_ties": _near_ties(r, tau),
             "flips": int(scores.cot_flips[i, :T].sum()),
         })

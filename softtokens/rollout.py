@@ -101,6 +101,16 @@ def generate_rollouts(
     return out
 
 
+def prefill_tokens(rollouts: list[Rollout], cfg: RolloutConfig) -> int:
+    """Prompt tokens ``generate_rollouts`` prefilled for these rollouts: each distinct prompt of a batch once with
+    ``share_prompt``, else each row's (for the step's FLOP count)."""
+    total = 0
+    for i in range(0, len(rollouts), cfg.batch_size):
+        batch = [tuple(r.prompt_ids) for r in rollouts[i : i + cfg.batch_size]]
+        total += sum(len(p) for p in (set(batch) if cfg.share_prompt else batch))
+    return total
+
+
 def _engine(setup: RolloutSetup, prompt_ids: list[list[int]], rows: int):
     """The decode function for this call: the static engine where asked for (or on CUDA), else the HF loop."""
     cfg, model, noise_on = setup.cfg, setup.lm.model, setup.cot_cfg.noise_on

@@ -129,6 +129,12 @@ def layout(rollouts: list[Rollout], soft: bool, share: bool) -> Layout:
     return Layout(rows, row, offset, seqs, segment)
 
 
+def computed_tokens(lm: CausalLM, rollouts: list[Rollout], share_prompt: bool = True) -> int:
+    """Tokens a ``score_rollouts`` call runs through the decoder (padding left out): what its FLOPs scale with."""
+    soft = bool(rollouts) and rollouts[0].mode != "hard"
+    return sum(len(seq) for seq in layout(rollouts, soft, share_prompt and shares_prompts(lm)).seqs)
+
+
 def group_mask(segment: list[list[int]], dtype: torch.dtype, device) -> torch.Tensor:
     """Additive (rows, 1, S, S) mask: causal, and a continuation sees its prompt and itself, never a sibling.
     A padding query sees itself only (no empty softmax row)."""

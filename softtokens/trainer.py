@@ -59,8 +59,8 @@ from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
 from softtokens.resume import set_aside_later, start_point
 from softtokens.reward import Grader, reward_spec
-from softtokens.rollout import generate_rollouts
-from softtokens.scoring import score_rollouts
+from softtokens.rollout import generate_rollouts, prefill_tokens
+from softtokens.scoring import computed_tokens, score_rollouts
 from softtokens.seeds import per_seed
 from softtokens.step import default_sigma
 
@@ -100,7 +100,6 @@ class RowStats(NamedTuple):
     stop: str
     entropy_sum: float
     generated: int  # CoT + prefill + answer tokens
-    prompt: int
 
 
 def _share(n: int, d: Dist) -> range:
@@ -139,7 +138,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     with record_function("softtokens/grading"):
         grades = [g for _, h in handles for g in grader.result(h)]
     stats = [RowStats(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
-                      r.cot_length + len(r.prefill_ids) + len(r.answer_ids), len(r.prompt_ids))
+                      r.cot_length + len(r.prefill_ids) + len(r.answer_ids))
              for g, r in zip(grades, rollouts)]
     rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
@@ -147,7 +146,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     t2 = _now(dev)
 
     with record_function("softtokens/scoring"):
-        loss_sum, kl_sum, seen, skipped = backward(policy, ref, optimizer, rollouts, advantages, cfg, d)
+        loss_sum, kl_sum, seen, skipped, scored = backward(policy, ref, optimizer, rollouts, advantages, cfg, d)
     t3 = _now(dev)
     with record_function("softtokens/optimizer"):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
@@ -160,16 +159,18 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         scheduler.step()
     t4 = _now(dev)
 
-    losses = gather_objects((loss_sum, kl_sum, skipped), d)
+    prefilled = prefill_tokens(rollouts, cfg.rollout(0, G, cfg.answer_temperature))
+    losses = gather_objects((loss_sum, kl_sum, skipped, scored, prefilled), d)
     seen = [row for part in gather_objects(seen, d) for row in part]
     return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
                         (t0, t1, t2, t3, t4))
 
 
 def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, advantages: torch.Tensor,
-             cfg: TrainConfig, d: Dist = Dist()) -> tuple[float, float, list[dict], int]:
+             cfg: TrainConfig, d: Dist = Dist()) -> tuple[float, float, list[dict], int, int]:
     """Score this rank's rollouts in micro-batches and accumulate the gradient of the loss; returns the summed
-    loss and KL, the mismatch figures of each scored rollout, and how many rollouts were skipped.
+    loss and KL, the mismatch figures of each scored rollout, how many rollouts were skipped and how many
+    tokens the scoring passes computed.
 
     A rollout whose advantage is 0 adds 0 to the loss and its gradient when nothing else needs its gradient
     (no KL term): it is not scored, and the monitor leaves it out. Parameters no scored row reached get a zero
@@ -177,7 +178,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     """
     policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
-    n, loss_sum, kl_sum, seen = len(rollouts), 0.0, 0.0, []
+    n, loss_sum, kl_sum, seen, tokens = len(rollouts), 0.0, 0.0, [], 0
     needed = ref is not None or not cfg.skip_zero_advantage
     keep = [i for i, a in enumerate(advantages.tolist()) if a != 0 or needed]
     parts = [keep[s : s + cfg.micro_batch_size] for s in range(0, len(keep), cfg.micro_batch_size)]
@@ -189,6 +190,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
         scores = policy.scorer(part, share_prompt=cfg.share_prompt)
         if weight:
             seen += mismatch.rollout_stats(part, scores, cfg.cot().temperature)
+            tokens += computed_tokens(policy.lm, part, cfg.share_prompt)
         weights = None
         if cfg.rollout_correction == "tis":
             rolled = torch.stack([r.loglik for r in part])
@@ -207,7 +209,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     for p in policy.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return loss_sum, kl_sum, seen, n - len(keep)
+    return loss_sum, kl_sum, seen, n - len(keep), tokens
 
 
 def _now(device) -> float:
@@ -224,7 +226,7 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
     t0, t1, t2, t3, t4 = times
     capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / max(1, len(seen))
     tokens = sum(row.generated for row in rows)
-    scored = sum(row.generated + row.prompt for row in rows)
+    scored = sum(x[3] for x in losses)
     stops = [row.stop for row in rows]
     return {
         "train/loss": sum(x[0] for x in losses) / d.world, "train/grad_norm": grad_norm,
@@ -239,7 +241,9 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
         "rollout/sigma": sigma,
         **mismatch.summarize(seen), "mismatch/tis_capped": capped if cfg.rollout_correction == "tis" else 0.0,
         "time/rollout_s": t1 - t0, "time/grading_s": t2 - t1, "time/scoring_s": t3 - t2, "time/optimizer_s": t4 - t3,
-        "time/rollout_tokens_per_s": tokens / (t1 - t0), "time/scoring_tokens_per_s": scored / (t3 - t2),
+        "time/rollout_tokens_per_s": tokens / (t1 - t0), "time/scoring_tokens_per_s": scored / max(t3 - t2, 1e-9),
+        "time/generated_tokens": tokens, "time/prefill_tokens": sum(x[4] for x in losses), "time/scored_tokens": scored,
+        "time/scored_positions": sum(row["steps"] + row["answer_steps"] for row in seen),
     }
 
 

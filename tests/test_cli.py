@@ -16,7 +16,7 @@ GENERATE_FLAGS = [
     "--dtype", "--engine", "--gamma", "--json",
     "--length-prefill", "--marker", "--marker-prefill", "--max-answer-length", "--max-cot-length", "--mode",
     "--model", "--noise", "--noise-on", "--num-generations", "--prompt-template", "--question", "--seed",
-    "--show-top-k", "--stop-at-eos", "--temperature", "--top-k",
+    "--share-prompt", "--show-top-k", "--stop-at-eos", "--temperature", "--top-k",
 ]
 
 
@@ -35,7 +35,7 @@ FLAGS = {
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
               "--output-dir", "--prompts-per-step", "--push-to-hub", "--report-to", "--require-number", "--resume",
               "--resume-from-previous", "--rollout-batch-size",
-              "--rollout-correction", "--save-steps", "--save-strategy", "--seed", "--temperature", "--tis-cap", "--use-peft", "--val-size",
+              "--rollout-correction", "--save-steps", "--save-strategy", "--seed", "--share-prompt", "--skip-zero-advantage", "--temperature", "--tis-cap", "--use-peft", "--val-size",
               "--warmup-steps", "--weight-decay"]),
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--max-cot-length", "--model",
             "--out", "--protocol", "--resume"],
