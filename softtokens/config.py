@@ -222,8 +222,8 @@ class EvalConfig(DataOptions):
     """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
     grading_timeout: float = 5.0
     """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
-    require_number: bool = False
-    """Count a boxed answer as right only when it is a plain number (not an equal expression such as 20 + 10)."""
+    require_number: bool | None = None
+    """Count a boxed answer as right only when it is a plain number (not an equal expression such as 20 + 10); unset: on for the built-in sums tasks, off for the rest (Math-Verify's equivalence, the paper's)."""
     save_cot_text: bool = True
     """Keep each sample's CoT text (the shadow text for soft/fuzzy) in the per-problem records."""
     out: str = "runs/eval"
@@ -384,8 +384,8 @@ class TrainConfig(DataOptions):
     """Log metrics every N steps."""
     grading_workers: int = 1
     """Grading worker processes (0 = grade in the main thread)."""
-    require_number: bool = False
-    """[choice] Count a boxed answer as right only when it is a plain number: Math-Verify alone also accepts an equal expression such as 20 + 10, which a policy can learn to copy from the question."""
+    require_number: bool | None = None
+    """[choice] Count a boxed answer as right only when it is a plain number: Math-Verify alone also accepts an equal expression such as 20 + 10, which a policy can learn to copy from the question. Unset: on when the training and held-out sets are the built-in sums tasks, off for the rest (the paper's grading)."""
     eval_before_after: int = 0
     """Evaluate the first N problems of eval_dataset (greedy CoT in eval_mode, greedy answer) before and after training, with 95% intervals; 0 = skip."""
     eval_dataset: str = "gsm8k"

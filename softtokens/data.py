@@ -30,6 +30,9 @@ BUILTIN = {
     "sums_train": "sums_train.jsonl.gz",
     "sums_test": "sums_test.jsonl.gz",
 }
+# Built-in tasks graded strictly by default: the boxed answer must be the number itself. Math-Verify alone accepts
+# an equal expression, and "What is 20 + 10?" answered \boxed{20 + 10} copies the question (METHOD.md §4).
+STRICT = ("sums_train", "sums_test")
 HUB_ALIASES = {"deepscaler": "agentica-org/DeepScaleR-Preview-Dataset"}
 QUESTION_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "solution_answer")
@@ -42,6 +45,11 @@ class Problem:
     answer: str
     columns: dict = field(default_factory=dict, compare=False, hash=False)
     """The row's fields other than the question (the answer's included): what a custom reward receives."""
+
+
+def require_number(option: bool | None, *datasets: str) -> bool:
+    """The grading rule: ``option`` where given, else strict when every dataset is a STRICT built-in."""
+    return option if option is not None else bool(datasets) and all(d in STRICT for d in datasets)
 
 
 def is_chat(value) -> bool:

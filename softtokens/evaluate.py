@@ -22,7 +22,7 @@ from pathlib import Path
 
 from softtokens import cot, jsonl
 from softtokens.config import CoTConfig, EvalConfig, split_names
-from softtokens.data import load_dataset
+from softtokens.data import load_dataset, require_number
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
 from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
@@ -106,10 +106,11 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
                                      "reward": cfg.reward or getattr(reward_fn, "__qualname__", ""),
-                                     "provenance": provenance(lm.name)}
+                                     "provenance": provenance(lm.name),
+                                     "require_number": require_number(cfg.require_number, *names)}
     del run["resume"], run["out"]
     with FolderLock(prepare(cfg.out, "--out"), "--out"), \
-            Grader(cfg.grading_workers, cfg.grading_timeout, cfg.require_number, reward_fn or cfg.reward) as grader:
+            Grader(cfg.grading_workers, cfg.grading_timeout, run["require_number"], reward_fn or cfg.reward) as grader:
         _start(cfg, run)
         for name, ds in datasets.items():
             for setting in settings:

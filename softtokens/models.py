@@ -271,6 +271,7 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str =
         raise FileNotFoundError(f"could not load model {name!r}: {e}") from e
     if "gguf_file" in kwargs:  # the weights are dequantised floats: save and train it as a plain model
         model.hf_quantizer = None
+        model.is_quantized = False  # else HF's Trainer (and TRL's) refuses to fine-tune it without adapters
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.to(device).eval()

