@@ -251,8 +251,8 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
                     d: Dist = Dist(), examples: list | None = None) -> float:
     """Accuracy with a noise-free CoT (hard: argmax tokens; soft / fuzzy: no noise) and greedy answers.
 
-    Ranks take every world-th problem and pool their counts; ``examples`` gets this rank's (question, CoT,
-    graded answer) triples.
+    Ranks take every world-th problem and pool their counts; ``examples`` gets one dict per rollout of this
+    rank (question, CoT text, answer, correct, CoT length, stop reason).
     """
     greedy = (dataclasses.replace(cot_cfg, temperature=0.0) if cot_cfg.mode == "hard"
               else dataclasses.replace(cot_cfg, noise=False))
@@ -261,21 +261,38 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
                                  rows=[(i, 0) for i in mine])
     grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)], [problems[i] for i in mine])
     if examples is not None:
-        examples += [(r.question, r.cot_text, r.completion) for r in rollouts]
+        examples += [{"question": r.question, "cot": r.cot_text, "answer": r.completion, "correct": g.correct,
+                      "cot_length": r.cot_length, "stop": r.stop_reason} for r, g in zip(rollouts, grades)]
     return sum(gather_objects(sum(g.correct for g in grades), d)) / len(problems)
 
 
 def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: TrainConfig, d: Dist, when: str,
-                   say) -> float:
-    """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset."""
+                   say) -> dict:
+    """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset, its
+    95% interval, the CoT's mean length and stop reasons, and ten examples (this rank's)."""
     examples = []
     acc = greedy_accuracy(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
     low, high = wilson_interval(round(acc * len(problems)), len(problems))
     say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
         f"on {len(problems)} held-out problems")
-    for question, cot_text, answer in examples[:2]:
-        say(f"    {question!r}  CoT {cot_text!r}  answer {answer!r}")
-    return acc
+    length = sum(e["cot_length"] for e in examples) / max(1, len(examples))
+    stops = {k: sum(e["stop"] == k for e in examples) for k in ("marker", "length", "eos")}
+    say(f"    CoT: mean length {length:.1f} tokens (limit {cfg.max_cot_length}); stops: "
+        + ", ".join(f"{k} {v}" for k, v in stops.items())
+        + (" -- the CoT has collapsed: the answer follows an almost empty chain of thought" if length < 2 else ""))
+    for e in examples[:3]:
+        say(f"    {e['question']!r}  CoT {e['cot']!r}  answer {e['answer']!r}  {'right' if e['correct'] else 'wrong'}")
+    return {"accuracy": acc, "ci": [low, high], "cot_length": length, "stops": stops,
+            "examples": [{k: e[k] for k in ("question", "cot", "answer", "correct")} for e in examples[:10]]}
+
+
+def grading_rule(strict: bool, reward) -> str:
+    """The grading rule in words, for summary.json."""
+    if reward:
+        return f"custom reward {getattr(reward, '__qualname__', reward)}"
+    return ("strict: the boxed answer must be the gold number itself (Math-Verify on plain numbers; an equal "
+            "expression such as 20 + 10 is wrong)" if strict else
+            "Math-Verify: the boxed answer must equal the gold answer (an equal expression counts)")
 
 
 class Stopped(Exception):
@@ -443,11 +460,12 @@ class Run:
         if held or ood:  # every rank: gathering the weights into the rollout copy is a collective
             self.policy.sync_rollout()
         if held:
-            acc = held_out_check(self.policy.rollout, grader, self.held_out, cfg, d, f"{when} training", self.say)
+            result = held_out_check(self.policy.rollout, grader, self.held_out, cfg, d, f"{when} training", self.say)
             if when == "before":
-                self.state["before"] = acc
+                self.state["before"], self.state["before_ci"] = result["accuracy"], result["ci"]
             else:
-                summary["after"] = acc
+                summary |= {"after": result["accuracy"], "after_ci": result["ci"], "examples": result["examples"],
+                            "after_cot_length": result["cot_length"], "after_stops": result["stops"]}
                 summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
                                        "n": len(self.held_out)}
         if ood and d.main:
@@ -541,7 +559,8 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
             if run.logger is not None:
                 run.logger.close()
             raise Stopped(state["step"], stop.signum)
-        summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"]}
+        summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"],
+                   "before_ci": state.get("before_ci"), "grading": grading_rule(strict, reward_fn or cfg.reward)}
         if state["step"] == cfg.max_steps:
             run.check(grader, "after", summary)
     run.finish(summary)

@@ -1,6 +1,6 @@
 import dataclasses
-import math
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -307,7 +307,23 @@ def test_before_after_check_on_a_held_out_set(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "before training: sums_test soft-greedy accuracy" in printed and "95% interval" in printed
     assert "'What is 20 + 10?'" in printed, "example answers are printed"
+    assert "CoT: mean length" in printed and "stops: marker" in printed
     assert (out / "training.png").exists()
+    for when in ("before", "after"):
+        low, high = summary[f"{when}_ci"]
+        assert 0 <= low <= summary[when] <= high <= 1
+    assert len(summary["examples"]) == 3 and set(summary["examples"][0]) == {"question", "cot", "answer", "correct"}
+    assert summary["after_cot_length"] <= 4 and sum(summary["after_stops"].values()) == 3
+    # gsm8k trains under Math-Verify's rule, but the held-out sums are strict: the run grades by the lax rule
+    assert summary["grading"].startswith("Math-Verify")
+    assert json.loads((out / "summary.json").read_text())["examples"] == summary["examples"]
+
+
+def test_sums_are_graded_strictly_unless_told_otherwise():
+    from softtokens.data import require_number
+
+    assert require_number(None, "sums_train", "sums_test") and not require_number(None, "sums_train", "gsm8k")
+    assert not require_number(False, "sums_train") and require_number(True, "gsm8k") and not require_number(None)
 
 
 def test_wilson_interval():
