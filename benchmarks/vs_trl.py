@@ -10,7 +10,8 @@ TRL's max_completion_length is softtokens' whole completion bound (CoT + the len
 time is the wall time between two step ends (a trainer callback in each), so it holds everything the step does;
 steps 2..N are averaged. Rewards: TRL's is an exact-match check of the boxed answer (cheap, in process);
 softtokens grades with its own reward as configured. The completion lengths each produced are printed beside
-the times, since a step's work scales with them.
+the times, since a step's work scales with them. softtokens runs twice per mode: as configured (rows with
+advantage 0 skipped, so a step's work depends on its rewards) and with every row scored (equal work per mode).
 """
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ def run_trl(cfg: TrainConfig, prompts: list[str], answers: list[str], steps: int
     return {"completion_tokens": sum(lengths) / max(1, len(lengths)), "max_completion_length": completion}
 
 
-def run_softtokens(cfg: TrainConfig, mode: str, steps: int, clock: StepClock) -> dict:
+def run_softtokens(cfg: TrainConfig, mode: str, steps: int, clock: StepClock, skip: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         run = dataclasses.replace(cfg, mode=mode, temperature=None, max_steps=steps, eval_steps=0,
+                                  skip_zero_advantage=skip,
                                   eval_before_after=0, ood_limit=0, output_dir=out, save_strategy="no",
                                   report_to="none", answer_temperature=1.0)
         clock.ends = [time.perf_counter()]
@@ -121,11 +123,13 @@ def main():
     clock = StepClock()
     results["TRL GRPOTrainer"] = run_trl(cfg, prompts, [p.answer for p in problems], args.max_steps, clock)
     results["TRL GRPOTrainer"]["seconds"] = clock.seconds(1)
-    for mode in args.modes.split(","):
-        info = run_softtokens(cfg, mode, args.max_steps, clock)
-        results[f"softtokens {mode}"] = info | {"seconds": clock.seconds(1)}
-    trl_s = sum(results["TRL GRPOTrainer"]["seconds"]) / len(results["TRL GRPOTrainer"]["seconds"])
-    hard_s = None
+    # skip_zero_advantage makes a step's work depend on its rewards; every row scored, the modes do equal work
+    for skip, label in ((True, ""), (False, ", every row scored")):
+        for mode in args.modes.split(","):
+            info = run_softtokens(cfg, mode, args.max_steps, clock, skip)
+            results[f"softtokens {mode}{label}"] = info | {"seconds": clock.seconds(1)}
+    mean = {name: sum(r["seconds"]) / len(r["seconds"]) for name, r in results.items()}
+    trl_s = mean["TRL GRPOTrainer"]
     lines = [
         f"### softtokens vs TRL, seconds per step, {Path(args.config).name} ({cfg.model})",
         "",
@@ -135,14 +139,12 @@ def main():
         f"{results['TRL GRPOTrainer']['max_completion_length']}; softtokens: CoT <= {cfg.max_cot_length}, answer <= "
         f"{cfg.max_answer_length}, share_prompt and skip_zero_advantage on (the defaults)",
         "",
-        "| trainer | s / step | vs TRL | vs softtokens hard | mean completion tokens | rows skipped / step |",
+        "| trainer | s / step | vs TRL | vs softtokens hard (same scoring rule) | mean completion tokens | rows skipped / step |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
-        s = sum(r["seconds"]) / len(r["seconds"])
-        if name == "softtokens hard":
-            hard_s = s
-        lines.append(f"| {name} | {s:.2f} | {s / trl_s:.2f} | {s / hard_s if hard_s else float('nan'):.2f} | "
+        s, hard = mean[name], mean.get(name.replace(" soft", " hard").replace(" fuzzy", " hard"))
+        lines.append(f"| {name} | {s:.2f} | {s / trl_s:.2f} | {s / hard if hard and 'TRL' not in name else float('nan'):.2f} | "
                      f"{r['completion_tokens']:.1f} | {r.get('skipped', float('nan')):.1f} |")
     write_results(args, "\n".join(lines), echo=True)
     print(json.dumps({k: {"seconds": v["seconds"], "completion_tokens": v["completion_tokens"]}
