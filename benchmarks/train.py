@@ -17,8 +17,8 @@ second: the bandwidth a decode step's weight reads get) and a large matmul in th
   6 N without; the table gives them per second as a share of the matmul rate.
 - the step's FLOPs, counted from what it computed (metrics ``time/prefill_tokens``, ``generated_tokens``,
   ``scored_tokens``, ``scored_positions``): 2 N_body per rollout token, 2 V d per decoded token's logits,
-  6 N_body per scored token and 6 V d per scored position (attention's own FLOPs left out: under 10% at
-  these lengths); divided by the matmul rate measured at the model's own GEMM shapes, that is the step's
+  6 N_body per scored token and 6 V d per scored position (attention's own FLOPs are left out, so the
+  floor is a lower bound); divided by the matmul rate measured at the model's own GEMM shapes, that is the step's
   floor, and the table gives it as a share of the measured step.
 
 ``--compare-sharing`` runs each mode twice, with ``share_prompt`` and ``skip_zero_advantage`` off and on (same

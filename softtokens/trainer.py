@@ -127,12 +127,12 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows)))
 
     dev = policy.lm.device
+    rollout_cfg = cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature)
     t0 = _now(dev)
     with record_function("softtokens/rollout"):
         policy.sync_rollout()
         policy.rollout.model.eval()
-        rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(),
-                                     cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature), sigma,
+        rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(), rollout_cfg, sigma,
                                      rows=[divmod(j, G) for j in mine], on_batch=submit)
     t1 = _now(dev)
     with record_function("softtokens/grading"):
@@ -159,7 +159,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         scheduler.step()
     t4 = _now(dev)
 
-    prefilled = prefill_tokens(rollouts, cfg.rollout(0, G, cfg.answer_temperature))
+    prefilled = prefill_tokens(rollouts, rollout_cfg)
     losses = gather_objects((loss_sum, kl_sum, skipped, scored, prefilled), d)
     seen = [row for part in gather_objects(seen, d) for row in part]
     return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,

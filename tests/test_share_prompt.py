@@ -139,3 +139,19 @@ def test_embedded_smollm2_shares_prompts_exactly():
         _, g64_shared = scores_and_grads(lm64, rollouts, share=True)
         assert rel(g64_shared, g64) <= 1e-6, cot_cfg
         assert rel(gb, ga) <= max(1e-5, rel(ga, g64)), cot_cfg
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_sharing_in_bfloat16_changes_neither_rollouts_nor_scores(engine):
+    """In the dtype a GPU runs, one prefill per prompt gives the same tokens, and the packed scoring pass the same
+    log-likelihoods as one sequence per row (to bf16 rounding of a sum of ~1000 nats)."""
+    lm = tiny_lm("qwen2", tie=False)
+    lm.model.to(torch.bfloat16)
+    for cot_cfg in (CoTConfig("hard"), CoTConfig("soft"), CoTConfig("fuzzy")):
+        a = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(**KW, engine=engine, batch_size=5, share_prompt=False))
+        b = generate_rollouts(lm, QUESTIONS, cot_cfg, RolloutConfig(**KW, engine=engine, batch_size=5, share_prompt=True))
+        assert [(x.cot_ids, x.answer_ids) for x in a] == [(y.cot_ids, y.answer_ids) for y in b], cot_cfg
+        with torch.no_grad():
+            unshared = score_rollouts(lm, b, share_prompt=False).total
+            shared = score_rollouts(lm, b, share_prompt=True).total
+        torch.testing.assert_close(shared, unshared, rtol=0, atol=1e-2, msg=str(cot_cfg))
