@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from softtokens.evaluate import PAPER_COLUMNS, summarize
+from softtokens.paper import BASE, published
 from softtokens.seeds import format_mean_std, group_name, seed_folders
 
 
@@ -52,7 +55,7 @@ def group_label(group: list[dict]) -> str:
 def paper_table(runs: list[dict]) -> str:
     """One Markdown table per dataset: HG HS1 HSn FG FS1 FSn SG SS1 SSn (percent), a row per model, mean ± std
     over the runs that differ only by seed."""
-    out = []
+    out, cited = [], False
     datasets = list(dict.fromkeys(d for r in runs for d in r["datasets"]))
     for ds in datasets:
         n = max((s["samples_per_problem"] for r in runs for s in r["datasets"].get(ds, {}).values()), default=1)
@@ -69,10 +72,41 @@ def paper_table(runs: list[dict]) -> str:
                 values = [v for v in values if v is not None]
                 cells.append(format_mean_std(values) if values else "-")
             out.append(f"| {group_label(group)} | " + " | ".join(cells) + " |")
+            paper = published_row(ds, group[0]["model"])
+            if paper:
+                label, values = paper
+                out.append(f"| paper: {label} | " + " | ".join(values.get(c[0], "-") for c in cols) + " |")
+                cited = True
         out += ["", f"H / F / S = hard / fuzzy / soft CoT; G = greedy pass@1; S1 = sampled pass@1; S{n} = pass@{n} of "
                 f"{n} samples; in percent; a ± is the standard deviation over seeds (n - 1), one run has none; "
-                "standard errors of each run in its results.json.", ""]
+                "standard errors of each run in its results.json."
+                + (" A 'paper:' row is the published value of the same model, training and test set "
+                   "(docs/PAPER_RESULTS.md; the paper evaluates with CoT <= 512 and 32 samples)." if cited else ""), ""]
     return "\n".join(out)
+
+
+def trained_as(model: str) -> dict | None:
+    """The training config (config.yaml) of a model that softtokens trained: a checkpoint folder sits in its
+    run's output_dir. None for any other model (a base model)."""
+    for folder in (Path(model), Path(model).parent):
+        if (folder / "config.yaml").is_file():
+            try:
+                cfg = yaml.safe_load((folder / "config.yaml").read_text())
+            except yaml.YAMLError:
+                return None
+            return cfg if isinstance(cfg, dict) and "model" in cfg else None
+    return None
+
+
+def published_row(dataset: str, model: str) -> tuple[str, dict] | None:
+    """The paper's row for a run on ``dataset`` of ``model`` (a base model, or a checkpoint whose training
+    config names the paper's model, training set and mode): its label and cells, or None."""
+    trained = trained_as(model)
+    if trained is None:
+        cells = published(dataset, model)
+        return (f"{model}, {BASE}", cells) if cells else None
+    cells = published(dataset, trained["model"], trained.get("dataset"), trained.get("mode", "hard"))
+    return (f"{trained['model']}, {trained.get('dataset')} {trained.get('mode', 'hard')}", cells) if cells else None
 
 
 # One colour per CoT mode in every figure; greedy settings dashed, sampled ones solid.

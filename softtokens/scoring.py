@@ -54,11 +54,14 @@ def _settings(rollouts: list[Rollout]) -> tuple:
 
 
 def _chunked(fn, n: int, chunk_size: int, *tensors):
-    """Apply fn to row chunks of the tensors, checkpointed when autograd records, and concatenate."""
+    """Apply fn to row chunks of the tensors and concatenate; with several chunks and autograd recording, each
+    chunk is checkpointed, so one chunk's ``x vocab`` activations are held at a time. A single chunk is not:
+    its backward runs first and frees them before the decoder's, so checkpointing it would save no peak memory
+    and cost a second head forward."""
     outs = []
     for s in range(0, n, chunk_size):
         part = [t[s : s + chunk_size] for t in tensors]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and n > chunk_size:
             outs.append(checkpoint(fn, *part, use_reentrant=False))
         else:
             outs.append(fn(*part))

@@ -48,6 +48,23 @@ def test_logits_are_computed_in_bounded_chunks(llama, monkeypatch):
     assert rows and max(rows) <= 8, "the output head must only see chunk_size positions at a time"
 
 
+def test_one_chunk_runs_the_head_once_and_gives_the_chunked_gradient(llama, monkeypatch):
+    rollouts = generate_rollouts(llama, QUESTIONS, CoTConfig("soft"), CFG)
+    positions = sum(r.cot_length + len(r.answer_ids) for r in rollouts)
+    calls, grads = [], []
+    real = llama.logits
+    monkeypatch.setattr(llama, "logits", lambda h: calls.append(h.shape[0]) or real(h))
+    for chunk in (4096, 8):
+        calls.clear()
+        llama.model.zero_grad()
+        score_rollouts(llama, rollouts, chunk_size=chunk).total.sum().backward()
+        grads.append([p.grad.clone() for p in llama.model.parameters()])
+        # the CoT and the answer are each one chunk or several; checkpointed chunks run the head twice
+        assert sum(calls) == (positions if chunk == 4096 else 2 * positions), chunk
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_matches_finite_differences():
     lm = tiny_lm("llama", seed=2)
     lm.model.double()
