@@ -108,7 +108,7 @@ def files() -> dict[str, str]:
     # The paper's claims at CPU scale: three seeds per mode, pass@k to 16, and an out-of-domain measure where the
     # base model is not at 0 (ARC-Easy by cloze: accuracy and the correct answer's NLL).
     plan = dict(configs=sums, seeds=[0, 1, 2], base_model=True,
-                eval=dict(datasets="sums_test", settings="all", num_samples=16, limit=32, max_cot_length=16,
+                eval=dict(datasets="sums_test", settings="all", num_samples=16, limit=24, max_cot_length=16,
                           max_answer_length=8, batch_size=64),
                 ood=dict(datasets="arc_easy", protocol="cloze", limit=100), out="runs/grid-sums")
     out["grids/sums.yaml"] = ("# The paper's pipeline at CPU scale on the embedded model: the demo's recipe in each mode, "

@@ -268,13 +268,13 @@ def write_tables(plan: GridPlan) -> str:
     runs, ood_runs = [], []
     for model in base_models(plan):
         if _done(_base_dir(plan, "eval", model)):
-            runs.append(load_results(_base_dir(plan, "eval", model)) | {"model": f"base: {model}"})
+            runs.append(load_results(_base_dir(plan, "eval", model)) | {"model": f"base: {model}", "source": model})
         if _done(_base_dir(plan, "ood", model)):
             ood_runs.append((f"base: {model}", json.loads((_base_dir(plan, "ood", model) / "results.json").read_text())))
     for job in jobs(plan):
         label = f"{job.name}/seed-{job.seed}"  # the seed-N part groups the seeds of a config
         if _done(job.eval_out):
-            runs.append(load_results(job.eval_out) | {"model": label})
+            runs.append(load_results(job.eval_out) | {"model": label, "source": str(trained_model(job.train))})
         if _done(job.ood_out):
             ood_runs.append((label, json.loads((job.ood_out / "results.json").read_text())))
     parts = [f"# {plan.out}", ""]

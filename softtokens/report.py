@@ -72,7 +72,7 @@ def paper_table(runs: list[dict]) -> str:
                 values = [v for v in values if v is not None]
                 cells.append(format_mean_std(values) if values else "-")
             out.append(f"| {group_label(group)} | " + " | ".join(cells) + " |")
-            paper = published_row(ds, group[0]["model"])
+            paper = published_row(ds, group[0].get("source", group[0]["model"]))  # a grid labels its runs
             if paper:
                 label, values = paper
                 out.append(f"| paper: {label} | " + " | ".join(values.get(c[0], "-") for c in cols) + " |")

@@ -58,3 +58,12 @@ def test_a_paper_row_leaves_out_a_pass_at_k_it_does_not_have():
     table = paper_table([_run("Qwen/Qwen2.5-3B-Instruct", n=4)])
     assert "| paper: Qwen/Qwen2.5-3B-Instruct, no finetune | 8.9 | 17.2 | - | 10.5 | 11.5 | - | 8.6 | 13.8 | - |" in table
     assert "published" not in paper_table([_run("smollm2")])
+
+
+def test_a_grid_label_keeps_its_runs_paper_row(tmp_path):
+    run = tmp_path / "train" / "qwen_math_soft" / "seed-0"
+    (run / "checkpoint-best").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "Qwen/Qwen2.5-3B-Instruct", "dataset": "math_train",
+                                                     "mode": "soft"}))
+    labelled = _run("qwen_math_soft/seed-0") | {"source": str(run / "checkpoint-best")}
+    assert "| paper: Qwen/Qwen2.5-3B-Instruct, math_train soft | 82.9±0.9 |" in paper_table([labelled])
