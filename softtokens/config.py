@@ -350,6 +350,8 @@ class TrainConfig(DataOptions):
     """Rows decoded together during rollouts."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (large models)."""
+    disable_dropout: bool = True
+    """Set every dropout of the model (and of LoRA) to 0, as TRL does: scoring runs in train mode, and dropout there would score another policy than the one that sampled."""
     skip_zero_advantage: bool = True
     """Do not score rollouts whose advantage is 0 when no KL term needs them (they add nothing to the loss or its gradient); logged as train/rows_skipped."""
     share_prompt: bool = True

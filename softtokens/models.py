@@ -329,6 +329,26 @@ def tiny_model(family: str = "llama", vocab_size: int = 384, tie: bool = True, s
     return model.eval()
 
 
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "classifier_dropout")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout to 0: ``nn.Dropout`` modules (LoRA's too), the float rates attention modules read in train mode
+    (Llama's ``attention_dropout``), and the config's rates, for modules built later."""
+    configs = [c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(m, key, None), float):
+                setattr(m, key, 0.0)
+    for c in configs:
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(c, key, None), float):
+                setattr(c, key, 0.0)
+
+
 def tiny_lm(family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> CausalLM:
     tok = tiny_tokenizer()
     return CausalLM(tiny_model(family, vocab_size=len(tok), tie=tie, seed=seed, **overrides), tok, name=f"tiny-{family}")

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from softtokens.checkpoint import check_weights, read_checkpoint
 from softtokens.config import TrainConfig
 from softtokens.distributed import Dist
-from softtokens.models import _DTYPES, CausalLM, load_model, set_activation_checkpointing
+from softtokens.models import _DTYPES, CausalLM, disable_dropout, load_model, set_activation_checkpointing
 from softtokens.scoring import Scorer
 
 
@@ -136,6 +136,8 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
                 raise ValueError(f"checkpoint {resume} does not match this LoRA configuration: it holds "
                                  f"{len(adapter)} adapter tensors, the model has {len(own)}")
             lm.model.load_state_dict(adapter, strict=False)
+    if cfg.disable_dropout:
+        disable_dropout(lm.model)
     scorer = Scorer(lm)
     if sharded:
         _shard(scorer, _DTYPES[dtype], d)

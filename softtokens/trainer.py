@@ -42,7 +42,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
-from softtokens import distributed, mismatch
+from softtokens import distributed, mismatch, schedule
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, TrainConfig
 from softtokens.data import Problem, load_dataset, require_number
@@ -66,18 +66,6 @@ from softtokens.step import default_sigma
 
 
 OOD_SETS = dict(TABLE2)
-
-
-def cosine_with_warmup(warmup: int, total: int):
-    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def problems_for_step(problems: list[Problem], step: int, per_step: int, seed: int) -> list[Problem]:
@@ -501,14 +489,18 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
     policy, state = build_policy(cfg, device, dtype, d, start, lm)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.max_steps))
+    fresh = schedule.new_schedule(cfg.warmup_steps, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.multiplier(fresh))
     if state is not None:
         state = restore(policy, optimizer, scheduler, state, start)
+        # a checkpoint without its schedule (an older one) gets the cosine over the current max_steps
+        state["schedule"] = schedule.extend(state.get("schedule") or fresh, state["step"], cfg.max_steps)
+        scheduler.lr_lambdas = [schedule.multiplier(state["schedule"])]
         if d.main:
             print(f"resuming from {start} at step {state['step']}")
     else:
         sigma = default_sigma(policy.rollout, cfg.cot())
-        state = {"step": 0, "sigma": sigma, "best": None, "before": None}
+        state = {"step": 0, "sigma": sigma, "best": None, "before": None, "schedule": fresh}
     ref = None
     if cfg.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it
         ref = load_model(cfg.model, dtype=dtype, device=device)

@@ -59,6 +59,8 @@ def test_two_processes_take_the_same_steps_as_one(model_dir, tmp_path, lora, mon
     use_reward(monkeypatch)
     extra = dict(use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2) if lora else {}
     unshared = dict(share_prompt=False, skip_zero_advantage=False)
+    # two warm-up steps: the rate is still 1 at step 2, so the resume below can go on to a third step
+    extra |= dict(warmup_steps=2)
     one = tr.train(TrainConfig(**_cfg(model_dir, tmp_path / "one", **extra, **unshared)), progress=False)
     run = _torchrun(_cfg(model_dir, tmp_path / "two", **extra), tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]

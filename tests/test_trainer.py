@@ -84,6 +84,57 @@ def _cfg(model_dir, out, **kw):
     return TrainConfig(**base)
 
 
+def _stop_after_step(monkeypatch, n: int) -> None:
+    """SIGINT arrives during step n: the run checkpoints after it and stops."""
+    real = tr.train_step
+
+    def interrupted(*args, **kw):
+        out = real(*args, **kw)
+        if args[-1] == n - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(tr, "train_step", interrupted)
+
+
+def test_a_longer_resume_keeps_the_learning_rate_continuous(model_dir, tmp_path, monkeypatch):
+    from softtokens import schedule
+
+    use_reward(monkeypatch)
+    _stop_after_step(monkeypatch, 3)
+    with pytest.raises(tr.Stopped):
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=5, warmup_steps=1, eval_steps=0), progress=False)
+    monkeypatch.undo()
+    use_reward(monkeypatch)
+    tr.train(_cfg(model_dir, tmp_path / "run", max_steps=9, warmup_steps=1, eval_steps=0, resume=True), progress=False)
+    rates = [json.loads(x)["train/learning_rate"] / 1e-3 for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = schedule.cosine_with_warmup(1, 5)
+    assert rates[:4] == pytest.approx([first(s) for s in range(4)])
+    assert rates[3] == pytest.approx(first(3)), "step 4 runs at the rate the 5-step schedule gave it: no jump"
+    assert all(a > b for a, b in zip(rates[3:], rates[4:])) and len(rates) == 9, "then decays over the new end"
+    assert rates[3] - rates[4] < rates[2] - rates[3], "more slowly than the old schedule would have"
+    with pytest.raises(ValueError, match="reached 0 at step 9"):
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=12, warmup_steps=1, eval_steps=0, resume=True),
+                 progress=False)
+
+
+def test_schedule_segments():
+    from softtokens import schedule
+
+    s = schedule.new_schedule(2, 10)
+    assert schedule.extend(s, 5, 10) is s
+    during_warmup = schedule.extend(s, 1, 20)
+    assert during_warmup["total"] == 20 and not during_warmup["segments"]
+    longer = schedule.extend(s, 6, 20)
+    f, g = schedule.multiplier(s), schedule.multiplier(longer)
+    assert [g(k) for k in range(7)] == [f(k) for k in range(7)] and g(20) == 0 and 0 < g(12) < f(6)
+    shorter = schedule.extend(longer, 8, 12)
+    h = schedule.multiplier(shorter)
+    assert h(8) == g(8) and h(12) == 0 and len(shorter["segments"]) == 2
+    with pytest.raises(ValueError, match="not past the resumed step"):
+        schedule.extend(s, 6, 6)
+
+
 def _weights(path):
     from safetensors.torch import load_file
 
@@ -142,7 +193,11 @@ def test_kl_penalty_to_the_initial_model_survives_a_resume(model_dir, tmp_path, 
     as its reference (not the checkpoint it resumed from), so it repeats the uninterrupted run."""
     use_reward(monkeypatch)
     tr.train(_cfg(model_dir, tmp_path / "full", max_steps=3, beta=0.5, save_steps=2), progress=False)
-    tr.train(_cfg(model_dir, tmp_path / "part", max_steps=2, beta=0.5), progress=False)
+    _stop_after_step(monkeypatch, 2)
+    with pytest.raises(tr.Stopped):
+        tr.train(_cfg(model_dir, tmp_path / "part", max_steps=3, beta=0.5), progress=False)
+    monkeypatch.undo()
+    use_reward(monkeypatch)
     tr.train(_cfg(model_dir, tmp_path / "part", max_steps=3, beta=0.5, resume=True), progress=False)
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     full, part = read(tmp_path / "full"), read(tmp_path / "part")
@@ -435,3 +490,24 @@ def test_callbacks_see_each_step_and_the_phases_are_profiled(model_dir, tmp_path
     assert seen == [(1, True), (2, True)]
     labels = {e.key for e in prof.key_averages()}
     assert {f"softtokens/{p}" for p in ("rollout", "grading", "scoring", "optimizer")} <= labels
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dropout_is_off_when_scoring_so_a_model_scores_its_own_rollouts(family):
+    from softtokens.distributed import Dist
+    from softtokens.policy import build
+
+    def scored_minus_rolled(disable: bool) -> float:
+        lm = tiny_lm(family, seed=3, attention_dropout=0.3)
+        cfg = TrainConfig(model="tiny", disable_dropout=disable, max_cot_length=6, max_answer_length=3)
+        policy, _ = build(cfg, "cpu", "float32", Dist(), lm=lm)
+        rollouts = generate_rollouts(policy.rollout, QUESTIONS[:2], CoTConfig("soft"),
+                                     RolloutConfig(max_cot_length=6, max_answer_length=3, num_generations=2), 0.05)
+        policy.lm.model.train()  # as the trainer scores
+        torch.manual_seed(0)
+        scores = policy.scorer(rollouts)
+        return float((scores.total.detach() - torch.stack([r.loglik for r in rollouts])).abs().max())
+
+    off, on = scored_minus_rolled(True), scored_minus_rolled(False)
+    assert off < 1e-4, "float32 rounding only"
+    assert on > 100 * off, "with dropout on, the scored policy is another one"
