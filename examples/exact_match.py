@@ -1,7 +1,7 @@
 """A reward that is not maths: exact match of the boxed answer with a dataset column, in TRL's signature.
 
     softtokens train --dataset examples/capitals.jsonl --reward examples/exact_match.py:exact_match \
-        --mode soft --max-steps 20 --output-dir runs/capitals
+        --mode soft --max-steps 20 --val-size 8 --output-dir runs/capitals
 
 softtokens calls it with the questions, the graded answers (``\\boxed{...}``)
 and every other column of the dataset as a keyword argument holding a list

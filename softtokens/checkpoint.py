@@ -58,6 +58,25 @@ def verify_checkpoint(path: Path) -> None:
                                     "after it was written)")
 
 
+def generate_command(cfg, model: str = "<this folder>", question: str = "...") -> str:
+    """The ``softtokens generate`` command that runs a trained model's CoT with the settings it was trained with
+    (mode, tau, gamma, noise placement, prompt, chat template, CoT length)."""
+    import shlex
+
+    from softtokens import prompts
+
+    words = ["softtokens", "generate", "--model", model, "--mode", cfg.mode, "--temperature", repr(cfg.cot().temperature),
+             "--gamma", repr(cfg.gamma), "--noise-on", cfg.noise_on]
+    if cfg.noise_on == "topk_logits":
+        words += ["--top-k", str(cfg.top_k)]
+    if cfg.prompt_template != prompts.PROMPT_TEMPLATE:
+        words += ["--prompt-template", cfg.prompt_template]
+    if cfg.chat_template:
+        words += ["--chat-template"]
+    words += ["--max-cot-length", str(cfg.max_cot_length), "--question", question]
+    return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
+
+
 def model_card(cfg, sigma: float) -> str:
     """README.md of a checkpoint: what a user needs to run the model as it was trained."""
     from softtokens import prompts
@@ -77,7 +96,7 @@ def model_card(cfg, sigma: float) -> str:
         "RL-trained with continuous chain-of-thought tokens (\"Soft Tokens, Hard Truths\", arXiv 2509.19170). "
         "This folder is an ordinary Hugging Face model: `AutoModelForCausalLM.from_pretrained` runs it with hard "
         "tokens. To run its CoT as it was trained, use the same prompt, marker and prefills:", "",
-        f"    softtokens generate --model <this folder> --mode {cfg.mode} --question \"...\"", "",
+        "```bash", generate_command(cfg), "```", "",
         "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
         "Prompt template (`{question}` is replaced by the question):", "", "```", cfg.prompt_template, "```", ""])
 

@@ -88,3 +88,27 @@ def test_bad_settings_and_datasets(llama, tmp_path):
         ev.evaluate(llama, _cfg(tmp_path / "a", settings="hard_greedy,warm"), progress=False)
     with pytest.raises(ValueError, match="unknown dataset 'gsm9k'"):
         ev.evaluate(llama, _cfg(tmp_path / "b", datasets="gsm9k"), progress=False)
+
+
+def test_provenance_names_the_hub_snapshot_and_the_source_commit(tmp_path, monkeypatch):
+    import subprocess
+
+    import huggingface_hub.constants
+
+    from softtokens.provenance import model_revision, provenance
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert model_revision("org/model") == commit
+    assert model_revision("org/not-cached") is None and model_revision("smollm2") is None
+    head = subprocess.run(["git", "-C", str(Path(ev.__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    recorded = provenance("org/model")
+    assert recorded["model_revision"] == commit
+    if head.returncode == 0:  # run from a clone (CI, make test); an installed package has no commit
+        assert recorded["softtokens_commit"].split("+")[0] == head.stdout.strip()

@@ -511,3 +511,26 @@ def test_dropout_is_off_when_scoring_so_a_model_scores_its_own_rollouts(family):
     off, on = scored_minus_rolled(True), scored_minus_rolled(False)
     assert off < 1e-4, "float32 rounding only"
     assert on > 100 * off, "with dropout on, the scored policy is another one"
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mode="fuzzy", temperature=0.01, gamma=1.0),
+    dict(mode="soft", noise_on="topk_logits", top_k=50, temperature=1.0, chat_template=True,
+         prompt_template="Q: {question}\nthink, then write \\boxed{} and 'quote' it. A:"),
+    dict(mode="hard", max_cot_length=64),
+])
+def test_the_model_cards_command_runs_the_cot_as_trained(overrides):
+    import shlex
+
+    from softtokens.checkpoint import model_card
+    from softtokens.cli import build_parser, config_from_args
+
+    cfg = TrainConfig(model="m", **overrides)
+    card = model_card(cfg, 0.05)
+    line = card.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    args = build_parser().parse_args(shlex.split(line.replace("<this folder>", "ckpt"))[1:])
+    assert args.model == "ckpt" and args.question == ["..."]
+    assert config_from_args(CoTConfig, args) == cfg.cot()
+    rollout = config_from_args(RolloutConfig, args)
+    assert (rollout.prompt_template, rollout.chat_template, rollout.max_cot_length) == \
+        (cfg.prompt_template, cfg.chat_template, cfg.max_cot_length)
