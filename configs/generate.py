@@ -96,7 +96,8 @@ def files() -> dict[str, str]:
     for name, (what, configs) in grids.items():
         plan = dict(configs=configs, seeds=SEEDS, base_model=True,
                     eval=dict(datasets="gsm8k,math500,olympiadbench", settings="all", num_samples=32),
-                    ood=dict(datasets="hellaswag,arc_challenge,mmlu", protocol="cloze"), out=f"runs/grid-{name}")
+                    ood=dict(datasets="hellaswag,arc_challenge,mmlu", protocol="generate,cloze"),
+                    out=f"runs/grid-{name}")
         out[f"grids/{name}.yaml"] = (f"# {what}. Written by configs/generate.py.\n# softtokens grid configs/grids/{name}.yaml\n"
                                      + yaml.safe_dump(plan, sort_keys=False))
 

@@ -49,7 +49,8 @@ class GridPlan:
     eval: dict = field(default_factory=dict)
     """EvalConfig fields of the evaluations (datasets, settings, num_samples, limit, ...)."""
     ood: dict | None = field(default_factory=dict)
-    """OODConfig fields of the OOD check (datasets, protocol, limit); null skips it."""
+    """OODConfig fields of the OOD check (datasets, protocol, limit); null skips it. ``protocol`` may name both,
+    ``generate,cloze`` (Table 2: generate's success rate, cloze's NLL): each is its own stage."""
     out: str = "runs/grid"
     """Every run, evaluation, OOD check and the tables go under this folder."""
 
@@ -64,9 +65,24 @@ class Job:
     def eval_out(self) -> Path:
         return Path(self.train.output_dir).parents[2] / "eval" / self.name / f"seed-{self.seed}"
 
-    @property
-    def ood_out(self) -> Path:
-        return Path(self.train.output_dir).parents[2] / "ood" / self.name / f"seed-{self.seed}"
+    def ood_out(self, protocol: str = "cloze") -> Path:
+        return Path(self.train.output_dir).parents[2] / ood_stage(protocol) / self.name / f"seed-{self.seed}"
+
+
+def ood_stage(protocol: str) -> str:
+    """The folder of an OOD protocol's stage: ood for cloze, ood-generate for generate."""
+    return "ood" if protocol == "cloze" else f"ood-{protocol}"
+
+
+def ood_configs(plan: GridPlan, where: str = "ood") -> list[OODConfig]:
+    """One OODConfig per protocol the plan names (none when it skips the check)."""
+    if plan.ood is None:
+        return []
+    protocols = plan.ood.get("protocol", "cloze")
+    protocols = split_names(protocols) if isinstance(protocols, str) else list(protocols)
+    if not protocols or len(set(protocols)) != len(protocols):
+        raise ValueError(f"{where}: protocol must name cloze, generate or both, once each; got {plan.ood.get('protocol')!r}")
+    return [config_from_dict(OODConfig, {**plan.ood, "protocol": p}, where) for p in protocols]
 
 
 def load_plan(path: str) -> GridPlan:
@@ -87,8 +103,7 @@ def load_plan(path: str) -> GridPlan:
         if not isinstance(getattr(plan, name), dict):
             raise ValueError(f"{path}: {name} must be a mapping of field: value")
     config_from_dict(EvalConfig, plan.eval, f"{path}: eval")
-    if plan.ood is not None:
-        config_from_dict(OODConfig, plan.ood, f"{path}: ood")
+    ood_configs(plan, f"{path}: ood")
     try:
         check_seeds(plan.seeds)
     except ValueError as e:
@@ -215,8 +230,8 @@ def describe(plan: GridPlan, results: Path = Path("benchmarks/RESULTS.md")) -> s
         state = ("trained" if finished(job.train) else "training partly done"
                  if checkpoints(Path(job.train.output_dir)) else "to train")
         state += ", evaluated" if _done(job.eval_out) else ", to evaluate"
-        if plan.ood is not None:
-            state += ", OOD done" if _done(job.ood_out) else ", OOD to do"
+        for ood in ood_configs(plan):
+            state += f", OOD {ood.protocol} " + ("done" if _done(job.ood_out(ood.protocol)) else "to do")
         cost = f"~{hours:.1f} GPU-h" if hours is not None else "GPU-h unknown"
         lines.append(f"  {job.name} seed {job.seed}: {job.train.max_steps} steps, {cost} ({state})")
     lines += [f"  base model {m}: evaluation and OOD" for m in base_models(plan)]
@@ -235,25 +250,26 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("softtokens grid runs in one process: train a run on several GPUs with torchrun "
                          "softtokens train, then run the grid once to evaluate it")
-    ood_cfg = None if plan.ood is None else config_from_dict(OODConfig, plan.ood, "ood")
+    oods = ood_configs(plan)
     device, dtype = resolve_device(device, dtype)
 
-    def evaluate_and_check(model: str, eval_out: Path, ood_out: Path, seed: int) -> None:
-        ood = ood_cfg is not None and not _done(ood_out)
-        if _done(eval_out) and not ood:
+    def evaluate_and_check(model: str, eval_out: Path, ood_out, seed: int) -> None:
+        todo = [ood for ood in oods if not _done(ood_out(ood.protocol))]
+        if _done(eval_out) and not todo:
             return
-        lm = load_model(model, dtype=dtype, device=device)  # once for both stages
+        lm = load_model(model, dtype=dtype, device=device)  # once for every stage
         if not _done(eval_out):
             cfg = config_from_dict(EvalConfig, {**plan.eval, "seed": seed, "out": str(eval_out), "resume": True})
             evaluate(lm, cfg, progress, datasets=check_eval(cfg))
             _mark(eval_out)
-        if ood:
-            ood_eval(lm, split_names(ood_cfg.datasets), ood_out, ood_cfg.limit, ood_cfg.batch_size, progress=progress,
-                     protocol=ood_cfg.protocol, max_cot_length=ood_cfg.max_cot_length)
-            _mark(ood_out)
+        for ood in todo:
+            ood_eval(lm, split_names(ood.datasets), ood_out(ood.protocol), ood.limit, ood.batch_size,
+                     progress=progress, protocol=ood.protocol, max_cot_length=ood.max_cot_length)
+            _mark(ood_out(ood.protocol))
 
     for model in base_models(plan):
-        evaluate_and_check(model, _base_dir(plan, "eval", model), _base_dir(plan, "ood", model), 0)
+        evaluate_and_check(model, _base_dir(plan, "eval", model),
+                           lambda protocol: _base_dir(plan, ood_stage(protocol), model), 0)
     for job in jobs(plan):
         continue_training(dataclasses.replace(job.train, resume=True), progress)  # skips a finished run
         evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed)
@@ -265,22 +281,23 @@ def write_tables(plan: GridPlan) -> str:
     entropy.png beside it."""
     from softtokens.report import load_results, paper_table, plot_entropy, plot_passk
 
-    runs, ood_runs = [], []
+    runs, ood_runs = [], {ood.protocol: [] for ood in ood_configs(plan)}
     for model in base_models(plan):
         if _done(_base_dir(plan, "eval", model)):
             runs.append(load_results(_base_dir(plan, "eval", model)) | {"model": f"base: {model}", "source": model})
-        if _done(_base_dir(plan, "ood", model)):
-            ood_runs.append((f"base: {model}", json.loads((_base_dir(plan, "ood", model) / "results.json").read_text())))
+        for protocol, found in ood_runs.items():
+            if _done(folder := _base_dir(plan, ood_stage(protocol), model)):
+                found.append((f"base: {model}", json.loads((folder / "results.json").read_text())))
     for job in jobs(plan):
         label = f"{job.name}/seed-{job.seed}"  # the seed-N part groups the seeds of a config
         if _done(job.eval_out):
             runs.append(load_results(job.eval_out) | {"model": label, "source": str(trained_model(job.train))})
-        if _done(job.ood_out):
-            ood_runs.append((label, json.loads((job.ood_out / "results.json").read_text())))
+        for protocol, found in ood_runs.items():
+            if _done(job.ood_out(protocol)):
+                found.append((label, json.loads((job.ood_out(protocol) / "results.json").read_text())))
     parts = [f"# {plan.out}", ""]
     parts += [paper_table(runs)] if runs else ["(no evaluation has finished yet)"]
-    if ood_runs:
-        parts += ["", ood_table(ood_runs)]
+    parts += ["\n" + ood_table(found) for found in ood_runs.values() if found]
     text = "\n".join(parts) + "\n"
     Path(plan.out).mkdir(parents=True, exist_ok=True)
     (Path(plan.out) / "results.md").write_text(text)

@@ -23,7 +23,8 @@ def _plan(tmp_path, model_dir, **kw):
     plan = dict(configs=configs, seeds=[0, 1], base_model=True,
                 eval=dict(datasets="gsm8k", settings="hard_greedy,soft_sample", num_samples=2, limit=2,
                           max_cot_length=3, max_answer_length=2, batch_size=8, grading_workers=0),
-                ood=dict(datasets="arc_easy", limit=2), out=str(tmp_path / "grid")) | kw
+                ood=dict(datasets="arc_easy", limit=2, protocol="generate,cloze", max_cot_length=3),
+                out=str(tmp_path / "grid")) | kw
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     return str(path)
@@ -39,8 +40,10 @@ def test_a_grid_runs_end_to_end_and_a_rerun_does_only_what_is_left(model_dir, tm
             assert (out / "train" / name / f"seed-{seed}" / "summary.json").exists()
             assert (out / "eval" / name / f"seed-{seed}" / "results.json").exists()
             assert (out / "ood" / name / f"seed-{seed}" / "results.json").exists()
+            assert (out / "ood-generate" / name / f"seed-{seed}" / "results.json").exists()
     assert "| tiny_hard (2 seeds) |" in table and "| tiny_soft (2 seeds) |" in table
-    assert "| base: " in table and "**out of domain**" in table and "arc_easy acc % | NLL" in table
+    assert "| base: " in table and table.count("**out of domain**") == 2 and "arc_easy acc % | NLL" in table
+    assert "protocol: generate (" in table and "protocol: cloze (" in table, "Table 2: both protocols"
     assert (out / "results.md").read_text() == table
 
     # a rerun trains and evaluates nothing; a lost evaluation (no .done) is redone, and only it
@@ -62,7 +65,7 @@ def test_dry_run_lists_runs_states_and_an_estimate_from_results(model_dir, tmp_p
                        "machine: NVIDIA H200, 16 threads; B=1 x G=2, CoT <= 3, answer <= 2, micro-batch 8\n\n"
                        "| phase | seconds per step |\n|---|---:|\n| total | 36.00 |\n")
     text = grid.describe(plan, results)
-    assert "tiny_hard seed 1: 2 steps, ~0.0 GPU-h (to train, to evaluate, OOD to do)" in text
+    assert "tiny_hard seed 1: 2 steps, ~0.0 GPU-h (to train, to evaluate, OOD generate to do, OOD cloze to do)" in text
     assert "36.0 s/step measured for tiny_soft.yaml (soft) on NVIDIA H200" in text
     # benchmarks/train.py's table of several modes: each run takes its own mode's column
     results.write_text(results.read_text() + "\n### training step time, 2026-12-01, tiny_hard.yaml (llama-3.2-3b shape, "
@@ -80,6 +83,8 @@ def test_dry_run_lists_runs_states_and_an_estimate_from_results(model_dir, tmp_p
     (dict(eval={"num_sample": 2}), "did you mean num_samples"),
     (dict(train={"save_strategy": "no"}), "no checkpoint to evaluate"),
     (dict(colour="red"), "unknown key(s) colour"),
+    (dict(ood={"protocol": "cloze,cloze"}), "once each"),
+    (dict(ood={"protocol": "guess"}), "unknown protocol 'guess'"),
 ])
 def test_bad_plans_are_refused_before_anything_runs(model_dir, tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
