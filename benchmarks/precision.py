@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -75,6 +76,8 @@ def gaps(lm, cot_cfg: CoTConfig, engine, rows, cot):
     with torch.no_grad():
         scores = score_rollouts(lm, rollouts)
     same, flipped = [], []
+    # the whole rollout's log-ratio, scored minus rolled out: what rollout_correction tis weighs it by
+    ratios = (scores.total.double() - torch.stack([r.loglik for r in rollouts]).double()).tolist()
     for i, r in enumerate(rollouts):
         d = (r.cot_logprobs.double() - scores.cot_steps[i, : r.cot_length].double()).abs()
         f = scores.cot_flips[i, : r.cot_length]
@@ -83,7 +86,15 @@ def gaps(lm, cot_cfg: CoTConfig, engine, rows, cot):
     steps = len(same) + len(flipped)
     return {"steps": steps, "median": statistics.median(same) if same else 0.0, "max": max(same, default=0.0),
             "flip_rate": len(flipped) / steps, "flip_cost": statistics.median(flipped) if flipped else None,
-            "near_tie_rate": mismatch.near_tie_rate(rollouts, cot_cfg.temperature)}
+            "near_tie_rate": mismatch.near_tie_rate(rollouts, cot_cfg.temperature), "log_ratios": ratios}
+
+
+def tis_figures(log_ratios: list[float], cap: float = 2.0) -> dict:
+    """The rollouts' truncated importance weights min(exp(log-ratio), cap): their median, and the share below
+    0.1 (whose term of the loss TIS all but drops)."""
+    weights = [min(math.exp(min(x, 50.0)), cap) for x in log_ratios]
+    return {"median_abs_log_ratio": statistics.median(abs(x) for x in log_ratios),
+            "median_weight": statistics.median(weights), "dropped": sum(w < 0.1 for w in weights) / len(weights)}
 
 
 def timed(fn, repeat: int = 5) -> float:
@@ -129,15 +140,21 @@ def placement_gaps(args) -> str:
     lines = [f"### rollout against rescoring per noise placement, {datetime.date.today()}, on cpu", "",
              f"{machine('cpu')}. `python benchmarks/precision.py --noise-on --models {args.models} --rows {args.rows} "
              f"--cot {args.cot}`: soft CoTs (top-k logits: k = 5, tau 1), HF engine, float32 logits; |dl| per CoT "
-             "step in nats.", "",
-             "| model | dtype | noise on | steps | median abs dl | max abs dl |", "|---|---|---|---:|---:|---:|"]
+             "step in nats; per rollout (CoT and answer), the median |log-ratio| scored - rolled out, and "
+             "`rollout_correction: tis`'s weight min(exp(log-ratio), 2): its median and the share of rollouts it "
+             "weighs below 0.1.", "",
+             "| model | dtype | noise on | steps | median abs dl | max abs dl | median abs log-ratio per rollout | "
+             "median TIS weight | rollouts under 0.1 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.models.split(","):
         for dtype in ("float32", "bfloat16"):
             lm = model(name) if dtype == "bfloat16" else model(name, torch.float32)
             for noise_on in ("embedding", "hidden", "logits", "topk_logits"):
                 cot_cfg = CoTConfig("soft", 1.0 if noise_on == "topk_logits" else None, noise_on=noise_on)
                 g = gaps(lm, cot_cfg, "hf", args.rows, args.cot)
-                lines.append(f"| {lm.name} | {dtype} | {noise_on} | {g['steps']} | {g['median']:.3g} | {g['max']:.3g} |")
+                t = tis_figures(g["log_ratios"])
+                lines.append(f"| {lm.name} | {dtype} | {noise_on} | {g['steps']} | {g['median']:.3g} | {g['max']:.3g} | "
+                             f"{t['median_abs_log_ratio']:.3g} | {t['median_weight']:.3g} | "
+                             f"{round(t['dropped'] * len(g['log_ratios']))} of {len(g['log_ratios'])} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 
