@@ -40,12 +40,16 @@ def _write_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Every file listed in checksums.json is there with its SHA-256 (a checkpoint without the list passes)."""
+def verify_checkpoint(path: Path, allow_unverified: bool = False) -> None:
+    """Every file listed in checksums.json is there with its SHA-256. A checkpoint without the list cannot be
+    checked: refused, unless ``allow_unverified`` (a checkpoint written before the list existed)."""
     path = Path(path)
     listed = path / CHECKSUMS
     if not listed.is_file():
-        return
+        if allow_unverified:
+            return
+        raise CorruptCheckpoint(f"checkpoint {path} has no {CHECKSUMS}, so its files cannot be checked; pass "
+                                "--allow-unverified to resume from it anyway")
     try:
         sums = json.loads(listed.read_text())
     except ValueError:
@@ -102,17 +106,38 @@ def model_card(cfg, sigma: float) -> str:
 
 
 def _write_dir(path: Path, write, card: str | None = None) -> Path:
-    """Run ``write(folder)`` into a temporary folder, then rename it to ``path``: never half a checkpoint."""
+    """Run ``write(folder)`` into ``<path>.tmp``, then swap it in: an existing folder is renamed to ``<path>.old``,
+    the new one renamed to ``path``, and only then the old one deleted. A kill at any point leaves a whole folder
+    under ``path``, or one that ``recover`` puts back."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    recover(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if card is not None:
         (tmp / "README.md").write_text(card)
     _write_checksums(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
     tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def recover(path: Path) -> None:
+    """After a kill between ``_write_dir``'s two renames (no ``path``, the old folder set aside): the new folder
+    when it is whole (its checksums pass), else the old one, goes back under ``path``; leftovers are removed."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        try:
+            verify_checkpoint(tmp)
+            tmp.rename(path)
+        except (CorruptCheckpoint, OSError):
+            old.rename(path)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _options(policy, offload: bool = True):
@@ -197,7 +222,9 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """checkpoint-<step> folders, oldest first."""
+    """checkpoint-<step> folders, oldest first (a folder whose replacement was cut short put back first)."""
+    for aside in Path(output_dir).glob("checkpoint-*.old"):
+        recover(aside.with_name(aside.name.removesuffix(".old")))
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]

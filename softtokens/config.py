@@ -289,7 +289,7 @@ RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_
              "rollout_batch_size", "gradient_checkpointing", "share_prompt", "skip_zero_advantage",
              "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
              "resume",
-             "resume_from_previous")
+             "resume_from_previous", "allow_unverified")
 
 
 @dataclass
@@ -406,6 +406,8 @@ class TrainConfig(DataOptions):
     """Continue from the last checkpoint in output_dir (its config must match, but for RESUMABLE fields)."""
     resume_from_previous: bool = False
     """With --resume: when the last checkpoint fails its SHA-256 check, resume from the one before it."""
+    allow_unverified: bool = False
+    """With --resume: accept a checkpoint that has no checksums.json (one written before softtokens kept it)."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -19,6 +19,9 @@ from softtokens.config import RESUMABLE, TrainConfig
 from softtokens.outdir import refuse_to_overwrite
 
 
+QUIET = ("output_dir", "resume", "resume_from_previous", "allow_unverified")  # not listed in the refusal: they say how to resume
+
+
 def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
     """'name: old -> new' for each field outside RESUMABLE that differs (a field the saved config lacks is not compared)."""
     now = dataclasses.asdict(cfg)
@@ -45,10 +48,10 @@ def start_point(cfg: TrainConfig, out: Path) -> Path | None:
         changed = changed_fields(yaml.safe_load(saved.read_text()) or {}, cfg)
         if changed:
             raise ValueError(f"cannot resume {out} with another configuration ({'; '.join(changed)}); only "
-                             f"{', '.join(RESUMABLE[:-3])} may change on resume")
+                             f"{', '.join(f for f in RESUMABLE if f not in QUIET)} may change on resume")
     for i in range(len(found) - 1, -1, -1):
         try:
-            verify_checkpoint(found[i])
+            verify_checkpoint(found[i], cfg.allow_unverified)
             return found[i]
         except CorruptCheckpoint as e:
             if not cfg.resume_from_previous:

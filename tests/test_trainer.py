@@ -218,12 +218,14 @@ def test_checkpoint_is_a_plain_hf_model_and_broken_ones_are_refused(model_dir, t
     torch.save(state, ckpt / "trainer_state.pt")  # an optimiser state keyed by position, not by parameter name
     sums = (ckpt / "checksums.json").read_text()
     (ckpt / "checksums.json").unlink()  # as a checkpoint written without checksums
-    with pytest.raises(ValueError, match="checkpoint-2: its optimiser state does not fit this run"):
+    with pytest.raises(ValueError, match="has no checksums.json, so its files cannot be checked; pass --allow-unverified"):
         tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
+    with pytest.raises(ValueError, match="checkpoint-2: its optimiser state does not fit this run"):
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True, allow_unverified=True), progress=False)
     torch.save(good, ckpt / "trainer_state.pt")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="checkpoint-2 is corrupt"):
-        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
+        tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True, allow_unverified=True), progress=False)
     (ckpt / "checksums.json").write_text(sums)
     with pytest.raises(ValueError, match="model.safetensors does not match its SHA-256"):
         tr.train(_cfg(model_dir, tmp_path / "run", max_steps=3, resume=True), progress=False)
@@ -534,3 +536,35 @@ def test_the_model_cards_command_runs_the_cot_as_trained(overrides):
     rollout = config_from_args(RolloutConfig, args)
     assert (rollout.prompt_template, rollout.chat_template, rollout.max_cot_length) == \
         (cfg.prompt_template, cfg.chat_template, cfg.max_cot_length)
+
+
+@pytest.mark.parametrize("kill_after", ["set_aside", "swapped_in"])
+def test_replacing_a_folder_leaves_a_whole_one_after_a_kill(tmp_path, monkeypatch, kill_after):
+    from softtokens import checkpoint as ck
+
+    path = tmp_path / "checkpoint-best"
+
+    def write(version):
+        def fill(folder):
+            folder.mkdir()
+            (folder / "model.safetensors").write_text(version)
+        return fill
+
+    ck._write_dir(path, write("old"))
+    real_rename, calls = Path.rename, []
+
+    def rename(self, target):  # a kill right after the first (or the second) rename of the swap
+        real_rename(self, target)
+        calls.append(target)
+        if len(calls) == (1 if kill_after == "set_aside" else 2):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        ck._write_dir(path, write("new"))
+    monkeypatch.undo()
+    assert not path.exists() if kill_after == "set_aside" else path.exists()
+    assert ck.checkpoints(tmp_path) == [] and path.is_dir(), "listing the folder puts a whole one back"
+    assert (path / "model.safetensors").read_text() == "new", "the new folder was whole: it is the one kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best"]
+    ck.verify_checkpoint(path)
