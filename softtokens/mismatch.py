@@ -83,4 +83,5 @@ def warning(metrics: dict) -> str | None:
     return (f"rollout and scorer disagree by {m:.3g} nats per rollout on average (warning above {WARN_NATS}; "
             f"near-ties {metrics['mismatch/near_tie_rate']:.1%} of CoT steps, argmax flips "
             f"{metrics['mismatch/flip_rate']:.1%}): the policy that is scored is not quite the one that sampled. "
-            "Float32 (dtype: float32) removes most of it; rollout_correction: tis caps its effect on the update.")
+            "Float32 (dtype: float32) removes most of it; rollout_correction: tis is for gaps well under a nat and "
+            "would weigh most of these rollouts near 0 (docs/METHOD.md §9).")
