@@ -5,8 +5,8 @@ from __future__ import annotations
 PROMPT_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first shows the complete reasoning process step by step, then provides the final answer "
-    "in \\boxed{{}}. The assistant must always follow the format: 'User: [question] Assistant: [detailed "
-    "reasoning] The final answer is: \\boxed{{[answer]}}.' User: {question} Assistant:"
+    "in \\boxed{}. The assistant must always follow the format: 'User: [question] Assistant: [detailed "
+    "reasoning] The final answer is: \\boxed{[answer]}.' User: {question} Assistant:"
 )
 
 MARKER = "The final answer is:"
@@ -24,10 +24,11 @@ def check_template(template: str) -> None:
 
 
 def format_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
-    """The raw-text prompt for one question; an empty question is an error, not an empty prompt."""
+    """The raw-text prompt for one question: ``{question}`` is the only slot, and every other brace (``\\boxed{}``)
+    is text. An empty question is an error, not an empty prompt."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"empty question: every question needs text (got {question!r})")
-    return template.format(question=question.strip())
+    return template.replace("{question}", question.strip())
 
 
 def ends_with_marker(text: str, marker: str = MARKER) -> bool:
