@@ -91,8 +91,9 @@ def combine(verdicts: list[str]) -> str:
 
 
 def load(grid: Path) -> tuple[dict, dict, str, int]:
-    """{mode: [results.json of each seed]}, {mode or 'base': [OOD results of each seed]}, the test set and k."""
-    evals, oods = {}, {}
+    """{mode or 'base': [results.json of each seed]}, {mode or 'base': [OOD results of each seed]}, the test set
+    and k."""
+    evals, oods = {"base": [json.loads(p.read_text()) for p in sorted((grid / "eval" / "base").glob("*/results.json"))]}, {}
     for mode in MODES:
         seeds = sorted((grid / "eval" / mode).glob("seed-*/results.json"))
         evals[mode] = [json.loads(p.read_text()) for p in seeds]
@@ -148,6 +149,29 @@ def claims(evals: dict, oods: dict, dataset: str, k: int) -> tuple[list[str], di
     return rows, out
 
 
+def learning_table(evals: dict, dataset: str) -> list[str]:
+    """Each seed's hard-greedy accuracy with its 95% Wilson interval against the base model's (before training):
+    a run learned when the two intervals are apart."""
+    from softtokens.passk import wilson_interval
+
+    def cell(r: dict) -> tuple[str, tuple[float, float]]:
+        s = r["datasets"][dataset]["hard_greedy"]
+        right = round(s["pass@k"]["1"] * s["problems"])
+        low, high = wilson_interval(right, s["problems"])
+        return f"{right}/{s['problems']} [{100 * low:.0f}-{100 * high:.0f}%]", (low, high)
+
+    if not evals["base"]:
+        return ["(no base-model evaluation: no before)"]
+    before, (_, base_high) = cell(evals["base"][0])
+    lines = ["| trained | seed | HG before (base) | HG after | after above before |", "|---|---:|---|---|---|"]
+    for mode in MODES:
+        for i, r in enumerate(evals[mode]):
+            after, (low, _) = cell(r)
+            lines.append(f"| {mode} | {r.get('config', {}).get('seed', i)} | {before} | {after} | "
+                         f"{'yes' if low > base_high else 'no'} |")
+    return lines
+
+
 def seed_table(evals: dict, oods: dict, dataset: str, k: int) -> list[str]:
     cols = [("HG", "hard_greedy", 1), ("HS1", "hard_sample", 1), (f"HS{k}", "hard_sample", k),
             ("FG", "fuzzy_greedy", 1), (f"FS{k}", "fuzzy_sample", k), ("SG", "soft_greedy", 1),
@@ -184,6 +208,8 @@ def main():
             ("c", "hard-CoT inference best whatever the training"),
             ("d", "soft and fuzzy training hurt out-of-domain NLL less"))],
         "", "Per seed (percent; OOD NLL: per-token NLL of the correct answer):", "", *seed_table(evals, oods, dataset, k),
+        "", "Did each seed learn? Hard-greedy correct / problems with 95% Wilson intervals, after training against the "
+        "base model (before):", "", *learning_table(evals, dataset),
     ])
     write_results(args, text, echo=True)
 

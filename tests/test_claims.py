@@ -45,6 +45,11 @@ def _grid(tmp_path: Path, hg: dict, hs16: dict, nll: dict) -> Path:
             out = grid / "ood" / mode / f"seed-{seed}"
             out.mkdir(parents=True)
             (out / "results.json").write_text(json.dumps({"datasets": {"arc_easy": {"nll": nll[mode][seed]}}}))
+    base = grid / "eval" / "base" / "smollm2"
+    base.mkdir(parents=True)
+    settings = {f"{m}_{s}": {"problems": 24, "pass@k": {"1": 0.0, "16": 0.0}} for m in claims.MODES
+                for s in ("greedy", "sample")}
+    (base / "results.json").write_text(json.dumps({"datasets": {"sums_test": settings}}))
     return grid
 
 
@@ -67,3 +72,4 @@ def test_a_grid_where_soft_does_not_learn(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "| (a) hard, soft and fuzzy training comparable at pass@1 | does not hold |" in out
     assert "| soft | 2 | 1.0 |" in out
+    assert "| hard | 0 | 0/24 [0-14%] | 12/24 [31-69%] | yes |" in out and "| soft | 0 | 0/24 [0-14%] | 0/24 [0-14%] | no |" in out
