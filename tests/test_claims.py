@@ -73,3 +73,18 @@ def test_a_grid_where_soft_does_not_learn(tmp_path):
     assert "| (a) hard, soft and fuzzy training comparable at pass@1 | does not hold |" in out
     assert "| soft | 2 | 1.0 |" in out
     assert "| hard | 0 | 0/24 [0-14%] | 12/24 [31-69%] | yes |" in out and "| soft | 0 | 0/24 [0-14%] | 0/24 [0-14%] | no |" in out
+
+
+def test_a_mode_with_one_seed_cannot_be_told(tmp_path):
+    import shutil
+
+    grid = _grid(tmp_path, hg={"hard": [50, 52, 54], "soft": [51, 53, 52], "fuzzy": [49, 50, 51]},
+                 hs16={"hard": [60, 61, 62], "soft": [80, 82, 81], "fuzzy": [79, 80, 81]},
+                 nll={"hard": [3.0, 3.1, 3.05], "soft": [2.5, 2.52, 2.51], "fuzzy": [2.6, 2.61, 2.62]})
+    for seed in (1, 2):
+        shutil.rmtree(grid / "eval" / "fuzzy" / f"seed-{seed}")
+        shutil.rmtree(grid / "ood" / "fuzzy" / f"seed-{seed}")
+    rows, verdicts = claims.claims(*claims.load(grid))
+    assert verdicts == {"a": claims.UNSURE, "b": claims.UNSURE, "c": claims.UNSURE, "d": claims.UNSURE}
+    assert any("HG: soft - hard" in r and r.endswith(f"| {claims.HOLDS} |") for r in rows), "soft's own rows still tell"
+    assert any("HG: fuzzy - hard | -3.0 [-inf, +inf]" in r for r in rows)
