@@ -1,11 +1,13 @@
 """One prompt per group (share_prompt) and no work on rows with advantage 0 (skip_zero_advantage): both give
 the unshared, unskipped computation's rollouts, scores and gradients."""
 
+import copy
+
 import pytest
 import torch
 
 from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
-from softtokens.models import set_activation_checkpointing, tiny_lm
+from softtokens.models import CausalLM, set_activation_checkpointing, tiny_lm
 from softtokens.policy import Policy
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import layout, score_rollouts
@@ -37,6 +39,10 @@ def scores_and_grads(lm, rollouts, share: bool):
 
 @pytest.mark.parametrize("cot_cfg", PLACEMENTS, ids=lambda c: f"{c.mode}-{c.noise_on}")
 def test_shared_prompt_scores_and_gradients_equal_unshared(lm, cot_cfg):
+    if cot_cfg.mode == "fuzzy" and cot_cfg.noise_on == "embedding":
+        # the gradient of softmax(z / 1e-4) E multiplies the two layouts' float32 rounding of z by 1e4 at a random
+        # model's near-ties (1.6e-3 apart on a CPU without AVX2): the computation itself is compared in float64
+        lm = CausalLM(copy.deepcopy(lm.model).double(), lm.tokenizer, lm.name)
     rollouts = generate_rollouts(lm, QUESTIONS, cot_cfg, ROLL)
     assert len(layout(rollouts, cot_cfg.mode != "hard", True).rows) == len(QUESTIONS)  # one packed row per group
     a, ga = scores_and_grads(lm, rollouts, share=False)
