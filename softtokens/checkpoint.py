@@ -117,8 +117,7 @@ def _write_dir(path: Path, write, card: str | None = None) -> Path:
     if card is not None:
         (tmp / "README.md").write_text(card)
     _write_checksums(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    if path.exists():  # recover() above has removed any earlier .old beside a whole folder
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
@@ -127,7 +126,8 @@ def _write_dir(path: Path, write, card: str | None = None) -> Path:
 
 def recover(path: Path) -> None:
     """After a kill between ``_write_dir``'s two renames (no ``path``, the old folder set aside): the new folder
-    when it is whole (its checksums pass), else the old one, goes back under ``path``; leftovers are removed."""
+    when it is whole (its checksums pass), else the old one, goes back under ``path``; an ``.old`` beside a whole
+    folder is removed (a ``.tmp`` left over is removed by the next write)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if not path.exists() and old.is_dir():
