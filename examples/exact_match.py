@@ -1,11 +1,12 @@
-"""A reward that is not maths: exact match of the boxed answer with a dataset column, in TRL's signature.
+"""A reward that is not maths: exact match of the boxed answer with a dataset column, called as TRL calls one.
 
     softtokens train --dataset examples/capitals.jsonl --reward examples/exact_match.py:exact_match \
         --mode soft --max-steps 20 --val-size 8 --output-dir runs/capitals
 
-softtokens calls it with the questions, the graded answers (``\\boxed{...}``)
-and every other column of the dataset as a keyword argument holding a list
-(here ``target``); it runs in the grading workers, under their timeout.
+softtokens calls it by keyword, as TRL does: the whole completions (CoT,
+prefill, answer) and every column of the dataset as a list under its own name
+(here ``target``); the last ``\\boxed{...}`` of a completion is the answer. It
+runs in the grading workers, under ``reward_timeout``.
 """
 
 from softtokens.reward import last_boxed

@@ -19,10 +19,11 @@ import signal
 import sys
 import threading
 import typing
+from pathlib import Path
 
 from softtokens import __version__
 from softtokens.config import (CoTConfig, EvalConfig, OODConfig, RolloutConfig, TrainConfig, config_from_dict,
-                               field_docs, parse_seeds)
+                               field_docs, parse_floats, parse_seeds)
 from softtokens.models import EMBEDDED_MODEL
 
 
@@ -45,7 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
             continue
         flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
         if typing.get_origin(kind) is list:
-            kind = _seeds_flag
+            kind = _floats_flag if typing.get_args(kind) == (float,) else _seeds_flag
         default = None if overrides else f.default
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
@@ -57,6 +58,13 @@ def _seeds_flag(text: str) -> list[int]:
     try:
         return parse_seeds(text)
     except ValueError as e:  # argparse prints this message, not "invalid parse_seeds value"
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _floats_flag(text: str) -> list[float]:
+    try:
+        return parse_floats(text)
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -96,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(ev, EvalConfig)
 
     tr = sub.add_parser("train", allow_abbrev=False, help="RL-train a model (RLOO) with hard, soft or fuzzy CoTs; checkpoints are HF models")
-    tr.add_argument("--config", default=None, help="a YAML file of TrainConfig keys (configs/*.yaml); flags override it")
+    tr.add_argument("--config", default=None, help="a YAML file of TrainConfig keys (configs/*.yaml); flags override it. "
+                    "With --resume and no --config, output_dir's saved config.yaml is the base")
     add_config_flags(tr, TrainConfig, overrides=True)
 
     ood = sub.add_parser("ood", allow_abbrev=False, help="check a trained model kept its general skills (HellaSwag, ARC, MMLU) vs its base")
@@ -123,11 +132,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args) -> int:
     from softtokens.mismatch import near_tie_rate
-    from softtokens.models import load_model, resolve_device
+    from softtokens.models import check_context, load_model, resolve_device
+    from softtokens.prompts import format_prompt
     from softtokens.rollout import generate_rollouts
 
     cot_cfg = config_from_args(CoTConfig, args)
     cfg = dataclasses.replace(config_from_args(RolloutConfig, args), record_top_k=max(args.show_top_k, 0))
+    for question in args.question:
+        format_prompt(question)  # an empty question fails here, before the model loads
+    check_context(args.model, cfg.max_cot_length + cfg.max_answer_length)
     device, dtype = resolve_device(args.device, args.dtype)
     lm = load_model(args.model, dtype=dtype, device=device)
     rollouts = generate_rollouts(lm, args.question, cot_cfg, cfg)
@@ -164,11 +177,12 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from softtokens.evaluate import check_eval, evaluate, parse_settings, setting_config
-    from softtokens.models import load_model, resolve_device
+    from softtokens.models import check_context, load_model, resolve_device
     from softtokens.report import report
 
     cfg = config_from_args(EvalConfig, args)
     datasets = check_eval(cfg)  # every input is checked before the model loads
+    check_context(args.model, cfg.max_cot_length + cfg.max_answer_length)
     device, dtype = resolve_device(args.device, args.dtype)
     if device == "cpu" and cfg.limit is None and not args.yes:
         rows = sum(len(ds) for ds in datasets.values()) * sum(
@@ -198,6 +212,11 @@ def cmd_train(args) -> int:
         if not isinstance(values, dict):
             raise ValueError(f"{args.config}: must hold a mapping of TrainConfig keys")
         source = args.config
+    elif args.resume:  # `train --output-dir D --resume`: the saved config is the base, flags override it
+        saved = Path(args.output_dir or TrainConfig.output_dir) / "config.yaml"
+        if saved.is_file():
+            values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "sigma"}
+            source = str(saved)
     values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = config_from_dict(TrainConfig, values, source)
     try:

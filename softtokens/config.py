@@ -47,6 +47,14 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(f"seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
+def parse_floats(text: str) -> list[float]:
+    """'1,0.5' -> [1.0, 0.5] (the --reward-weights flag)."""
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
+
+
 @dataclass
 class CoTConfig:
     """How the chain of thought is fed back (METHOD.md §2, §6)."""
@@ -182,10 +190,23 @@ class DataOptions:
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template as one user message (instruct models)."""
     reward: str = ""
-    """Your reward, 'package.module:function' or 'path/to/file.py:function', with TRL's signature f(prompts, completions, **columns) -> list[float] or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
+    """Your reward(s), 'package.module:function' or 'path/to/file.py:function' (several: comma-separated, or a YAML list), called as TRL calls one: f(prompts=, completions=, completion_ids=, trainer_state=, answers=, cot_modes=, **columns) -> list of floats or None, or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
+    reward_weights: list[float] | None = None
+    """Weights of the rewards' sum, one per reward (default: 1 each), as TRL's reward_weights."""
+    reward_timeout: float = 120.0
+    """Seconds a user reward may take for one batch; past it the run stops with an error naming the reward."""
 
     def __post_init__(self):
         prompts.check_template(self.prompt_template)
+        if isinstance(self.reward, (list, tuple)):  # the Python API's list of specs
+            self.reward = ",".join(self.reward)
+        if not self.reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+        if self.reward_weights is not None:
+            n = len([x for x in self.reward.split(",") if x.strip()])
+            if len(self.reward_weights) != n:
+                raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {n} reward(s): give one "
+                                 "per reward")
 
     def load_options(self, reward_fn=None) -> dict:
         """Keyword arguments of ``data.load_dataset`` for this run's data options (a custom reward may need no
@@ -288,8 +309,7 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
              "rollout_batch_size", "gradient_checkpointing", "share_prompt", "skip_zero_advantage",
              "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
-             "resume",
-             "resume_from_previous", "allow_unverified")
+             "resume", "resume_from_previous", "allow_unverified", "reward_timeout")
 
 
 @dataclass
@@ -476,11 +496,16 @@ def config_from_dict(cls, values: dict, source: str = "config"):
         if value is None and type(None) in typing.get_args(hints[key]):
             out[key] = None
         elif any(typing.get_origin(k) is list for k in kinds):
-            if isinstance(value, (str, int)) and not isinstance(value, bool):
-                value = parse_seeds(value)
+            floats = float in typing.get_args(next(k for k in kinds if typing.get_origin(k) is list))
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                value = (parse_floats if floats else parse_seeds)(value)
             if not isinstance(value, list):
                 raise ValueError(f"{source}: {key} must be a list such as [0, 1, 2], got {value!r}")
+            if floats:
+                value = parse_floats(",".join(str(x) for x in value))
             out[key] = value
+        elif str in kinds and isinstance(value, list) and all(isinstance(x, str) for x in value):
+            out[key] = ",".join(value)  # reward: [a.py:f, b.py:g]
         elif bool in kinds:
             if not isinstance(value, bool):
                 raise ValueError(f"{source}: {key} must be true or false, got {value!r}")

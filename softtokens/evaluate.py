@@ -28,7 +28,7 @@ from softtokens.models import CausalLM
 from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
-from softtokens.reward import Grader, reward_spec
+from softtokens.reward import Grader, check_rewards, reward_name, reward_spec, split_rewards
 from softtokens.rollout import generate_rollouts
 from softtokens.seeds import per_seed
 
@@ -46,7 +46,7 @@ PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
 # Keys of config.json that must match for --resume to continue a run.
 RESUME_KEYS = ("model", "datasets", "settings", "num_samples", "limit", "max_cot_length", "max_answer_length",
                "seed", "gamma", "require_number", "question_key", "answer_key", "split", "dataset_config",
-               "prompt_template", "chat_template", "reward")
+               "prompt_template", "chat_template", "reward", "reward_weights")
 
 
 def setting_config(name: str, gamma: float) -> CoTConfig:
@@ -84,16 +84,20 @@ def check_eval(cfg: EvalConfig, reward_fn=None) -> dict:
     (read through, so a missing column names its file and line), the reward's import and the output folder.
     Returns the datasets."""
     parse_settings(cfg.settings)
-    reward_spec(reward_fn or cfg.reward)
+    for r in split_rewards(reward_fn or cfg.reward):
+        reward_spec(r)  # an import error first, before the datasets are read
     prepare(cfg.out, "--out")
     names = split_names(cfg.datasets)
-    return {name: load_dataset(name, limit=cfg.limit, **cfg.load_options(reward_fn)) for name in names}
+    datasets = {name: load_dataset(name, limit=cfg.limit, **cfg.load_options(reward_fn)) for name in names}
+    check_rewards(reward_fn or cfg.reward, cfg.reward_weights, next(iter(datasets.values())).problems,
+                  cfg.reward_timeout)
+    return datasets
 
 
 def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=None, datasets: dict | None = None) -> dict:
     """Run (or resume) an evaluation and return the summary that ``results.json`` holds.
 
-    ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
+    ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of ``cfg.reward``.
     ``datasets``: what ``check_eval`` returned, to skip loading them again.
     With ``cfg.seeds``, one evaluation per seed in out/seed-N; returns {seed: summary}.
     """
@@ -105,12 +109,13 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     datasets = datasets or check_eval(cfg, reward_fn)
     run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
-                                     "reward": cfg.reward or getattr(reward_fn, "__qualname__", ""),
+                                     "reward": cfg.reward or ",".join(reward_name(r) for r in split_rewards(reward_fn)),
                                      "provenance": provenance(lm.name),
                                      "require_number": require_number(cfg.require_number, *names)}
     del run["resume"], run["out"]
     with FolderLock(prepare(cfg.out, "--out"), "--out"), \
-            Grader(cfg.grading_workers, cfg.grading_timeout, run["require_number"], reward_fn or cfg.reward) as grader:
+            Grader(cfg.grading_workers, cfg.grading_timeout, run["require_number"], reward_fn or cfg.reward,
+                   cfg.reward_weights, cfg.reward_timeout) as grader:
         _start(cfg, run)
         for name, ds in datasets.items():
             for setting in settings:
@@ -139,7 +144,7 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
             rollouts = generate_rollouts(lm, [ds.problems[i].question for i in idx], cot_cfg, rcfg, sigma=sigma)
             # rollouts are question-major: row j belongs to problem idx[j // n]
             owners = [ds.problems[idx[j // n]] for j in range(len(rollouts))]
-            handle = grader.submit([(p.answer, r.completion) for p, r in zip(owners, rollouts)], owners)
+            handle = grader.submit([(p.answer, r.completion) for p, r in zip(owners, rollouts)], owners, rollouts)
             if pending is not None:  # the previous batch was grading while this one generated
                 _write(path, ds, grader, *pending, cfg, bar)
             pending = (idx, rollouts, handle, n)

@@ -241,6 +241,37 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]
     return device, dtype
 
 
+EMBEDDED_CONTEXT = 8192  # llama.context_length of the embedded GGUF (a test reads it from the file)
+
+
+def model_context(name: str) -> int | None:
+    """The model's context length from its config alone, without its weights (the embedded model, a local
+    folder, a hub model in the local cache); None where it cannot be read so cheaply (a .gguf file)."""
+    import json
+
+    if name == EMBEDDED_MODEL:
+        return EMBEDDED_CONTEXT
+    try:
+        if os.path.isdir(name):
+            config = json.loads((Path(name) / "config.json").read_text())
+            return config.get("max_position_embeddings")
+        if name.endswith(".gguf") or name.startswith((".", "/", "~")):
+            return None
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(name, local_files_only=True), "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001  not readable here: the load will say what is wrong
+        return None
+
+
+def check_context(name: str, tokens: int) -> None:
+    """A CoT and answer budget the model's context cannot hold fails before the model loads."""
+    context = model_context(name)
+    if context is not None and tokens >= context:
+        raise ValueError(f"max_cot_length + max_answer_length = {tokens:,} tokens do not fit in the context of "
+                         f"{name} ({context:,} tokens, before the prompt): lower max_cot_length")
+
+
 def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str = "cpu") -> CausalLM:
     """Load a causal LM and tokenizer from the embedded default, a .gguf file, a local directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

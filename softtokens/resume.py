@@ -1,7 +1,11 @@
 """Which checkpoint a training run starts from, and what a resume may not change.
 
 A fresh run needs a folder without checkpoints or metrics (two runs' rows in
-one metrics.jsonl cannot be told apart). A resumed run must be the same run:
+one metrics.jsonl cannot be told apart). ``resume`` means "continue if there
+is something to continue, else start" (verl's ``resume_mode: auto``): a folder
+killed before its first checkpoint has its partial files cleared and the run
+starts from step 0, so a scheduler that always restarts with ``--resume``
+never meets a dead end. A resumed run must be the same run:
 its config is compared with the saved ``config.yaml``, and only the fields in
 ``config.RESUMABLE`` may differ. The last checkpoint must pass its SHA-256
 check; with ``resume_from_previous`` a damaged one is set aside and the one
@@ -11,6 +15,7 @@ before it is used.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,8 +34,28 @@ def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
             if k not in RESUMABLE and k in saved and saved[k] != v]
 
 
-def start_point(cfg: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run), or a one-line error saying why the folder cannot be used."""
+# What a run writes before its first checkpoint-<step>: cleared when --resume finds nothing to resume.
+PARTIAL = ("metrics.jsonl", "tensorboard", "checkpoint-best", "ood-before", "summary.json", "training.png")
+
+
+def partial_files(out: Path) -> list[Path]:
+    """A run's files in ``out`` that no checkpoint backs (and the .tmp / .old folders of a cut-short write)."""
+    return [p for p in [*(out / name for name in PARTIAL), *out.glob("checkpoint-*.tmp"), *out.glob("checkpoint-*.old")]
+            if p.exists()]
+
+
+def clear_partial(out: Path) -> list[str]:
+    """Remove what ``partial_files`` finds; returns the names removed."""
+    removed = []
+    for path in partial_files(out):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), or a one-line error saying why the folder cannot be
+    used. With resume and no checkpoint yet, the partial files are cleared (by the main rank) and None returned."""
     import yaml
 
     found = checkpoints(out)
@@ -38,11 +63,15 @@ def start_point(cfg: TrainConfig, out: Path) -> Path | None:
         if found:
             refuse_to_overwrite(out, "checkpoints", "output_dir")
         if (out / "metrics.jsonl").exists():
-            raise ValueError(f"{out} holds metrics.jsonl of an earlier run but no checkpoint to resume: delete the "
-                             "folder, or choose another output_dir")
+            raise ValueError(f"{out} holds metrics.jsonl of a run stopped before its first checkpoint: pass --resume "
+                             "to start it again from step 0, or choose another output_dir")
         return None
     if not found:
-        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
+        removed = clear_partial(out) if main else []
+        if main:
+            print(f"--resume: no checkpoint in {out} yet; starting from step 0"
+                  + (f" (cleared {', '.join(removed)})" if removed else ""))
+        return None
     saved = out / "config.yaml"
     if saved.is_file():
         changed = changed_fields(yaml.safe_load(saved.read_text()) or {}, cfg)

@@ -1,11 +1,19 @@
 """Rewards: Math-Verify's 100 / 10 / 0 with a correct / incorrect verdict (METHOD.md §4), or the user's own.
 
-A user's reward has TRL's signature, ``f(prompts, completions, **columns) ->
-list[float]`` (the columns are the dataset's other fields, as lists), and may
-return ``(rewards, correct)`` to set the accuracy metrics; otherwise a reward
-above 0 counts as correct. It is named ``package.module:function`` or
-``path/to/file.py:function`` and runs in the same workers, under the same
-guard, as Math-Verify.
+A user's reward is called as TRL's GRPOTrainer calls one, by keyword:
+``f(prompts=, completions=, completion_ids=, trainer_state=, **columns)``, where
+``completions`` are the whole completions (the CoT text -- for soft and fuzzy
+CoTs the greedy shadow -- then the prefill and the answer; as one assistant
+message when the question is a chat) and every dataset column arrives under its
+own name, the answer column included. softtokens adds ``answers=`` (the graded
+``\\boxed{...}`` text) and ``cot_modes=``. A reward returns one float per
+completion, or None where it does not apply; it may return ``(rewards,
+correct)`` to set the accuracy metrics, otherwise a total reward above 0
+counts as correct. Several rewards are summed with ``reward_weights`` (None
+entries left out), as in TRL. A reward is named ``package.module:function`` or
+``path/to/file.py:function`` and runs in the grading workers, under a time
+limit (``reward_timeout``): a reward that does not return stops the run with
+an error, it never scores the batch 0.
 
 Math-Verify's own timeouts use ``signal.alarm``, which only works in a main
 thread (one RL framework scored every MATH item 0 because of it). So grading
@@ -33,10 +41,12 @@ import importlib.util
 import math
 import multiprocessing
 import os
+import numbers
 import re
+import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CORRECT, BOXED, NONE = 100.0, 10.0, 0.0
@@ -48,6 +58,40 @@ class Grade:
     reward: float
     correct: bool
     boxed: bool
+    parts: tuple = ()
+    """With user rewards: each reward's value for this completion (None where it did not apply)."""
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a reward's ``trainer_state`` holds (the fields of TRL's TrainerState a reward reads)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+
+
+@dataclass(frozen=True)
+class RewardRow:
+    """One completion as a user's reward sees it."""
+
+    gold: str
+    answer: str
+    """The graded text: ``\\boxed{`` and the answer."""
+    prompt: object
+    columns: dict = field(default_factory=dict)
+    completion: str = ""
+    """CoT text, prefill and answer."""
+    completion_ids: tuple = ()
+    cot_mode: str = ""
+    chat: bool = False
+
+
+# What a reward is called with besides the dataset's columns (a column of the same name is not passed).
+RESERVED = ("prompts", "completions", "completion_ids", "answers", "cot_modes", "trainer_state")
+
+
+class RewardTimeout(ValueError):
+    """A user's reward did not return within reward_timeout."""
 
 
 def last_boxed(text: str) -> str | None:
@@ -150,43 +194,115 @@ def reward_spec(reward) -> tuple[str | None, object]:
     return f"{module}:{name}", None
 
 
-def call_reward(fn, name: str, rows: list[tuple]) -> list[Grade]:
-    """Call a TRL-style reward on (gold, completion, prompt, columns) rows and check what it returns."""
-    n = len(rows)
-    keys = list(dict.fromkeys(k for *_, cols in rows for k in cols))
-    columns = {k: [cols.get(k) for *_, cols in rows] for k in keys}
+def _values(out, name: str, n: int) -> tuple[list, list | None]:
+    """A reward's return value checked: n numbers or None, and the optional verdicts."""
+    correct = None
+    if isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, (list, tuple)) for x in out):
+        out, correct = out
+    if not isinstance(out, (list, tuple)) and not (hasattr(out, "tolist") and not isinstance(out, (str, bytes))):
+        raise ValueError(f"reward {name} must return a list of {n} numbers (None where it does not apply), "
+                         f"got {type(out).__name__} {str(out)[:60]!r}")
+    out = list(out.tolist() if hasattr(out, "tolist") else out)
+    if len(out) != n or (correct is not None and len(correct) != n):
+        raise ValueError(f"reward {name} returned {len(out)} rewards"
+                         + (f" and {len(correct)} verdicts" if correct is not None else "") + f" for {n} completions")
+    for i, x in enumerate(out):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
+            raise ValueError(f"reward {name} must return numbers or None; item {i} is {type(x).__name__} {x!r}")
+        if x is not None and not math.isfinite(x):
+            raise ValueError(f"reward {name} returned a non-finite reward at item {i}: {x}")
+    return [None if x is None else float(x) for x in out], correct
+
+
+def call_reward(fn, name: str, rows: list[RewardRow], state: TrainerState | None = None) -> tuple[list, list | None]:
+    """Call one user reward as TRL does (keywords, every column under its own name); its checked values."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r.columns) if k not in RESERVED]
+    completions = [[{"role": "assistant", "content": r.completion}] if r.chat else r.completion for r in rows]
     try:
-        out = fn([r[2] for r in rows], [r[1] for r in rows], **columns)
+        out = fn(prompts=[r.prompt for r in rows], completions=completions,
+                 completion_ids=[list(r.completion_ids) for r in rows], answers=[r.answer for r in rows],
+                 cot_modes=[r.cot_mode for r in rows], trainer_state=state or TrainerState(),
+                 **{k: [r.columns.get(k) for r in rows] for k in keys})
+    except RewardTimeout:
+        raise
     except Exception as e:  # noqa: BLE001  the user's code: name it
         raise ValueError(f"reward {name} raised {type(e).__name__}: {e}") from None
-    correct = None
-    if isinstance(out, tuple) and len(out) == 2:
-        out, correct = out
+    return _values(out, name, len(rows))
+
+
+def combine(rewards: list[tuple[str, object]], weights: list[float] | None, rows: list[RewardRow],
+            state: TrainerState | None = None) -> list[Grade]:
+    """Every reward on the batch, summed with its weight (None entries left out, as TRL's nansum); the verdicts
+    of the first reward that gives some, else total > 0."""
+    weights = weights or [1.0] * len(rewards)
+    values, verdicts = [], None
+    for name, fn in rewards:
+        v, c = call_reward(fn, name, rows, state)
+        values.append(v)
+        verdicts = verdicts if verdicts is not None or c is None else [bool(x) for x in c]
+    grades = []
+    for i, row in enumerate(rows):
+        parts = tuple(v[i] for v in values)
+        total = sum(w * x for w, x in zip(weights, parts) if x is not None)
+        grades.append(Grade(total, verdicts[i] if verdicts is not None else total > 0,
+                            last_boxed(row.answer[-MAX_CHARS:]) is not None, parts))
+    return grades
+
+
+def reward_name(reward) -> str:
+    """The name a reward's metrics are logged under: its function's name."""
+    return reward.rpartition(":")[2] if isinstance(reward, str) else getattr(reward, "__name__", "reward")
+
+
+def split_rewards(reward) -> list:
+    """'a.py:f,b.py:g', ['a.py:f', fn] or fn -> the list of rewards ('' or None: none)."""
+    if reward is None or reward == "":
+        return []
+    if isinstance(reward, str):
+        return [x.strip() for x in reward.split(",") if x.strip()]
+    return list(reward) if isinstance(reward, (list, tuple)) else [reward]
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Raise RewardTimeout in the main thread when the body outlives ``seconds`` (a SIGUSR1 sent by a timer
+    thread interrupts even a sleep). Elsewhere than in the main thread, no limit."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    active = [True]
+
+    def on_timeout(signum, frame):
+        if active[0]:
+            active[0] = False
+            raise RewardTimeout(f"{what} did not return within reward_timeout {seconds:g} s: fix it, or raise "
+                                "reward_timeout")
+
+    old = signal.signal(signal.SIGUSR1, on_timeout)
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
     try:
-        rewards = [float(x) for x in out]
-    except (TypeError, ValueError):
-        raise ValueError(f"reward {name} must return a list of {n} numbers (or (rewards, correct)), "
-                         f"got {type(out).__name__}") from None
-    if len(rewards) != n or (correct is not None and len(list(correct)) != n):
-        raise ValueError(f"reward {name} returned {len(rewards)} rewards"
-                         + (f" and {len(list(correct))} verdicts" if correct is not None else "")
-                         + f" for {n} completions")
-    if not all(math.isfinite(r) for r in rewards):
-        raise ValueError(f"reward {name} returned a non-finite reward: {[r for r in rewards if not math.isfinite(r)][:3]}")
-    correct = [r > 0 for r in rewards] if correct is None else [bool(c) for c in correct]
-    return [Grade(r, c, last_boxed(row[1][-MAX_CHARS:]) is not None) for r, c, row in zip(rewards, correct, rows)]
+        yield
+    finally:
+        active[0] = False
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGUSR1, old)
 
 
 _LOADED: dict[str, object] = {}
 
 
-def _grade_many(rows: list[tuple], timeout: float, require_number: bool = False, reward: str | None = None) -> list[Grade]:
-    """One chunk, in a worker (or inline): Math-Verify, or the user's reward imported by its spec."""
-    if reward is None:
+def _grade_many(rows: list, timeout: float, require_number: bool = False, rewards: tuple = (),
+                weights: list[float] | None = None, state: TrainerState | None = None) -> list[Grade]:
+    """One chunk, in a worker (or inline): Math-Verify, or the user's rewards imported by their specs."""
+    if not rewards:
         return [grade_one(g, c, timeout, require_number) for g, c, *_ in rows]
-    if reward not in _LOADED:
-        _LOADED[reward] = load_reward(reward)
-    return call_reward(_LOADED[reward], reward, rows)
+    for spec in rewards:
+        if spec not in _LOADED:
+            _LOADED[spec] = load_reward(spec)
+    return combine([(spec, _LOADED[spec]) for spec in rewards], weights, rows, state)
 
 
 def _exit_with_parent() -> None:
@@ -223,18 +339,29 @@ def _workers_skip_user_main():
 class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
-    def __init__(self, workers: int = 2, timeout: float = 5.0, require_number: bool = False, reward=None):
-        """``reward``: None (Math-Verify), 'module:function' / 'file.py:function', or a function."""
+    def __init__(self, workers: int = 2, timeout: float = 5.0, require_number: bool = False, reward=None,
+                 reward_weights: list[float] | None = None, reward_timeout: float | None = 120.0):
+        """``reward``: None (Math-Verify), 'module:function' / 'file.py:function', a function, or a list of
+        them (comma-separated in a string), summed with ``reward_weights``."""
         if workers < 0:
             raise ValueError(f"grading workers must be >= 0, got {workers}")
         self.workers, self.timeout, self.require_number = workers, timeout, require_number
-        self.reward, self._local = reward_spec(reward)
+        rewards = split_rewards(reward)
+        check_weights(rewards, reward_weights)
+        specs = [reward_spec(r) for r in rewards]
+        self.names = [reward_name(r) for r in rewards]
+        self.weights, self.reward_timeout = reward_weights, reward_timeout
+        if any(spec is None for spec, _ in specs):  # a function workers cannot import: all are called here
+            self.reward, self._local = None, [(reward_name(r) if isinstance(r, str) else _qualified(r),
+                                               load_reward(spec) if spec else fn) for r, (spec, fn) in zip(rewards, specs)]
+        else:
+            self.reward, self._local = tuple(spec for spec, _ in specs), None
         self._pool: cf.ProcessPoolExecutor | None = None
 
     @property
     def custom(self) -> bool:
-        """Whether a user's reward grades (rather than Math-Verify)."""
-        return self.reward is not None or self._local is not None
+        """Whether user rewards grade (rather than Math-Verify)."""
+        return bool(self.reward) or self._local is not None
 
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
@@ -243,62 +370,75 @@ class Grader:
                                                 initializer=_exit_with_parent)
         return self._pool
 
-    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None):
+    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
+               state: TrainerState | None = None):
         """Start grading (gold, completion) pairs; returns a handle for ``result``. Inline graders grade now.
 
-        ``problems`` (one per pair) give a custom reward its prompts and columns.
+        ``problems`` (one per pair) give user rewards their prompts and columns, ``rollouts`` the whole
+        completions and their token ids, ``state`` the training step.
         """
         custom = self.custom
         if custom and (problems is None or len(problems) != len(pairs)):
             raise ValueError("a custom reward needs the problem of every completion (Grader.submit(pairs, problems))")
-        rows = [(g, c, p.question, p.columns) for (g, c), p in zip(pairs, problems)] if custom else list(pairs)
+        rows = reward_rows(pairs, problems, rollouts) if custom else list(pairs)
         if self._local is not None:
-            return call_reward(self._local, getattr(self._local, "__qualname__", "reward"), rows)
+            with time_limit(self.reward_timeout, f"reward {', '.join(n for n, _ in self._local)}"):
+                return combine(self._local, self.weights, rows, state)
         if self.workers == 0:
-            if self.reward is None and threading.current_thread() is not threading.main_thread():
+            if not custom and threading.current_thread() is not threading.main_thread():
                 raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
-            return _grade_many(rows, self.timeout, self.require_number, self.reward)
-        # Math-Verify goes out in chunks over the workers; a custom reward sees the whole batch in one call, as in TRL
-        chunk = max(1, len(rows) // (4 * self.workers)) if self.reward is None else max(1, len(rows))
-        return [self._submit(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
+            with time_limit(self.reward_timeout if custom else None, f"reward {', '.join(self.names)}"):
+                return _grade_many(rows, self.timeout, self.require_number, self.reward or (), self.weights, state)
+        # Math-Verify goes out in chunks over the workers; user rewards see the whole batch in one call, as in TRL
+        chunk = max(1, len(rows) // (4 * self.workers)) if not custom else max(1, len(rows))
+        return [self._submit(rows[i : i + chunk], state) for i in range(0, len(rows), chunk)]
 
-    def _submit(self, rows: list[tuple]):
+    def _submit(self, rows: list, state: TrainerState | None = None):
         for _ in range(2):
             pool = self._executor()
             try:
                 with _workers_skip_user_main():  # submit starts the workers
-                    return rows, pool, pool.submit(_grade_many, rows, self.timeout, self.require_number, self.reward)
+                    return rows, state, pool, pool.submit(_grade_many, rows, self.timeout, self.require_number,
+                                                          self.reward or (), self.weights, state)
             except cf.process.BrokenProcessPool:  # a worker died while the pool was idle
                 self._kill()
         raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")
 
     def result(self, handle) -> list[Grade]:
-        """The grades of a submitted batch. A chunk that outlives its guard (3 Math-Verify calls per pair,
-        each under the timeout) scores 0 and its worker is killed. A chunk lost to a dead worker is regraded
-        in a fresh pool, twice at most (then it scores 0: its input kills workers)."""
+        """The grades of a submitted batch. A Math-Verify chunk that outlives its guard (3 calls per pair, each
+        under the timeout) scores 0 and its worker is killed; a user reward that outlives reward_timeout stops
+        the run (RewardTimeout). A chunk lost to a dead worker is regraded in a fresh pool, twice at most (then
+        it scores 0: its input kills workers)."""
         if self.workers == 0 or self._local is not None:
             return handle
         out = []
-        for pairs, pool, fut in handle:
-            zeros = [Grade(NONE, False, last_boxed(c[-MAX_CHARS:]) is not None) for _, c, *_ in pairs]
+        for rows, state, pool, fut in handle:
+            zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:])
+                           is not None) for r in rows]
+            limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + 5
             for attempt in range(3):
                 try:
-                    out += fut.result(timeout=self.timeout * (3 * len(pairs) + 1) + 5)
+                    out += fut.result(timeout=limit)
                 except cf.TimeoutError:
                     self._kill()
+                    if self.custom:
+                        raise RewardTimeout(f"reward {', '.join(self.names)} did not return within reward_timeout "
+                                            f"{limit:g} s (a batch of {len(rows)} completions): fix it, or raise "
+                                            "reward_timeout") from None
                     out += zeros
                 except (cf.process.BrokenProcessPool, cf.CancelledError):
                     if attempt < 2:
                         if self._pool is pool:  # the pool that lost it is broken for good: start a new one
                             self._kill()
-                        _, pool, fut = self._submit(pairs)
+                        _, _, pool, fut = self._submit(rows, state)
                         continue
                     out += zeros
                 break
         return out
 
-    def grade(self, pairs: list[tuple[str, str]], problems: list | None = None) -> list[Grade]:
-        return self.result(self.submit(pairs, problems))
+    def grade(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
+              state: TrainerState | None = None) -> list[Grade]:
+        return self.result(self.submit(pairs, problems, rollouts, state))
 
     def _kill(self) -> None:
         pool, self._pool = self._pool, None
@@ -322,14 +462,64 @@ class Grader:
 class RewardFunction:
     """Any Python reward, (gold, completion) pairs -> Grades, behind the Grader's interface (experiments, tests)."""
 
+    names: list[str] = []
+
     def __init__(self, fn):
         self.fn = fn
 
-    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None):
+    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts=None, state=None):
         return self.fn(pairs)
 
     def result(self, handle) -> list[Grade]:
         return handle
 
-    def grade(self, pairs: list[tuple[str, str]], problems: list | None = None) -> list[Grade]:
+    def grade(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts=None, state=None) -> list[Grade]:
         return self.fn(pairs)
+
+
+def _qualified(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', 'reward')}"
+
+
+def check_weights(rewards: list, weights: list[float] | None) -> None:
+    if weights is not None and len(weights) != len(rewards):
+        raise ValueError(f"reward_weights has {len(weights)} weights for {len(rewards)} reward(s): give one per reward")
+
+
+def reward_rows(pairs: list[tuple[str, str]], problems: list, rollouts: list | None = None) -> list[RewardRow]:
+    """What user rewards see of each completion: the problem's prompt and columns, and, given the rollouts, the
+    whole completion (CoT, prefill, answer), its token ids and the CoT mode."""
+    from softtokens.data import is_chat
+
+    rows = []
+    for i, ((gold, answer), p) in enumerate(zip(pairs, problems)):
+        r = rollouts[i] if rollouts is not None else None
+        whole = r.cot_text + r.prefill_text + r.answer_text if r is not None else answer
+        ids = tuple(r.cot_ids) + tuple(r.prefill_ids) + tuple(r.answer_ids) if r is not None else ()
+        rows.append(RewardRow(gold, answer, p.question, p.columns, whole, ids, r.mode if r is not None else "",
+                              is_chat(p.question)))
+    return rows
+
+
+def check_rewards(reward, weights: list[float] | None, problems: list, timeout: float | None = 120.0) -> None:
+    """Call the user's rewards once, in this process, on two made-up completions of the dataset's first rows
+    (a right boxed answer and an empty one): a reward that raises, hangs, returns the wrong length, a string or
+    NaN fails here, in one line, before the model loads."""
+    from softtokens.prompts import ANSWER_PREFIX
+
+    rewards = split_rewards(reward)
+    if not rewards or not problems:
+        return
+    check_weights(rewards, weights)
+    fns = [(reward_name(r) if isinstance(r, str) else _qualified(r), load_reward(r) if isinstance(r, str) else r)
+           for r in rewards]
+    p = problems[0]
+    answers = [ANSWER_PREFIX + (p.answer or "0") + "}", ANSWER_PREFIX + "}"]
+    rows = [RewardRow(p.answer, a, p.question, p.columns, "Let me think. The final answer is: " + a, (), "hard",
+                      False) for a in answers]
+    try:
+        with time_limit(timeout, f"reward {', '.join(n for n, _ in fns)}"):
+            combine(fns, weights, rows, TrainerState(0, 1))
+    except ValueError as e:
+        raise type(e)(f"{e} (checked on made-up completions of the dataset's first row, before the model loads)") \
+            from None

@@ -12,7 +12,8 @@ backpropagated through the CoT's time steps (the stored noisy inputs are data),
 and the baseline is leave-one-out within each prompt's group.
 
 Checkpoints every ``save_steps`` (and on SIGINT / SIGTERM, after which the run
-exits 130 / 143 so a scheduler requeues it) can be resumed with ``--resume``;
+exits 130 / 143 so a scheduler requeues it) can be resumed with ``--resume``
+(which starts from step 0 when no checkpoint was written yet);
 the problem order and every rollout are functions of (seed, step), so a
 resumed run on CPU repeats the uninterrupted one step for step. A resume cuts
 metrics.jsonl (and TensorBoard) back to the checkpoint's step, so each step has
@@ -49,7 +50,7 @@ from softtokens.data import Problem, load_dataset, require_number
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
 from softtokens.metrics import MetricsLogger, check_report_to
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
-from softtokens.models import CausalLM, load_model, resolve_device
+from softtokens.models import CausalLM, check_context, load_model, resolve_device
 from softtokens.ood import TABLE2, ood_eval, table2
 from softtokens.outdir import FolderLock, prepare
 from softtokens.passk import wilson_interval
@@ -58,7 +59,7 @@ from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
 from softtokens.resume import set_aside_later, start_point
-from softtokens.reward import Grader, reward_spec
+from softtokens.reward import Grader, TrainerState, check_rewards, reward_name, split_rewards
 from softtokens.rollout import generate_rollouts, prefill_tokens
 from softtokens.scoring import computed_tokens, score_rollouts
 from softtokens.seeds import per_seed
@@ -88,6 +89,7 @@ class RowStats(NamedTuple):
     stop: str
     entropy_sum: float
     generated: int  # CoT + prefill + answer tokens
+    parts: tuple = ()  # each user reward's value (None: did not apply)
 
 
 def _share(n: int, d: Dist) -> range:
@@ -112,7 +114,8 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     def submit(batch):
         start = sum(n for n, _ in handles)
         rows = owners[start : start + len(batch)]
-        handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows)))
+        handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows, batch,
+                                                  TrainerState(step, cfg.max_steps))))
 
     dev = policy.lm.device
     rollout_cfg = cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature)
@@ -126,7 +129,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     with record_function("softtokens/grading"):
         grades = [g for _, h in handles for g in grader.result(h)]
     stats = [RowStats(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
-                      r.cot_length + len(r.prefill_ids) + len(r.answer_ids))
+                      r.cot_length + len(r.prefill_ids) + len(r.answer_ids), g.parts)
              for g, r in zip(grades, rollouts)]
     rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
@@ -151,7 +154,20 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     losses = gather_objects((loss_sum, kl_sum, skipped, scored, prefilled), d)
     seen = [row for part in gather_objects(seen, d) for row in part]
     return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
-                        (t0, t1, t2, t3, t4))
+                        (t0, t1, t2, t3, t4)) | reward_means(getattr(grader, "names", []), rows)
+
+
+def reward_means(names: list[str], rows: list[RowStats]) -> dict:
+    """rewards/<name>/mean of each user reward over the rows it applied to (TRL's names), given several."""
+    if len(names) < 2:
+        return {}
+    out = {}
+    for i, name in enumerate(names):
+        values = [row.parts[i] for row in rows if len(row.parts) > i and row.parts[i] is not None]
+        key = f"rewards/{name}/mean" if names.count(name) == 1 else f"rewards/{name}_{i}/mean"
+        if values:  # a step where it applied to no row has no mean
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, advantages: torch.Tensor,
@@ -247,7 +263,8 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     mine = list(range(d.rank, len(problems), d.world))
     rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, cfg.rollout(cfg.seed, 1, 0.0),
                                  rows=[(i, 0) for i in mine])
-    grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)], [problems[i] for i in mine])
+    grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)], [problems[i] for i in mine],
+                          rollouts)
     if examples is not None:
         examples += [{"question": r.question, "cot": r.cot_text, "answer": r.completion, "correct": g.correct,
                       "cot_length": r.cot_length, "stop": r.stop_reason} for r, g in zip(rollouts, grades)]
@@ -276,8 +293,8 @@ def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: T
 
 def grading_rule(strict: bool, reward) -> str:
     """The grading rule in words, for summary.json."""
-    if reward:
-        return f"custom reward {getattr(reward, '__qualname__', reward)}"
+    if split_rewards(reward):
+        return "custom reward " + ", ".join(reward_name(r) for r in split_rewards(reward))
     return ("strict: the boxed answer must be the gold number itself (Math-Verify on plain numbers; an equal "
             "expression such as 20 + 10 is wrong)" if strict else
             "Math-Verify: the boxed answer must equal the gold answer (an equal expression counts)")
@@ -321,7 +338,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
           callbacks: list | None = None) -> dict:
     """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
 
-    ``reward_fn``: a reward function with TRL's signature (``reward.py``), in place of ``cfg.reward``.
+    ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of ``cfg.reward``.
     ``lm``: an already loaded model to train instead of loading ``cfg.model`` (one process; in the master
     dtype that ``policy.plan`` gives), as TRL's trainers take a model object.
     ``callbacks``: functions called as ``fn(step, metrics)`` after each step on every rank (TRL's on_step_end),
@@ -339,12 +356,14 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     if main:
         prepare(out, "output_dir")
     with FolderLock(out, "output_dir") if main else nullcontext():
-        start = start_point(cfg, out)
+        start = start_point(cfg, out, main)
         # the data and the reward are checked before the model loads (minutes for a large hub model)
         data = load_dataset(cfg.dataset, **cfg.load_options(reward_fn))
         if cfg.val_size >= len(data):
             raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
-        custom = reward_spec(reward_fn or cfg.reward) != (None, None)
+        custom = bool(split_rewards(reward_fn or cfg.reward))
+        check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
+        check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
         check_report_to(cfg.report_to)
         held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
             if cfg.eval_before_after else []
@@ -523,30 +542,33 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
     state, stopping = run.state, False
     train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
     strict = require_number(cfg.require_number, cfg.dataset, *([cfg.eval_dataset] if held_out else []))
-    with Grader(cfg.grading_workers, require_number=strict, reward=reward_fn or cfg.reward) as grader, \
+    with Grader(cfg.grading_workers, require_number=strict, reward=reward_fn or cfg.reward,
+                reward_weights=cfg.reward_weights, reward_timeout=cfg.reward_timeout) as grader, \
             StopFlag() as stop:
         run.check(grader, "before")
         if progress and d.main:
             from tqdm import tqdm
 
             run.bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
-        while state["step"] < cfg.max_steps and not stopping:
-            problems = problems_for_step(train_set, state["step"], cfg.prompts_per_step, cfg.seed)
-            metrics = train_step(run.policy, run.ref, run.optimizer, run.scheduler, grader, cfg, state["sigma"],
-                                 problems, state["step"], d=d)
-            state["step"] += 1
-            last = state["step"] == cfg.max_steps
-            if cfg.eval_steps and cfg.val_size and (state["step"] % cfg.eval_steps == 0 or last):
-                run.validate_and_keep_best(grader, val_set, metrics)
-            run.log(metrics, last)
-            for fn in callbacks or ():
-                fn(state["step"], metrics)
-            stopping = any_rank(stop.set, d)
-            if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stopping:
-                run.save_and_prune()
-        if run.bar is not None:
-            run.bar.close()
-            run.bar = None
+        try:
+            while state["step"] < cfg.max_steps and not stopping:
+                problems = problems_for_step(train_set, state["step"], cfg.prompts_per_step, cfg.seed)
+                metrics = train_step(run.policy, run.ref, run.optimizer, run.scheduler, grader, cfg, state["sigma"],
+                                     problems, state["step"], d=d)
+                state["step"] += 1
+                last = state["step"] == cfg.max_steps
+                if cfg.eval_steps and cfg.val_size and (state["step"] % cfg.eval_steps == 0 or last):
+                    run.validate_and_keep_best(grader, val_set, metrics)
+                run.log(metrics, last)
+                for fn in callbacks or ():
+                    fn(state["step"], metrics)
+                stopping = any_rank(stop.set, d)
+                if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stopping:
+                    run.save_and_prune()
+        finally:  # an error's message then starts a line of its own, not the progress bar's
+            if run.bar is not None:
+                run.bar.close()
+                run.bar = None
         if stopping and not last:
             if run.logger is not None:
                 run.logger.close()

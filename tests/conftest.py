@@ -67,7 +67,7 @@ def use_reward(monkeypatch, fn=space_reward):
     """Make every Grader grade with ``fn`` (train() builds its own Grader)."""
     from softtokens import reward
 
-    monkeypatch.setattr(reward.Grader, "submit", lambda self, pairs, problems=None: fn(pairs))
+    monkeypatch.setattr(reward.Grader, "submit", lambda self, pairs, *rest: fn(pairs))
     monkeypatch.setattr(reward.Grader, "result", lambda self, handle: handle)
 
 

@@ -21,7 +21,7 @@ GENERATE_FLAGS = [
 
 
 DATA_FLAGS = ["--answer-key", "--chat-template", "--dataset-config", "--prompt-template", "--question-key", "--reward",
-              "--skip-bad", "--split"]
+              "--reward-timeout", "--reward-weights", "--skip-bad", "--split"]
 FLAGS = {
     "generate": GENERATE_FLAGS,
     "eval": sorted(DATA_FLAGS + ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout",
@@ -225,17 +225,68 @@ def test_cli_habits(model_dir, tmp_path):
     (["eval", "--datasets", "gsm8k"], "pass --limit N to evaluate the first N problems of each set, or --yes"),
     (["train", "--dataset", "{bad}"], "no answer column"),
     (["train", "--reward", "{example}:nothere"], "has no function nothere"),
+    (["train", "--dataset", "sums_train", "--reward", "{rewards}:text"], "reward text must return numbers or None; item 0 is str"),
+    (["train", "--dataset", "sums_train", "--reward", "{rewards}:short"], "reward short returned 1 rewards for 2 completions"),
+    (["train", "--dataset", "sums_train", "--reward", "{rewards}:nan"], "returned a non-finite reward at item 0: nan"),
+    (["train", "--dataset", "sums_train", "--reward", "{rewards}:fails"], "reward fails raised ZeroDivisionError"),
+    (["train", "--dataset", "sums_train", "--reward", "{rewards}:hangs", "--reward-timeout", "2"],
+     "reward hangs did not return within reward_timeout 2 s"),
+    (["train", "--dataset", "sums_train", "--reward", "{rewards}:short,{rewards}:text", "--reward-weights", "1"],
+     "reward_weights has 1 weights for 2 reward(s)"),
+    (["generate", "--question", "What is 1 + 1?", "--question", " "], "empty question"),
 ])
 def test_bad_input_fails_before_the_model_loads(tmp_path, args, message):
-    """--model names a model that does not exist: reaching the load would be a different error."""
+    """--model names a model that does not exist: reaching the load would be a different error. Each message
+    is one line."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "target": "1"}\n')
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("import time\n"
+                       "def text(completions, **kw): return ['1' for c in completions]\n"
+                       "def short(completions, **kw): return [1.0]\n"
+                       "def nan(completions, **kw): return [float('nan')] * len(completions)\n"
+                       "def fails(completions, **kw): return [1 / 0]\n"
+                       "def hangs(completions, **kw): time.sleep(600)\n")
     example = str(Path(__file__).resolve().parent.parent / "examples" / "exact_match.py")
-    args = [a.format(bad=bad, example=example) for a in args]
-    out_flag = "--out" if args[0] == "eval" else "--output-dir"
-    res = run_cli(*args, "--model", str(tmp_path / "no-model"), out_flag, str(tmp_path / "o"), "--device", "cpu")
+    args = [a.format(bad=bad, example=example, rewards=rewards) for a in args]
+    out_flag = {"eval": ["--out", str(tmp_path / "o")], "train": ["--output-dir", str(tmp_path / "o")]}.get(args[0], [])
+    res = run_cli(*args, "--model", str(tmp_path / "no-model"), *out_flag, "--device", "cpu")
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
-    assert "no model at" not in res.stderr
+    assert "no model at" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_lengths_beyond_the_context_fail_before_the_model_loads(command, tmp_path):
+    """The embedded model's context is read from its config alone: a failure after loading would take seconds
+    more and print another message."""
+    extra = {"train": ["--dataset", "sums_train", "--output-dir", str(tmp_path / "o")],
+             "eval": ["--datasets", "sums_test", "--limit", "1", "--out", str(tmp_path / "o")],
+             "generate": ["--question", "What is 1 + 1?"]}[command]
+    res = run_cli(command, "--max-cot-length", "1000000000", *extra)
+    assert res.returncode == 2 and "do not fit in the context of smollm2 (8,192 tokens" in res.stderr, res.stderr[-800:]
+
+
+def test_the_embedded_context_is_the_one_in_its_file():
+    from gguf import GGUFReader
+
+    from softtokens.models import EMBEDDED_CONTEXT, embedded_model_path
+
+    fields = GGUFReader(str(embedded_model_path())).fields
+    field = fields["llama.context_length"]
+    assert int(field.parts[field.data[0]][0]) == EMBEDDED_CONTEXT
+
+
+def test_resume_with_only_the_output_dir_takes_the_saved_config(model_dir, tmp_path):
+    out = tmp_path / "out"
+    first = run_cli("train", "--model", model_dir, "--dataset", "gsm8k", "--val-size", "2", "--prompts-per-step", "1",
+                    "--num-generations", "2", "--max-cot-length", "2", "--max-answer-length", "2", "--max-steps", "1",
+                    "--grading-workers", "0", "--learning-rate", "1e-4", "--output-dir", str(out))
+    assert first.returncode == 0, first.stderr[-800:]
+    again = run_cli("train", "--output-dir", str(out), "--resume", "--max-steps", "2")
+    assert again.returncode == 0, again.stderr[-800:]
+    assert "resuming from" in again.stdout and checkpoints(out)[-1].name == "checkpoint-2"
+    refused = run_cli("train", "--output-dir", str(out), "--resume", "--max-steps", "3", "--learning-rate", "1")
+    assert refused.returncode == 2 and "learning_rate: 0.0001 -> 1.0" in refused.stderr
 
 
 def test_every_command_has_a_help(capsys):

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
 from softtokens.config import TrainConfig, config_from_dict
@@ -41,3 +42,21 @@ def test_the_ablations_are_the_papers():
     topk = [c for c in cfgs.values() if c.get("noise_on") == "topk_logits"]
     assert sorted(c["top_k"] for c in topk) == [5, 50] and all(c["temperature"] == 1.0 and c["mode"] == "soft"
                                                                for c in topk)
+
+
+def test_several_rewards_and_their_weights_in_yaml_flags_and_python():
+    from softtokens.cli import build_parser, config_from_args
+
+    cfg = config_from_dict(TrainConfig, {"reward": ["a.py:f", "b.py:g"], "reward_weights": [1, 0.5]})
+    assert cfg.reward == "a.py:f,b.py:g" and cfg.reward_weights == [1.0, 0.5]
+    assert TrainConfig(reward=["a.py:f", "b.py:g"], reward_weights=[1.0, 2.0]).reward == "a.py:f,b.py:g"
+    args = build_parser().parse_args(["eval", "--reward", "a.py:f,b.py:g", "--reward-weights", "1,0.25"])
+    from softtokens.config import EvalConfig
+
+    assert config_from_args(EvalConfig, args).reward_weights == [1.0, 0.25]
+    with pytest.raises(ValueError, match="reward_weights has 1 weights for 2 reward"):
+        TrainConfig(reward="a.py:f,b.py:g", reward_weights=[1.0])
+    with pytest.raises(ValueError, match="reward_timeout must be > 0"):
+        TrainConfig(reward_timeout=0)
+    with pytest.raises(ValueError, match="expected comma-separated numbers"):
+        config_from_dict(TrainConfig, {"reward_weights": "1,x"})

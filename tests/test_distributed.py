@@ -31,7 +31,7 @@ from softtokens import reward, trainer
 from softtokens.config import TrainConfig
 sys.path.insert(0, {tests!r})
 from conftest import space_reward
-reward.Grader.submit = lambda self, pairs, problems=None: space_reward(pairs)
+reward.Grader.submit = lambda self, pairs, *rest: space_reward(pairs)
 reward.Grader.result = lambda self, handle: handle
 summary = trainer.train(TrainConfig(**json.loads(open(sys.argv[1]).read())), progress=False)
 if os.environ["RANK"] == "0":

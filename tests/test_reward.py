@@ -232,3 +232,84 @@ def test_ctrl_c_while_grading_is_not_a_wrong_answer(monkeypatch):
     monkeypatch.setattr(math_verify, "parse", interrupted)
     with pytest.raises(KeyboardInterrupt):
         grade_one("7", "\\boxed{7}")
+
+
+TRL = str(Path(__file__).resolve().parent / "data" / "trl_rewards.py")
+
+
+class _Rollout:
+    """What reward_rows reads of a rollout."""
+
+    def __init__(self, cot, answer, mode="soft"):
+        self.cot_text, self.prefill_text, self.answer_text, self.mode = cot, " The final answer is: \\boxed{", answer, mode
+        self.cot_ids, self.prefill_ids, self.answer_ids = [1] * len(cot.split()), [2, 3], [4] * len(answer)
+
+
+def _trl_batch(chat=False):
+    from softtokens.data import Problem
+
+    tasks = ["math", "code", "math"]
+    question = lambda i: [{"role": "user", "content": f"q{i}"}] if chat else f"q{i}"  # noqa: E731
+    problems = [Problem(str(i), question(i), "7", {"ground_truth": "7", "task": t}) for i, t in enumerate(tasks)]
+    rollouts = [_Rollout("3 + 4 = 7.", "7}"), _Rollout("hmm", "8}"), _Rollout("", "}")]
+    pairs = [("7", "\\boxed{" + r.answer_text) for r in rollouts]
+    return pairs, problems, rollouts
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_trl_documented_rewards_run_unchanged(workers):
+    """Called by keyword; completions are the whole completion (CoT, prefill, answer); columns by their names;
+    None means 'does not apply'; several rewards are summed with their weights."""
+    from softtokens.reward import TrainerState
+
+    pairs, problems, rollouts = _trl_batch()
+    whole = [r.cot_text + r.prefill_text + r.answer_text for r in rollouts]
+    specs = [f"{TRL}:{f}" for f in ("reward_len", "reward_func", "math_reward_func", "step_reward", "ids_reward")]
+    with Grader(workers=workers, reward=",".join(specs), reward_weights=[1.0, 10.0, 100.0, 1000.0, 0.5]) as grader:
+        grades = grader.grade(pairs, problems, rollouts, TrainerState(global_step=3, max_steps=9))
+    lengths = [-abs(20 - len(c)) for c in whole]
+    ids = [len(r.cot_ids) + 2 + len(r.answer_ids) for r in rollouts]
+    assert [g.parts for g in grades] == [(lengths[0], 1.0, 1.0, 3.0, ids[0]), (lengths[1], 0.0, None, 3.0, ids[1]),
+                                         (lengths[2], 0.0, 1.0, 3.0, ids[2])]
+    assert grades[1].reward == pytest.approx(lengths[1] + 3000 + 0.5 * ids[1]), "None is left out of the sum"
+    assert grades[0].reward == pytest.approx(lengths[0] + 10 + 100 + 3000 + 0.5 * ids[0])
+    assert grader.names == ["reward_len", "reward_func", "math_reward_func", "step_reward", "ids_reward"]
+
+
+def test_a_chat_dataset_gets_completions_as_messages():
+    pairs, problems, rollouts = _trl_batch(chat=True)
+    rollouts[0].cot_text = "<think>add</think><answer>"
+    rollouts[0].prefill_text, rollouts[0].answer_text = "", "7</answer>"
+    with Grader(workers=0, reward=f"{TRL}:format_reward_func") as grader:
+        assert [g.reward for g in grader.grade(pairs, problems, rollouts)] == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_reward_that_never_returns_stops_the_run(workers):
+    pairs, problems, rollouts = _trl_batch()
+    with Grader(workers=workers, reward=f"{TRL}:hangs", reward_timeout=2) as grader:
+        start = time.time()
+        with pytest.raises(ValueError, match=re.escape("reward hangs did not return within reward_timeout 2 s")):
+            grader.grade(pairs, problems, rollouts)
+        assert time.time() - start < 30
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return 'abc'", "must return a list of 2 numbers (None where it does not apply), got str 'abc'"),
+    ("return ['1', 2.0]", "must return numbers or None; item 0 is str '1'"),
+    ("return [float('nan'), 1.0]", "returned a non-finite reward at item 0: nan"),
+    ("return [1.0]", "returned 1 rewards for 2 completions"),
+    ("raise KeyError('solution')", "raised KeyError: 'solution'"),
+    ("import time; time.sleep(60)", "did not return within reward_timeout 1 s"),
+])
+def test_a_bad_reward_fails_on_made_up_completions_first(tmp_path, body, message):
+    from softtokens.data import Problem
+    from softtokens.reward import check_rewards
+
+    (tmp_path / "r.py").write_text(f"def bad(completions, **kwargs):\n    {body}\n")
+    problems = [Problem("0", "What is 3 + 4?", "7", {"answer": "7"})]
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        check_rewards(f"{tmp_path / 'r.py'}:bad", None, problems, timeout=1)
+    assert "before the model loads" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="reward_weights has 2 weights for 1 reward"):
+        check_rewards(f"{tmp_path / 'r.py'}:bad", [1.0, 2.0], problems)

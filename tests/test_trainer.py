@@ -278,11 +278,50 @@ def test_a_resume_is_the_same_run_and_a_folder_holds_one_run(model_dir, tmp_path
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(ValueError, match="metrics.jsonl of an earlier run"):
+    with pytest.raises(ValueError, match="metrics.jsonl of a run stopped before its first checkpoint: pass --resume"):
         tr.train(_cfg(model_dir, fresh, max_steps=1), progress=False)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         tr.train(_cfg(model_dir, tmp_path / "a-file", max_steps=1), progress=False)
+
+
+@pytest.mark.parametrize("phase", ["rollout", "logged", "checkpoint-write"])
+def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(model_dir, tmp_path, monkeypatch, capsys, phase):
+    """--resume with nothing to resume clears what the killed run left and starts again: the run finishes equal
+    to the uninterrupted one (a scheduler that always restarts with --resume never meets a dead end)."""
+    use_reward(monkeypatch)
+    cfg = lambda out, **kw: _cfg(model_dir, out, max_steps=2, eval_steps=1, save_steps=1, **kw)  # noqa: E731
+    tr.train(cfg(tmp_path / "full"), progress=False)
+    real_step, real_save = tr.train_step, tr.save_checkpoint
+
+    def killed_in_rollout(*args, **kw):
+        raise RuntimeError("killed")
+
+    def killed_in_write(path, *args, **kw):  # metrics row 1 and checkpoint-best are written, checkpoint-1 is not
+        if phase == "checkpoint-write":
+            Path(str(path) + ".tmp").mkdir()
+            (Path(str(path) + ".tmp") / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    if phase == "rollout":
+        monkeypatch.setattr(tr, "train_step", killed_in_rollout)
+    else:
+        monkeypatch.setattr(tr, "save_checkpoint", killed_in_write)
+    part = tmp_path / "part"
+    with pytest.raises(RuntimeError, match="killed"):
+        tr.train(cfg(part), progress=False)
+    assert not tr.checkpoints(part)
+    monkeypatch.setattr(tr, "train_step", real_step)
+    monkeypatch.setattr(tr, "save_checkpoint", real_save)
+    capsys.readouterr()
+    assert tr.train(cfg(part, resume=True), progress=False)["step"] == 2
+    assert f"--resume: no checkpoint in {part} yet; starting from step 0" in capsys.readouterr().out
+    a, b = _weights(tmp_path / "full" / "checkpoint-2"), _weights(part / "checkpoint-2")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    strip = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}  # noqa: E731
+                       for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip(part) == strip(tmp_path / "full"), "one row per step, equal to the uninterrupted run's"
+    assert not list(part.glob("*.tmp")), "the half-written checkpoint is gone"
 
 
 def test_lora_checkpoint_is_the_merged_model(model_dir, tmp_path, monkeypatch):
@@ -401,20 +440,30 @@ def test_a_custom_reward_in_a_full_run(model_dir, tmp_path):
     example = Path(__file__).resolve().parent.parent / "examples"
     seen = []
 
-    def starts_with_space(prompts, completions, target, **columns):
-        seen.append(len(target))
-        rewards = [1.0 if c.startswith("\\boxed{ ") else 0.0 for c in completions]
+    def starts_with_space(completions, answers, target, trainer_state, **columns):
+        seen.append((len(target), trainer_state.global_step))
+        assert all(c.endswith(a[len("\\boxed{"):]) for c, a in zip(completions, answers)), "whole completions"
+        rewards = [1.0 if a.startswith("\\boxed{ ") else 0.0 for a in answers]
         return rewards, [r > 0 for r in rewards]
 
     kw = dict(dataset=str(example / "capitals.jsonl"), val_size=4, eval_steps=0, max_steps=2)
     out = tr.train(_cfg(model_dir, tmp_path / "fn", **kw), progress=False, reward_fn=starts_with_space)
-    assert out["step"] == 2 and seen and all(n == 4 for n in seen), "the reward sees each step's batch and column"
+    assert out["step"] == 2 and seen[0] == (2, 0), "first a check on two made-up completions"
+    assert seen[1:] == [(4, 0), (4, 1)], "then each step's batch, its column and its step"
     spec = _cfg(model_dir, tmp_path / "spec", reward=f"{example / 'exact_match.py'}:exact_match", **kw)
     tr.train(spec, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "spec" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rollout/reward"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="reward: .* -> ''"):
         tr.train(dataclasses.replace(spec, reward="", max_steps=3, resume=True), progress=False)
+    trl = Path(__file__).resolve().parent / "data" / "trl_rewards.py"
+    several = _cfg(model_dir, tmp_path / "several", reward=[f"{trl}:reward_len", f"{trl}:step_reward"],
+                   reward_weights=[0.5, 2.0], **kw)
+    tr.train(several, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "several" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rewards/step_reward/mean"] for r in rows] == [0.0, 1.0]
+    assert [r["rollout/reward"] for r in rows] == pytest.approx([0.5 * r["rewards/reward_len/mean"] + 2.0 * s
+                                                                 for r, s in zip(rows, [0.0, 1.0])])
 
 
 def test_model_card_hub_push_and_report_to(model_dir, tmp_path, monkeypatch):
