@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from softtokens.errors import UsageError
+
 STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
 
 
-class CorruptCheckpoint(ValueError):
+class CorruptCheckpoint(UsageError):
     """A checkpoint whose files are not the ones that were written."""
 
 
@@ -237,7 +239,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not (path / STATE).is_file() or not files:
-        raise ValueError(f"checkpoint {path} is incomplete: it needs {STATE} and *.safetensors; delete it to resume "
+        raise UsageError(f"checkpoint {path} is incomplete: it needs {STATE} and *.safetensors; delete it to resume "
                          "from an earlier one")
     try:
         weights = {}
@@ -245,7 +247,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
             weights.update(load_file(str(w)))
         state = torch.load(path / STATE, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  any unreadable file means a corrupt checkpoint
-        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to resume from an "
+        raise UsageError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to resume from an "
                          "earlier one") from None
     return weights, state
 
@@ -258,11 +260,11 @@ def check_weights(path: Path, saved: dict, model) -> None:
         missing.discard("lm_head.weight")
     unexpected = set(saved) - set(own)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
+        raise UsageError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     for name, p in own.items():
         if name in saved and saved[name].shape != p.shape:
-            raise ValueError(f"checkpoint {path} does not match the model: {name} is {tuple(saved[name].shape)}, "
+            raise UsageError(f"checkpoint {path} does not match the model: {name} is {tuple(saved[name].shape)}, "
                              f"the model's is {tuple(p.shape)}")
 
 
@@ -276,7 +278,7 @@ def restore(policy, optimizer, scheduler, state: dict, path: Path) -> dict:
         set_optimizer_state_dict(policy.scorer, optimizer, state.pop("optimizer"), options=_options(policy, False))
         scheduler.load_state_dict(state.pop("scheduler"))
     except Exception as e:  # noqa: BLE001  an optimiser state of other parameters, or of an older format
-        raise ValueError(f"checkpoint {path}: its optimiser state does not fit this run ({type(e).__name__}: "
+        raise UsageError(f"checkpoint {path}: its optimiser state does not fit this run ({type(e).__name__}: "
                          f"{str(e)[:200]}); delete it to resume from an earlier one") from None
     rng = state.pop("rng")
     torch.set_rng_state(rng["torch"])

@@ -24,6 +24,7 @@ from pathlib import Path
 from softtokens import __version__
 from softtokens.config import (CoTConfig, EvalConfig, OODConfig, RolloutConfig, TrainConfig, config_from_dict,
                                field_docs, parse_floats, parse_seeds)
+from softtokens.errors import UsageError
 from softtokens.models import EMBEDDED_MODEL
 
 
@@ -187,7 +188,7 @@ def cmd_eval(args) -> int:
     if device == "cpu" and cfg.limit is None and not args.yes:
         rows = sum(len(ds) for ds in datasets.values()) * sum(
             cfg.num_samples if setting_config(s, cfg.gamma).sampled else 1 for s in parse_settings(cfg.settings))
-        raise ValueError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.max_cot_length} CoT tokens on a "
+        raise UsageError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.max_cot_length} CoT tokens on a "
                          "CPU (days): pass --limit N to evaluate the first N problems of each set, or --yes to run it all")
     lm = load_model(args.model, dtype=dtype, device=device)
     evaluate(lm, cfg, datasets=datasets)
@@ -208,9 +209,9 @@ def cmd_train(args) -> int:
         except FileNotFoundError:
             raise FileNotFoundError(f"no config file at {args.config}") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{args.config}: not valid YAML ({e})") from None
+            raise UsageError(f"{args.config}: not valid YAML ({e})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{args.config}: must hold a mapping of TrainConfig keys")
+            raise UsageError(f"{args.config}: must hold a mapping of TrainConfig keys")
         source = args.config
     elif args.resume:  # `train --output-dir D --resume`: the saved config is the base, flags override it
         saved = Path(args.output_dir or TrainConfig.output_dir) / "config.yaml"
@@ -252,7 +253,7 @@ def cmd_grid(args) -> int:
     if args.dry_run:
         return 0
     if resolve_device(args.device, args.dtype)[0] == "cpu" and plan.eval.get("limit") is None:
-        raise ValueError(f"{args.plan}: evaluating whole test sets on a CPU takes days; set eval: {{limit: N}}")
+        raise UsageError(f"{args.plan}: evaluating whole test sets on a CPU takes days; set eval: {{limit: N}}")
     try:
         print(run_grid(plan, args.device, args.dtype))
     except Stopped as e:
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"generate": cmd_generate, "eval": cmd_eval, "train": cmd_train, "ood": cmd_ood, "report": cmd_report,
                     "grid": cmd_grid}
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (UsageError, FileNotFoundError, FloatingPointError) as e:  # bad input; a bug keeps its traceback
         print(f"softtokens: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -10,25 +10,26 @@ from dataclasses import dataclass, fields
 
 from softtokens import cot, prompts
 from softtokens.estimators import CORRECTIONS
+from softtokens.errors import UsageError
 
 
 def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
     if noise_on not in cot.NOISE_ON:
-        raise ValueError(f"unknown noise_on {noise_on!r}: choose one of {', '.join(cot.NOISE_ON)}")
+        raise UsageError(f"unknown noise_on {noise_on!r}: choose one of {', '.join(cot.NOISE_ON)}")
     if noise_on != "embedding" and mode == "hard":
-        raise ValueError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
+        raise UsageError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
                          "(use mode soft or fuzzy, or noise_on embedding)")
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
 
 
 def check_seeds(seeds: list[int] | None) -> None:
     if seeds is None:
         return
     if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+        raise UsageError(f"seeds must be a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeats a seed: {seeds}")
+        raise UsageError(f"seeds repeats a seed: {seeds}")
 
 
 def split_names(text: str) -> list[str]:
@@ -44,7 +45,7 @@ def parse_seeds(text: str) -> list[int]:
     try:
         return [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+        raise UsageError(f"seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
 def parse_floats(text: str) -> list[float]:
@@ -52,7 +53,7 @@ def parse_floats(text: str) -> list[float]:
     try:
         return [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
+        raise UsageError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
 
 
 @dataclass
@@ -74,19 +75,19 @@ class CoTConfig:
 
     def __post_init__(self):
         if self.mode not in cot.MODES:
-            raise ValueError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
+            raise UsageError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
         if self.temperature is None:
             self.temperature = cot.DEFAULT_TEMPERATURE[self.mode]
         self.temperature = float(self.temperature)
         if self.mode == "hard" and self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 for hard CoT (0 = greedy), got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0 for hard CoT (0 = greedy), got {self.temperature}")
         if self.mode != "hard" and not self.temperature > 0:
-            raise ValueError(
+            raise UsageError(
                 f"temperature must be > 0 for {self.mode} CoT (got {self.temperature}): the mixture "
                 "softmax(z/tau) E is undefined at tau <= 0; use --mode hard --temperature 0 for argmax tokens"
             )
         if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+            raise UsageError(f"gamma must be >= 0, got {self.gamma}")
         check_noise_on(self.mode, self.noise_on, self.top_k)
 
     @property
@@ -143,16 +144,16 @@ class RolloutConfig:
     def __post_init__(self):
         for name in ("max_cot_length", "max_answer_length", "num_generations", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.engine not in ("auto", "static", "hf"):
-            raise ValueError(f"unknown engine {self.engine!r}: choose auto, static or hf")
+            raise UsageError(f"unknown engine {self.engine!r}: choose auto, static or hf")
         if self.record_top_k < 0:
-            raise ValueError(f"record_top_k must be >= 0, got {self.record_top_k}")
+            raise UsageError(f"record_top_k must be >= 0, got {self.record_top_k}")
         if self.answer_temperature < 0:
-            raise ValueError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
+            raise UsageError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
         prompts.check_template(self.prompt_template)
         if not self.marker.strip():
-            raise ValueError("marker must be non-empty text")
+            raise UsageError("marker must be non-empty text")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -179,8 +180,8 @@ class DataOptions:
     """Dataset column of the question (default: the first of question, problem, prompt). A column of chat messages ([{role, content}, ...]) is rendered with the tokenizer's chat template."""
     answer_key: str | None = None
     """Dataset column of the gold answer (default: the first of answer, final_answer, solution_answer)."""
-    split: str = "train"
-    """Split of a hub dataset."""
+    split: str | None = None
+    """Split of a hub dataset (default: train for train, test for eval)."""
     dataset_config: str | None = None
     """Configuration (subset) of a hub dataset, e.g. 'main' for openai/gsm8k."""
     skip_bad: bool = False
@@ -196,16 +197,20 @@ class DataOptions:
     reward_timeout: float = 120.0
     """Seconds a user reward may take for one batch; past it the run stops with an error naming the reward."""
 
+    default_split = "train"  # a class attribute, not an option: the split a hub dataset is read from by default
+
     def __post_init__(self):
         prompts.check_template(self.prompt_template)
+        if self.split is None:
+            self.split = self.default_split
         if isinstance(self.reward, (list, tuple)):  # the Python API's list of specs
             self.reward = ",".join(self.reward)
         if not self.reward_timeout > 0:
-            raise ValueError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+            raise UsageError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
         if self.reward_weights is not None:
             n = len([x for x in self.reward.split(",") if x.strip()])
             if len(self.reward_weights) != n:
-                raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {n} reward(s): give one "
+                raise UsageError(f"reward_weights has {len(self.reward_weights)} weights for {n} reward(s): give one "
                                  "per reward")
 
     def load_options(self, reward_fn=None) -> dict:
@@ -218,6 +223,8 @@ class DataOptions:
 @dataclass
 class EvalConfig(DataOptions):
     """An evaluation in the paper's six inference settings (METHOD.md §6)."""
+
+    default_split = "test"
 
     datasets: str = "gsm8k,math500,olympiadbench"
     """Comma-separated built-in names, files (.jsonl / .csv / .parquet) or hub names."""
@@ -256,11 +263,11 @@ class EvalConfig(DataOptions):
         super().__post_init__()
         for name in ("num_samples", "max_cot_length", "max_answer_length", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+            raise UsageError(f"limit must be >= 1, got {self.limit}")
         if not self.datasets.strip():
-            raise ValueError("datasets must name at least one dataset")
+            raise UsageError("datasets must name at least one dataset")
         check_seeds(self.seeds)
 
     def rollout(self, samples: int) -> RolloutConfig:
@@ -293,13 +300,13 @@ class OODConfig:
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+            raise UsageError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}: choose cloze or generate")
+            raise UsageError(f"unknown protocol {self.protocol!r}: choose cloze or generate")
         if self.max_cot_length < 1:
-            raise ValueError(f"max_cot_length must be >= 1, got {self.max_cot_length}")
+            raise UsageError(f"max_cot_length must be >= 1, got {self.max_cot_length}")
 
 
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -309,7 +316,7 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
              "rollout_batch_size", "gradient_checkpointing", "share_prompt", "skip_zero_advantage",
              "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
-             "resume", "resume_from_previous", "allow_unverified", "reward_timeout")
+             "resume", "resume_from_previous", "allow_unverified", "reward_timeout", "run_name", "log_completions")
 
 
 @dataclass
@@ -418,6 +425,10 @@ class TrainConfig(DataOptions):
     """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
     report_to: str = "tensorboard"
     """Where metrics go besides metrics.jsonl: tensorboard, wandb (pip install wandb) or none."""
+    run_name: str = ""
+    """W&B run name (default: the output folder's name, 'hard/seed-0' for a seed folder); the project is $WANDB_PROJECT, else softtokens."""
+    log_completions: int = 0
+    """Write the first N rollouts of each step (prompt, CoT text, answer, each reward, advantage) to completions.jsonl and a TensorBoard text panel (a W&B table); 0 = none."""
     push_to_hub: str = ""
     """A Hugging Face hub repo id ('user/name'): upload checkpoint-best (else the last checkpoint) at the end."""
     output_dir: str = "runs/train"
@@ -432,38 +443,41 @@ class TrainConfig(DataOptions):
     def __post_init__(self):
         super().__post_init__()
         if self.mode not in cot.MODES:
-            raise ValueError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
+            raise UsageError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
         for name in ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "max_steps",
                      "micro_batch_size", "rollout_batch_size", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after", "ood_limit"):
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after", "ood_limit",
+                     "log_completions"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise UsageError(f"max_grad_norm must be > 0, or null for no clipping, got {self.max_grad_norm}")
         if self.rollout_correction not in CORRECTIONS:
-            raise ValueError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
+            raise UsageError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
         if not self.tis_cap >= 1:
-            raise ValueError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
+            raise UsageError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
         check_noise_on(self.mode, self.noise_on, self.top_k)
         check_seeds(self.seeds)
         if self.eval_mode not in cot.MODES:
-            raise ValueError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
+            raise UsageError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
         if self.estimator not in ("rloo", "grpo"):
-            raise ValueError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
+            raise UsageError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
         if self.estimator == "rloo" and self.num_generations < 2:
-            raise ValueError("rloo needs num_generations >= 2")
+            raise UsageError("rloo needs num_generations >= 2")
         if self.use_peft and self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            raise UsageError(f"lora_r must be >= 1, got {self.lora_r}")
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise UsageError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.save_strategy not in ("steps", "no"):
-            raise ValueError(f"unknown save_strategy {self.save_strategy!r}: choose steps or no")
+            raise UsageError(f"unknown save_strategy {self.save_strategy!r}: choose steps or no")
         if self.save_strategy == "no" and self.push_to_hub:
-            raise ValueError("push_to_hub needs a checkpoint to push: save_strategy must be steps")
+            raise UsageError("push_to_hub needs a checkpoint to push: save_strategy must be steps")
         if self.report_to not in REPORT_TO:
-            raise ValueError(f"unknown report_to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
+            raise UsageError(f"unknown report_to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
 
     def cot(self) -> CoTConfig:
         return CoTConfig(self.mode, self.temperature, self.gamma, noise_on=self.noise_on, top_k=self.top_k)
@@ -488,7 +502,7 @@ def config_from_dict(cls, values: dict, source: str = "config"):
 
         near = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in unknown}
         suggest = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}" + (f" ({suggest})" if suggest else "")
+        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}" + (f" ({suggest})" if suggest else "")
                          + f"; valid keys: {', '.join(sorted(known))}")
     out = {}
     for key, value in values.items():
@@ -500,7 +514,7 @@ def config_from_dict(cls, values: dict, source: str = "config"):
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 value = (parse_floats if floats else parse_seeds)(value)
             if not isinstance(value, list):
-                raise ValueError(f"{source}: {key} must be a list such as [0, 1, 2], got {value!r}")
+                raise UsageError(f"{source}: {key} must be a list such as [0, 1, 2], got {value!r}")
             if floats:
                 value = parse_floats(",".join(str(x) for x in value))
             out[key] = value
@@ -508,18 +522,65 @@ def config_from_dict(cls, values: dict, source: str = "config"):
             out[key] = ",".join(value)  # reward: [a.py:f, b.py:g]
         elif bool in kinds:
             if not isinstance(value, bool):
-                raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+                raise UsageError(f"{source}: {key} must be true or false, got {value!r}")
             out[key] = value
         elif float in kinds and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:  # YAML reads 6e-6 (no dot) as a string
                 out[key] = float(value)
             except ValueError:
-                raise ValueError(f"{source}: {key} must be a number, got {value!r}") from None
+                raise UsageError(f"{source}: {key} must be a number, got {value!r}") from None
         elif int in kinds and isinstance(value, int) and not isinstance(value, bool):
             out[key] = value
         elif str in kinds and isinstance(value, str):
             out[key] = value
         else:
             want = " or ".join(k.__name__ for k in kinds)
-            raise ValueError(f"{source}: {key} must be {want}, got {value!r}")
+            raise UsageError(f"{source}: {key} must be {want}, got {value!r}")
     return cls(**out)
+
+
+# TrainConfig's options by concern, for docs/CONFIG.md (a test keeps every field in exactly one section).
+TRAIN_SECTIONS = {
+    "Model and precision": ("model", "dtype", "mixed_precision", "device", "use_peft", "lora_r", "lora_alpha",
+                            "lora_dropout", "lora_target_modules", "disable_dropout", "gradient_checkpointing"),
+    "Data, prompt and reward": ("dataset", "val_size", "question_key", "answer_key", "split", "dataset_config",
+                                "skip_bad", "prompt_template", "chat_template", "reward", "reward_weights",
+                                "reward_timeout", "require_number", "grading_workers"),
+    "CoT": ("mode", "temperature", "gamma", "noise_on", "top_k"),
+    "Rollout": ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "answer_temperature",
+                "rollout_batch_size", "share_prompt", "seed", "seeds"),
+    "Optimisation and schedule": ("estimator", "beta", "rollout_correction", "tis_cap", "learning_rate",
+                                  "warmup_steps", "max_steps", "adam_beta1", "adam_beta2", "weight_decay",
+                                  "max_grad_norm", "micro_batch_size", "skip_zero_advantage"),
+    "Checkpoints and resume": ("output_dir", "save_steps", "save_strategy", "push_to_hub", "resume",
+                               "resume_from_previous", "allow_unverified"),
+    "Logging": ("logging_steps", "report_to", "run_name", "log_completions"),
+    "Evaluation during training": ("eval_steps", "eval_before_after", "eval_dataset", "eval_mode", "ood_limit"),
+}
+
+
+def options_markdown() -> str:
+    """docs/CONFIG.md: every option of every command, with its default and its description (the field's docstring)."""
+    import dataclasses
+
+    def table(cls, names) -> list[str]:
+        docs, defaults = field_docs(cls), {f.name: f.default for f in dataclasses.fields(cls)}
+        return ["| option | default | what it does |", "|---|---|---|"] + [
+            f"| `{n}` | `{defaults[n]!r}` | {docs[n].replace('|', '/')} |" for n in names]
+
+    out = ["# Options", "",
+           "Every option, its default and what it does; generated from the config classes' docstrings "
+           "(`python -m softtokens.config > docs/CONFIG.md`; a test keeps this file current). In YAML an option is "
+           "a key (`learning_rate: 1e-5`), on the command line a flag (`--learning-rate 1e-5`, or "
+           "`--learning_rate`).", "", "## train (`TrainConfig`)", ""]
+    for section, names in TRAIN_SECTIONS.items():
+        out += [f"### {section}", "", *table(TrainConfig, names), ""]
+    for title, cls in (("eval (`EvalConfig`)", EvalConfig), ("ood (`OODConfig`)", OODConfig),
+                       ("generate: the CoT (`CoTConfig`)", CoTConfig),
+                       ("generate: the rollout and the engine (`RolloutConfig`)", RolloutConfig)):
+        out += [f"## {title}", "", *table(cls, [f.name for f in fields(cls)]), ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

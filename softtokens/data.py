@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from softtokens.errors import UsageError
+
 # name -> file under softtokens/data (provenance and licences in softtokens/data/README.md)
 BUILTIN = {
     "gsm8k": "gsm8k_test.jsonl.gz",
@@ -112,7 +114,7 @@ def _rows_csv(path: Path):
             for row in reader:
                 yield reader.line_num, row, None
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}) after line {reader.line_num}; "
+            raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}) after line {reader.line_num}; "
                              "re-save the file as UTF-8") from None
 
 
@@ -129,12 +131,12 @@ def _rows_hub(name: str, split: str, config: str | None = None):
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"loading {name!r} from the Hugging Face hub needs the datasets package: "
+        raise UsageError(f"loading {name!r} from the Hugging Face hub needs the datasets package: "
                          "pip install datasets") from None
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001  offline, no such dataset / config / split: one line, not a traceback
-        raise ValueError(f"cannot load hub dataset {name!r} (config {config!r}, split {split!r}): "
+        raise UsageError(f"cannot load hub dataset {name!r} (config {config!r}, split {split!r}): "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     for i, row in enumerate(rows, 1):
         yield i, row, None
@@ -146,8 +148,11 @@ def _pick(row: dict, key: str | None, candidates: tuple[str, ...]) -> str | None
     return next((k for k in candidates if k in row), None)
 
 
+IN_MEMORY = "dataset"  # the name of rows passed in memory, in messages and config.yaml
+
+
 def load_dataset(
-    source: str,
+    source,
     question_key: str | None = None,
     answer_key: str | None = None,
     limit: int | None = None,
@@ -156,7 +161,8 @@ def load_dataset(
     config: str | None = None,
     require_answer: bool = True,
 ) -> Dataset:
-    """Problems from a built-in name, a .jsonl / .jsonl.gz / .csv / .parquet file, or a hub dataset name.
+    """Problems from a built-in name, a .jsonl / .jsonl.gz / .csv / .parquet file, a hub dataset name, or rows
+    in memory (a list of dicts, a ``datasets.Dataset``).
 
     Columns: ``question_key`` / ``answer_key`` when given, else the first of
     question|problem|prompt and answer|final_answer|solution_answer present.
@@ -164,7 +170,14 @@ def load_dataset(
     Without ``require_answer`` (a custom reward that needs no gold answer) a
     row without an answer gets "".
     """
-    if source in BUILTIN:
+    if not isinstance(source, (str, Path)):  # rows in memory
+        if not hasattr(source, "__iter__"):
+            raise UsageError(f"dataset must be a name, a path, a list of dicts or a datasets.Dataset, got "
+                             f"{type(source).__name__}")
+        rows = ((i + 1, dict(row), None) if isinstance(row, dict) else (i + 1, {}, f"row is {type(row).__name__}, "
+                "not a dict") for i, row in enumerate(source))
+        source, where = IN_MEMORY, IN_MEMORY
+    elif source in BUILTIN:
         path = Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source])))
         rows, where = jsonl_rows(path, gzip.open), source
     else:
@@ -182,11 +195,11 @@ def load_dataset(
             elif path.suffix == ".parquet":
                 rows = _rows_parquet(path)
             else:
-                raise ValueError(f"{source}: unknown dataset format; use .jsonl, .jsonl.gz, .csv or .parquet")
+                raise UsageError(f"{source}: unknown dataset format; use .jsonl, .jsonl.gz, .csv or .parquet")
         else:
             known = ", ".join(list(BUILTIN) + list(HUB_ALIASES))
             if "/" not in source and source not in HUB_ALIASES:
-                raise ValueError(f"unknown dataset {source!r}: use one of {known}, a file, or a hub name 'org/name'")
+                raise UsageError(f"unknown dataset {source!r}: use one of {known}, a file, or a hub name 'org/name'")
             rows = _rows_hub(HUB_ALIASES.get(source, source), split, config)
         where = str(source)
 
@@ -208,7 +221,7 @@ def load_dataset(
                 error = f"empty answer in column {a!r}"
         if error is not None:
             if not skip_bad:
-                raise ValueError(f"{where}:{line_no}: {error} (or pass --skip-bad to skip such rows)")
+                raise UsageError(f"{where}:{line_no}: {error} (or pass --skip-bad to skip such rows)")
             skipped.append(f"{where}:{line_no}: {error}")
             continue
         question = row[q] if is_chat(row[q]) else str(row[q]).strip()
@@ -218,5 +231,5 @@ def load_dataset(
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise ValueError(f"{where}: no usable problems" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        raise UsageError(f"{where}: no usable problems" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return Dataset(source, problems, skipped)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from softtokens import attention
+from softtokens.errors import UsageError
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -62,7 +63,7 @@ class StaticDecoder:
 
     def __init__(self, model, rows: int, max_len: int, compile: bool = False, attention_kernel: bool | None = None):
         if not supports(model):
-            raise ValueError(f"the fast decoder supports {SUPPORTED} models without sliding windows or softcapping")
+            raise UsageError(f"the fast decoder supports {SUPPORTED} models without sliding windows or softcapping")
         cfg = model.config
         base = getattr(model, model.base_model_prefix)
         self.n_heads = cfg.num_attention_heads

@@ -12,12 +12,14 @@ import math
 
 import torch
 
+from softtokens.errors import UsageError
+
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Leave-one-out baseline. (B, G) -> (B, G); needs G >= 2."""
     G = rewards.shape[-1]
     if G < 2:
-        raise ValueError("RLOO needs num_generations >= 2 (the baseline is the mean of the other samples)")
+        raise UsageError("RLOO needs num_generations >= 2 (the baseline is the mean of the other samples)")
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1)
 
 

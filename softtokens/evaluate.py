@@ -31,6 +31,7 @@ from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, check_rewards, reward_name, reward_spec, split_rewards
 from softtokens.rollout import generate_rollouts
 from softtokens.seeds import per_seed
+from softtokens.errors import UsageError
 
 SETTINGS = {
     "hard_greedy": dict(mode="hard", temperature=0.0),
@@ -57,7 +58,7 @@ def parse_settings(spec: str) -> list[str]:
     names = list(SETTINGS) if spec.strip() == "all" else split_names(spec)
     unknown = [s for s in names if s not in SETTINGS]
     if unknown or not names:
-        raise ValueError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)} or 'all'")
+        raise UsageError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)} or 'all'")
     return names
 
 
@@ -71,7 +72,7 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         old = json.loads(saved.read_text())
         diff = [k for k in RESUME_KEYS if k in old and old[k] != run.get(k)]  # a key an older run lacks is not compared
         if diff:
-            raise ValueError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
+            raise UsageError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
         now, run["provenance"] = run["provenance"], old.get("provenance", run["provenance"])
         if versions(now) != versions(run["provenance"]):

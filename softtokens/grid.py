@@ -30,6 +30,7 @@ import yaml
 from softtokens.checkpoint import checkpoints
 from softtokens.config import EvalConfig, OODConfig, TrainConfig, check_seeds, config_from_dict, split_names
 from softtokens.seeds import format_mean_std
+from softtokens.errors import UsageError
 
 DONE = ".done"  # written into a stage's folder when the stage finished
 
@@ -81,7 +82,7 @@ def ood_configs(plan: GridPlan, where: str = "ood") -> list[OODConfig]:
     protocols = plan.ood.get("protocol", "cloze")
     protocols = split_names(protocols) if isinstance(protocols, str) else list(protocols)
     if not protocols or len(set(protocols)) != len(protocols):
-        raise ValueError(f"{where}: protocol must name cloze, generate or both, once each; got {plan.ood.get('protocol')!r}")
+        raise UsageError(f"{where}: protocol must name cloze, generate or both, once each; got {plan.ood.get('protocol')!r}")
     return [config_from_dict(OODConfig, {**plan.ood, "protocol": p}, where) for p in protocols]
 
 
@@ -92,22 +93,22 @@ def load_plan(path: str) -> GridPlan:
     except FileNotFoundError:
         raise FileNotFoundError(f"no grid plan at {path}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise UsageError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(values, dict) or not values.get("configs"):
-        raise ValueError(f"{path}: a plan is a mapping with a non-empty 'configs' list")
+        raise UsageError(f"{path}: a plan is a mapping with a non-empty 'configs' list")
     known = {f.name for f in dataclasses.fields(GridPlan)}
     if set(values) - known:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(set(values) - known))}; valid: {', '.join(sorted(known))}")
+        raise UsageError(f"{path}: unknown key(s) {', '.join(sorted(set(values) - known))}; valid: {', '.join(sorted(known))}")
     plan = GridPlan(**values)
     for name in ("train", "eval"):
         if not isinstance(getattr(plan, name), dict):
-            raise ValueError(f"{path}: {name} must be a mapping of field: value")
+            raise UsageError(f"{path}: {name} must be a mapping of field: value")
     config_from_dict(EvalConfig, plan.eval, f"{path}: eval")
     ood_configs(plan, f"{path}: ood")
     try:
         check_seeds(plan.seeds)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UsageError(f"{path}: {e}") from None
     jobs(plan)  # each config file read and checked
     return plan
 
@@ -116,7 +117,7 @@ def jobs(plan: GridPlan) -> list[Job]:
     out = []
     stems = [Path(c).stem for c in plan.configs]
     if len(set(stems)) != len(stems) or "base" in stems:
-        raise ValueError(f"configs need distinct file names other than base (the base models' folder): {stems}; "
+        raise UsageError(f"configs need distinct file names other than base (the base models' folder): {stems}; "
                          "the grid names runs by them")
     for config, stem in zip(plan.configs, stems):
         try:
@@ -128,7 +129,7 @@ def jobs(plan: GridPlan) -> list[Job]:
                                                  "output_dir": str(Path(plan.out) / "train" / stem / f"seed-{seed}")},
                                    config)
             if cfg.save_strategy == "no":
-                raise ValueError(f"{config}: save_strategy no leaves no checkpoint to evaluate")
+                raise UsageError(f"{config}: save_strategy no leaves no checkpoint to evaluate")
             out.append(Job(stem, seed, cfg))
     return out
 
@@ -248,7 +249,7 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     from softtokens.trainer import continue_training
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("softtokens grid runs in one process: train a run on several GPUs with torchrun "
+        raise UsageError("softtokens grid runs in one process: train a run on several GPUs with torchrun "
                          "softtokens train, then run the grid once to evaluate it")
     oods = ood_configs(plan)
     device, dtype = resolve_device(device, dtype)

@@ -13,6 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
+from softtokens.errors import UsageError
+
 
 def _cut_torn_tail(f, path: Path) -> None:
     """Truncate an unterminated last line (the trace of a kill mid-write) before appending."""
@@ -67,7 +69,7 @@ def read(path: str | Path, repair: bool = False) -> list[dict]:
         try:
             out.append(json.loads(line.decode("utf-8")))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}:{i}: corrupt record ({type(e).__name__}); the file was damaged, not "
+            raise UsageError(f"{path}:{i}: corrupt record ({type(e).__name__}); the file was damaged, not "
                              "interrupted: delete it to redo its work") from None
     return out
 

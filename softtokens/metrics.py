@@ -7,20 +7,28 @@ step has exactly one row (TensorBoard's ``purge_step`` hides the old events).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 from softtokens import jsonl
+from softtokens.errors import UsageError
+
+
+COMPLETIONS = "completions.jsonl"  # log_completions' rollouts, a line each
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, step: int = 0, report_to: str = "tensorboard", config: dict | None = None):
+    def __init__(self, output_dir: Path, step: int = 0, report_to: str = "tensorboard", config: dict | None = None,
+                 run_name: str = ""):
         """``step``: the step the run starts from (its checkpoint's); later rows already on disk are dropped."""
         self.path = Path(output_dir) / "metrics.jsonl"
-        rows = jsonl.read(self.path, repair=True)
-        keep = [r for r in rows if r.get("step", 0) <= step]
-        if len(keep) != len(rows):
-            jsonl.rewrite(self.path, keep)
+        self.completions = Path(output_dir) / COMPLETIONS
+        for path in (self.path, self.completions):
+            rows = jsonl.read(path, repair=True) if path.exists() else []
+            keep = [r for r in rows if r.get("step", 0) <= step]
+            if len(keep) != len(rows):
+                jsonl.rewrite(path, keep)
         self.writer = self.wandb = None
         if report_to == "tensorboard":
             try:
@@ -34,7 +42,8 @@ class MetricsLogger:
 
             # one W&B run per output folder, resumed with it. W&B drops steps it has seen, so after a resume it
             # keeps the interrupted run's values for the redone steps (metrics.jsonl and TensorBoard hold the new ones)
-            self.wandb = wandb.init(project="softtokens", name=Path(output_dir).resolve().name, config=config,
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "softtokens"),
+                                    name=run_name or default_run_name(output_dir), config=config,
                                     id=wandb_id(output_dir), resume="allow", dir=str(output_dir))
 
     def log(self, step: int, metrics: dict) -> None:
@@ -46,11 +55,35 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def log_completions(self, step: int, rows: list[dict]) -> None:
+        """Rollouts to read (prompt, CoT, answer, rewards, advantage): completions.jsonl, a TensorBoard text
+        panel, a W&B table."""
+        if not rows:
+            return
+        jsonl.append(self.completions, [{"step": step, **r} for r in rows])
+        keys = list(rows[0])
+        if self.writer is not None:
+            table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            table += ["| " + " | ".join(str(r[k]).replace("|", "\\|").replace("\n", " ") for k in keys) + " |"
+                      for r in rows]
+            self.writer.add_text("completions", "\n".join(table), step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"completions": wandb.Table(columns=keys, data=[[str(r[k]) for k in keys] for r in rows])},
+                           step=step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def default_run_name(output_dir: Path) -> str:
+    """The folder's name, with its parent's for a seed-N folder (grid runs: 'hard/seed-0', not 'seed-0')."""
+    path = Path(output_dir).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("seed-") else path.name
 
 
 def wandb_id(output_dir: Path) -> str:
@@ -65,7 +98,7 @@ def check_report_to(report_to: str) -> None:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ValueError("report_to wandb needs the wandb package: pip install wandb (or report_to tensorboard)") from None
+            raise UsageError("report_to wandb needs the wandb package: pip install wandb (or report_to tensorboard)") from None
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from softtokens.errors import UsageError
+
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -35,11 +37,11 @@ class CausalLM:
     def __post_init__(self):
         emb = self.model.get_input_embeddings()
         if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
-            raise ValueError(f"{self.name}: the model has no input-embedding matrix; soft tokens need one")
+            raise UsageError(f"{self.name}: the model has no input-embedding matrix; soft tokens need one")
         if self.model.get_output_embeddings() is None:
-            raise ValueError(f"{self.name}: the model has no output head (lm_head); load a causal LM")
+            raise UsageError(f"{self.name}: the model has no output head (lm_head); load a causal LM")
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"{self.name}: the tokenizer has no EOS token; the answer phase needs one to stop")
+            raise UsageError(f"{self.name}: the tokenizer has no EOS token; the answer phase needs one to stop")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         params = inspect.signature(self.base.forward).parameters
@@ -182,6 +184,8 @@ def _float32_mm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
     if a.is_cuda:
         try:
             return torch.mm(a, w.t(), out_dtype=torch.float32, **kw)
+        except torch.OutOfMemoryError:  # the fallback's float32 copy of w would need more
+            raise
         except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
             pass
     return torch.mm(a.float(), w.float().t(), **kw)
@@ -268,7 +272,7 @@ def check_context(name: str, tokens: int) -> None:
     """A CoT and answer budget the model's context cannot hold fails before the model loads."""
     context = model_context(name)
     if context is not None and tokens >= context:
-        raise ValueError(f"max_cot_length + max_answer_length = {tokens:,} tokens do not fit in the context of "
+        raise UsageError(f"max_cot_length + max_answer_length = {tokens:,} tokens do not fit in the context of "
                          f"{name} ({context:,} tokens, before the prompt): lower max_cot_length")
 
 
@@ -277,7 +281,7 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str =
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     kwargs: dict = {"dtype": _DTYPES[dtype]}
     if name == EMBEDDED_MODEL:
         path = embedded_model_path()

@@ -38,6 +38,7 @@ from softtokens.data import jsonl_rows
 from softtokens.passk import standard_error
 from softtokens.provenance import provenance
 from softtokens.models import CausalLM
+from softtokens.errors import UsageError
 
 BUILTIN = {
     "hellaswag": "hellaswag_val.jsonl.gz",
@@ -68,20 +69,20 @@ def load_mc(source: str, limit: int | None = None) -> list[MCItem]:
     items = []
     for line_no, row, error in jsonl_rows(path, gzip.open if path.suffix == ".gz" else open):
         if error is not None:
-            raise ValueError(f"{where}:{line_no}: {error}")
+            raise UsageError(f"{where}:{line_no}: {error}")
         choices, label = row.get("choices"), row.get("label")
         if not isinstance(row.get("question"), str):
-            raise ValueError(f"{where}:{line_no}: no question text")
+            raise UsageError(f"{where}:{line_no}: no question text")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise ValueError(f"{where}:{line_no}: choices must be a list of at least two non-empty strings")
+            raise UsageError(f"{where}:{line_no}: choices must be a list of at least two non-empty strings")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise ValueError(f"{where}:{line_no}: label {label!r} is not an index into the {len(choices)} choices")
+            raise UsageError(f"{where}:{line_no}: label {label!r} is not an index into the {len(choices)} choices")
         items.append(MCItem(str(row.get("id", f"{where}-{line_no}")), row["question"], tuple(choices), label,
                             row.get("subject")))
         if limit is not None and len(items) >= limit:
             break
     if not items:
-        raise ValueError(f"{where}: no items")
+        raise UsageError(f"{where}: no items")
     return items
 
 
@@ -220,7 +221,7 @@ def ood_eval(lm: CausalLM, datasets: list[str], out: str | Path, limit: int | No
     """Score each dataset into out/records/<dataset>.jsonl (<dataset>.generate.jsonl for the generate
     protocol), resuming what is there, and return out/results.json."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}: choose cloze or generate")
+        raise UsageError(f"unknown protocol {protocol!r}: choose cloze or generate")
     out = Path(out)
     (out / "records").mkdir(parents=True, exist_ok=True)
     results = {"model": lm.name, "provenance": provenance(lm.name),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from softtokens.errors import UsageError
+
 LOCK = ".lock"
 
 
@@ -17,24 +19,24 @@ def prepare(path: str | Path, what: str) -> Path:
     """Create the folder (and its parents) or say in one line why it cannot be used."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file, not a folder: choose another path")
+        raise UsageError(f"{what} {path} is a file, not a folder: choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except PermissionError:
-        raise ValueError(f"{what} {path} is not writable: check its permissions or choose another path") from None
+        raise UsageError(f"{what} {path} is not writable: check its permissions or choose another path") from None
     except NotADirectoryError:
-        raise ValueError(f"{what} {path}: a parent of it is a file, not a folder") from None
+        raise UsageError(f"{what} {path}: a parent of it is a file, not a folder") from None
     except OSError as e:
-        raise ValueError(f"{what} {path} cannot be written ({e.strerror})") from None
+        raise UsageError(f"{what} {path} cannot be written ({e.strerror})") from None
     return path
 
 
 def refuse_to_overwrite(path: Path, what: str, flag: str) -> None:
     """A folder that already holds a run's work continues only with --resume."""
-    raise ValueError(f"{path} already holds {what}: pass --resume to continue, or choose another {flag}")
+    raise UsageError(f"{path} already holds {what}: pass --resume to continue, or choose another {flag}")
 
 
 class FolderLock:
@@ -54,7 +56,7 @@ class FolderLock:
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"{self.what} {self.path} is in use by another run (PID {holder}): wait for it, "
+            raise UsageError(f"{self.what} {self.path} is in use by another run (PID {holder}): wait for it, "
                              "stop it, or choose another folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

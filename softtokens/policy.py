@@ -30,6 +30,7 @@ from softtokens.config import TrainConfig
 from softtokens.distributed import Dist
 from softtokens.models import _DTYPES, CausalLM, disable_dropout, load_model, set_activation_checkpointing
 from softtokens.scoring import Scorer
+from softtokens.errors import UsageError
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,7 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
             adapter = state.get("adapter") or {}
             own = {n for n, p in lm.model.named_parameters() if p.requires_grad}
             if set(adapter) != own:
-                raise ValueError(f"checkpoint {resume} does not match this LoRA configuration: it holds "
+                raise UsageError(f"checkpoint {resume} does not match this LoRA configuration: it holds "
                                  f"{len(adapter)} adapter tensors, the model has {len(own)}")
             lm.model.load_state_dict(adapter, strict=False)
     if cfg.disable_dropout:
@@ -158,7 +159,7 @@ def _lora(model, cfg: TrainConfig):
     try:
         import peft
     except ImportError:
-        raise ValueError("use_peft needs the peft package: pip install 'softtokens[lora]'") from None
+        raise UsageError("use_peft needs the peft package: pip install 'softtokens[lora]'") from None
     targets = cfg.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -168,4 +169,4 @@ def _lora(model, cfg: TrainConfig):
             torch.manual_seed(cfg.seed)
             return peft.get_peft_model(model, config)
     except ValueError as e:
-        raise ValueError(f"lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
+        raise UsageError(f"lora_target_modules {cfg.lora_target_modules!r}: {e}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from softtokens.errors import UsageError
+
 PROMPT_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first shows the complete reasoning process step by step, then provides the final answer "
@@ -20,14 +22,14 @@ ANSWER_PREFIX = "\\boxed{"
 def check_template(template: str) -> None:
     """A prompt template needs the slot the question goes into."""
     if "{question}" not in template:
-        raise ValueError("prompt_template must contain a {question} slot")
+        raise UsageError("prompt_template must contain a {question} slot")
 
 
 def format_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     """The raw-text prompt for one question: ``{question}`` is the only slot, and every other brace (``\\boxed{}``)
     is text. An empty question is an error, not an empty prompt."""
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"empty question: every question needs text (got {question!r})")
+        raise UsageError(f"empty question: every question needs text (got {question!r})")
     return template.replace("{question}", question.strip())
 
 

@@ -13,6 +13,7 @@ import yaml
 from softtokens.evaluate import PAPER_COLUMNS, summarize
 from softtokens.paper import BASE, published
 from softtokens.seeds import format_mean_std, group_name, seed_folders
+from softtokens.errors import UsageError
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -309,7 +310,7 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
 
     Training output_dirs (with metrics.jsonl) get their curves in training.png instead."""
     if not run_dirs:
-        raise ValueError("give at least one evaluation folder")
+        raise UsageError("give at least one evaluation folder")
     out = out or (run_dirs[0] if len(run_dirs) == 1 else None)
     run_dirs = expand(run_dirs)
     training = [d for d in run_dirs if is_training(d)]
@@ -319,7 +320,7 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
         return "\n".join(lines)
     runs = [load_results(d) for d in run_dirs]
     if out is None and len(run_dirs) > 1:
-        raise ValueError("several runs: pass --out for the combined report")
+        raise UsageError("several runs: pass --out for the combined report")
     out_dir = Path(out or run_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     table = paper_table(runs)

@@ -22,6 +22,7 @@ from pathlib import Path
 from softtokens.checkpoint import CorruptCheckpoint, checkpoints, verify_checkpoint
 from softtokens.config import RESUMABLE, TrainConfig
 from softtokens.outdir import refuse_to_overwrite
+from softtokens.errors import UsageError
 
 
 QUIET = ("output_dir", "resume", "resume_from_previous", "allow_unverified")  # not listed in the refusal: they say how to resume
@@ -35,7 +36,8 @@ def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
 
 
 # What a run writes before its first checkpoint-<step>: cleared when --resume finds nothing to resume.
-PARTIAL = ("metrics.jsonl", "tensorboard", "checkpoint-best", "ood-before", "summary.json", "training.png")
+PARTIAL = ("metrics.jsonl", "completions.jsonl", "tensorboard", "checkpoint-best", "ood-before", "summary.json",
+           "training.png")
 
 
 def partial_files(out: Path) -> list[Path]:
@@ -63,7 +65,7 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
         if found:
             refuse_to_overwrite(out, "checkpoints", "output_dir")
         if (out / "metrics.jsonl").exists():
-            raise ValueError(f"{out} holds metrics.jsonl of a run stopped before its first checkpoint: pass --resume "
+            raise UsageError(f"{out} holds metrics.jsonl of a run stopped before its first checkpoint: pass --resume "
                              "to start it again from step 0, or choose another output_dir")
         return None
     if not found:
@@ -76,7 +78,7 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
     if saved.is_file():
         changed = changed_fields(yaml.safe_load(saved.read_text()) or {}, cfg)
         if changed:
-            raise ValueError(f"cannot resume {out} with another configuration ({'; '.join(changed)}); only "
+            raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(changed)}); only "
                              f"{', '.join(f for f in RESUMABLE if f not in QUIET)} may change on resume")
     for i in range(len(found) - 1, -1, -1):
         try:
@@ -84,9 +86,9 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
             return found[i]
         except CorruptCheckpoint as e:
             if not cfg.resume_from_previous:
-                raise ValueError(f"{e}; pass --resume-from-previous to resume from the checkpoint before it") from None
+                raise UsageError(f"{e}; pass --resume-from-previous to resume from the checkpoint before it") from None
             if i == 0:
-                raise ValueError(f"{e}, and no earlier checkpoint is left to resume from") from None
+                raise UsageError(f"{e}, and no earlier checkpoint is left to resume from") from None
             warnings.warn(f"{e}: resuming from {found[i - 1].name}")
     raise AssertionError("unreachable")
 

@@ -49,6 +49,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from softtokens.errors import UsageError
+
 CORRECT, BOXED, NONE = 100.0, 10.0, 0.0
 MAX_CHARS = 20_000  # the graded text is short; anything longer is cut to its tail, where the box is
 
@@ -90,7 +92,7 @@ class RewardRow:
 RESERVED = ("prompts", "completions", "completion_ids", "answers", "cot_modes", "trainer_state")
 
 
-class RewardTimeout(ValueError):
+class RewardTimeout(UsageError):
     """A user's reward did not return within reward_timeout."""
 
 
@@ -147,12 +149,12 @@ def load_reward(spec: str):
     """The function named by 'package.module:function' or 'path/to/file.py:function'; a clear error otherwise."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise ValueError(f"reward {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+        raise UsageError(f"reward {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
     try:
         if where.endswith(".py"):
             path = Path(where).resolve()
             if not path.is_file():
-                raise ValueError(f"reward {spec!r}: no file {where}")
+                raise UsageError(f"reward {spec!r}: no file {where}")
             key = f"softtokens_reward_{abs(hash(str(path)))}"
             if key not in sys.modules:
                 found = importlib.util.spec_from_file_location(key, path)
@@ -169,10 +171,10 @@ def load_reward(spec: str):
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001  any import failure: name it, no traceback
-        raise ValueError(f"reward {spec!r}: cannot import {where} ({type(e).__name__}: {e})") from None
+        raise UsageError(f"reward {spec!r}: cannot import {where} ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"reward {spec!r}: {where} has no function {name}")
+        raise UsageError(f"reward {spec!r}: {where} has no function {name}")
     return fn
 
 
@@ -187,7 +189,7 @@ def reward_spec(reward) -> tuple[str | None, object]:
         load_reward(reward)  # fail now, in this process, with the import error
         return (f"{Path(where).resolve()}:{name}" if where.endswith(".py") else reward), None
     if not callable(reward):
-        raise ValueError(f"reward must be a 'module:function' string or a function, got {type(reward).__name__}")
+        raise UsageError(f"reward must be a 'module:function' string or a function, got {type(reward).__name__}")
     module, name = getattr(reward, "__module__", None), getattr(reward, "__qualname__", "")
     if module in (None, "__main__") or "." in name:
         return None, reward
@@ -200,17 +202,17 @@ def _values(out, name: str, n: int) -> tuple[list, list | None]:
     if isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, (list, tuple)) for x in out):
         out, correct = out
     if not isinstance(out, (list, tuple)) and not (hasattr(out, "tolist") and not isinstance(out, (str, bytes))):
-        raise ValueError(f"reward {name} must return a list of {n} numbers (None where it does not apply), "
+        raise UsageError(f"reward {name} must return a list of {n} numbers (None where it does not apply), "
                          f"got {type(out).__name__} {str(out)[:60]!r}")
     out = list(out.tolist() if hasattr(out, "tolist") else out)
     if len(out) != n or (correct is not None and len(correct) != n):
-        raise ValueError(f"reward {name} returned {len(out)} rewards"
+        raise UsageError(f"reward {name} returned {len(out)} rewards"
                          + (f" and {len(correct)} verdicts" if correct is not None else "") + f" for {n} completions")
     for i, x in enumerate(out):
         if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
-            raise ValueError(f"reward {name} must return numbers or None; item {i} is {type(x).__name__} {x!r}")
+            raise UsageError(f"reward {name} must return numbers or None; item {i} is {type(x).__name__} {x!r}")
         if x is not None and not math.isfinite(x):
-            raise ValueError(f"reward {name} returned a non-finite reward at item {i}: {x}")
+            raise UsageError(f"reward {name} returned a non-finite reward at item {i}: {x}")
     return [None if x is None else float(x) for x in out], correct
 
 
@@ -226,7 +228,7 @@ def call_reward(fn, name: str, rows: list[RewardRow], state: TrainerState | None
     except RewardTimeout:
         raise
     except Exception as e:  # noqa: BLE001  the user's code: name it
-        raise ValueError(f"reward {name} raised {type(e).__name__}: {e}") from None
+        raise UsageError(f"reward {name} raised {type(e).__name__}: {e}") from None
     return _values(out, name, len(rows))
 
 
@@ -344,7 +346,7 @@ class Grader:
         """``reward``: None (Math-Verify), 'module:function' / 'file.py:function', a function, or a list of
         them (comma-separated in a string), summed with ``reward_weights``."""
         if workers < 0:
-            raise ValueError(f"grading workers must be >= 0, got {workers}")
+            raise UsageError(f"grading workers must be >= 0, got {workers}")
         self.workers, self.timeout, self.require_number = workers, timeout, require_number
         rewards = split_rewards(reward)
         check_weights(rewards, reward_weights)
@@ -379,7 +381,7 @@ class Grader:
         """
         custom = self.custom
         if custom and (problems is None or len(problems) != len(pairs)):
-            raise ValueError("a custom reward needs the problem of every completion (Grader.submit(pairs, problems))")
+            raise UsageError("a custom reward needs the problem of every completion (Grader.submit(pairs, problems))")
         rows = reward_rows(pairs, problems, rollouts) if custom else list(pairs)
         if self._local is not None:
             with time_limit(self.reward_timeout, f"reward {', '.join(n for n, _ in self._local)}"):
@@ -483,7 +485,7 @@ def _qualified(fn) -> str:
 
 def check_weights(rewards: list, weights: list[float] | None) -> None:
     if weights is not None and len(weights) != len(rewards):
-        raise ValueError(f"reward_weights has {len(weights)} weights for {len(rewards)} reward(s): give one per reward")
+        raise UsageError(f"reward_weights has {len(weights)} weights for {len(rewards)} reward(s): give one per reward")
 
 
 def reward_rows(pairs: list[tuple[str, str]], problems: list, rollouts: list | None = None) -> list[RewardRow]:
@@ -505,6 +507,7 @@ def check_rewards(reward, weights: list[float] | None, problems: list, timeout: 
     """Call the user's rewards once, in this process, on two made-up completions of the dataset's first rows
     (a right boxed answer and an empty one): a reward that raises, hangs, returns the wrong length, a string or
     NaN fails here, in one line, before the model loads."""
+    from softtokens.data import is_chat
     from softtokens.prompts import ANSWER_PREFIX
 
     rewards = split_rewards(reward)
@@ -516,7 +519,7 @@ def check_rewards(reward, weights: list[float] | None, problems: list, timeout: 
     p = problems[0]
     answers = [ANSWER_PREFIX + (p.answer or "0") + "}", ANSWER_PREFIX + "}"]
     rows = [RewardRow(p.answer, a, p.question, p.columns, "Let me think. The final answer is: " + a, (), "hard",
-                      False) for a in answers]
+                      is_chat(p.question)) for a in answers]
     try:
         with time_limit(timeout, f"reward {', '.join(n for n, _ in fns)}"):
             combine(fns, weights, rows, TrainerState(0, 1))

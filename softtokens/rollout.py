@@ -20,6 +20,7 @@ from softtokens.engine import static_engine
 from softtokens.hf_engine import decode_batch
 from softtokens.models import CausalLM
 from softtokens.step import Rollout, RolloutSetup, prepare, row_draws, row_seed
+from softtokens.errors import UsageError
 
 
 def encode_prompts(lm: CausalLM, questions: list, cfg: RolloutConfig) -> list[list[int]]:
@@ -37,18 +38,18 @@ def encode_prompts(lm: CausalLM, questions: list, cfg: RolloutConfig) -> list[li
             try:
                 text = prompts.format_prompt(q, cfg.prompt_template)
             except ValueError as e:
-                raise ValueError(f"question {i}: {e}") from None
+                raise UsageError(f"question {i}: {e}") from None
             messages = [{"role": "user", "content": text}] if cfg.chat_template else None
         if messages is not None:
             if not getattr(lm.tokenizer, "chat_template", None):
-                raise ValueError(f"question {i}: a chat prompt needs a tokenizer with a chat template, and "
+                raise UsageError(f"question {i}: a chat prompt needs a tokenizer with a chat template, and "
                                  f"{lm.name}'s has none; use plain-text questions and prompt_template")
             ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)
         else:
             ids = lm.tokenizer.encode(text)
         if lm.max_length is not None and len(ids) + budget > lm.max_length:
-            raise ValueError(
+            raise UsageError(
                 f"question {i}: prompt of {len(ids)} tokens + up to {budget} generated tokens exceeds the "
                 f"model's context of {lm.max_length}; shorten the question or lower max_cot_length"
             )
@@ -75,7 +76,7 @@ def generate_rollouts(
     if isinstance(questions, str):
         questions = [questions]
     if not questions:
-        raise ValueError("no questions given")
+        raise UsageError("no questions given")
     setup = prepare(lm, cot_cfg, cfg, sigma)
     prompt_ids = encode_prompts(lm, questions, cfg)
     if rows is None:
@@ -115,7 +116,7 @@ def _engine(setup: RolloutSetup, prompt_ids: list[list[int]], rows: int):
     """The decode function for this call: the static engine where asked for (or on CUDA), else the HF loop."""
     cfg, model, noise_on = setup.cfg, setup.lm.model, setup.cot_cfg.noise_on
     if cfg.engine == "static" and noise_on != "embedding":
-        raise ValueError(f"engine 'static' puts the noise on the input embedding only; noise_on {noise_on} runs "
+        raise UsageError(f"engine 'static' puts the noise on the input embedding only; noise_on {noise_on} runs "
                          "on engine 'hf' (--engine hf, or auto)")
     static = cfg.engine == "static" or (
         cfg.engine == "auto" and setup.lm.device.type == "cuda" and decoder.supports(model) and noise_on == "embedding"
@@ -123,5 +124,5 @@ def _engine(setup: RolloutSetup, prompt_ids: list[list[int]], rows: int):
     if not static:
         return lambda p, d, k: decode_batch(setup, p, d, k)
     if not decoder.supports(model):
-        raise ValueError(f"engine 'static' supports {decoder.SUPPORTED} models; use engine 'hf' for {type(model).__name__}")
+        raise UsageError(f"engine 'static' supports {decoder.SUPPORTED} models; use engine 'hf' for {type(model).__name__}")
     return static_engine(setup, max(len(p) for p in prompt_ids), rows, cfg.cuda_graphs).decode

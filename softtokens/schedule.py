@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from softtokens.errors import UsageError
+
 
 def cosine_with_warmup(warmup: int, total: int):
     """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total``."""
@@ -55,9 +57,9 @@ def extend(schedule: dict, step: int, max_steps: int) -> dict:
         return {**schedule, "total": max_steps}
     value = multiplier(schedule)(step)
     if max_steps <= step:
-        raise ValueError(f"max_steps {max_steps} is not past the resumed step {step}")
+        raise UsageError(f"max_steps {max_steps} is not past the resumed step {step}")
     if value == 0:
-        raise ValueError(f"the learning rate reached 0 at step {end(schedule)} (the end of its cosine schedule), so "
+        raise UsageError(f"the learning rate reached 0 at step {end(schedule)} (the end of its cosine schedule), so "
                          f"a resume to max_steps {max_steps} would train at a rate of 0: start a new run from the "
                          "last checkpoint instead (--model <output_dir>/checkpoint-<step>)")
     return {**schedule, "segments": [*schedule["segments"], [step, value, max_steps]]}

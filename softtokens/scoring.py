@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from softtokens import cot
 from softtokens.models import CausalLM
 from softtokens.step import Rollout
+from softtokens.errors import UsageError
 
 
 class Scores(NamedTuple):
@@ -48,7 +49,7 @@ class Scores(NamedTuple):
 def _settings(rollouts: list[Rollout]) -> tuple:
     keys = {(r.mode, r.cot_temperature, r.answer_temperature, r.sigma, r.noise_on) for r in rollouts}
     if len(keys) != 1:
-        raise ValueError("rollouts scored together must share mode, temperatures, sigma and noise placement; "
+        raise UsageError("rollouts scored together must share mode, temperatures, sigma and noise placement; "
                          f"got {sorted(keys)}")
     return keys.pop()
 
@@ -164,9 +165,9 @@ def score_rollouts(
     forward and backward are done once per group. Every score and gradient equals the unshared computation's.
     """
     if not rollouts:
-        raise ValueError("no rollouts to score")
+        raise UsageError("no rollouts to score")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise UsageError(f"chunk_size must be >= 1, got {chunk_size}")
     mode, tau, answer_tau, sigma, noise_on = _settings(rollouts)
     soft = mode != "hard"
     dev, N = lm.device, len(rollouts)

@@ -26,6 +26,7 @@ import torch
 from softtokens import cot, prompts
 from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.models import CausalLM
+from softtokens.errors import UsageError
 
 COT, PREFILL, ANSWER, DONE = 0, 1, 2, 3
 
@@ -163,7 +164,7 @@ def prepare(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float |
     prefills["eos"] = prefills["length"]
     marker = cfg.marker.rstrip()
     if marker not in tok.decode(tok.encode(" " + marker, add_special_tokens=False)):
-        raise ValueError(f"{lm.name}: the tokenizer cannot spell the marker {marker!r}, so no CoT could stop on it")
+        raise UsageError(f"{lm.name}: the tokenizer cannot spell the marker {marker!r}, so no CoT could stop on it")
     # Only a token whose text ends in the marker's last character can complete it: decode the tail then.
     marker_end_ids = lm.ids_ending_with(marker[-1])
     return RolloutSetup(lm, cot_cfg, cfg, sigma, E, prefills, marker_end_ids, marker_window(marker), set(lm.eos_ids))

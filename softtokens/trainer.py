@@ -46,7 +46,7 @@ from torch.profiler import record_function
 from softtokens import distributed, mismatch, schedule
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, TrainConfig
-from softtokens.data import Problem, load_dataset, require_number
+from softtokens.data import IN_MEMORY, Problem, load_dataset, require_number
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
 from softtokens.metrics import MetricsLogger, check_report_to
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
@@ -64,6 +64,7 @@ from softtokens.rollout import generate_rollouts, prefill_tokens
 from softtokens.scoring import computed_tokens, score_rollouts
 from softtokens.seeds import per_seed
 from softtokens.step import default_sigma
+from softtokens.errors import UsageError
 
 
 OOD_SETS = dict(TABLE2)
@@ -99,12 +100,13 @@ def _share(n: int, d: Dist) -> range:
 
 
 def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grader, cfg: TrainConfig,
-               sigma: float, problems: list[Problem], step: int, d: Dist = Dist()) -> dict:
+               sigma: float, problems: list[Problem], step: int, d: Dist = Dist(), samples: list | None = None) -> dict:
     """Rollouts, rewards, advantages, loss, backward, clip, finite check, optimiser step.
 
     Each rank rolls out and scores its share of the B x G rows; rewards are gathered so every group's
     baseline sees the whole group. ``grader`` is a ``Grader`` (or a ``RewardFunction`` for experiments);
     each decoded batch is submitted at once, so grading overlaps the decoding of the next batch.
+    ``samples``: gets this rank's first ``log_completions`` rollouts as dicts to read.
     """
     B, G = len(problems), cfg.num_generations
     N = B * G
@@ -134,6 +136,11 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
     advantages = ESTIMATORS[cfg.estimator](rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
+    if samples is not None:
+        samples += [{"prompt": p.question, "cot": r.cot_text, "answer": r.completion, "reward": g.reward,
+                     **({f"reward/{n}": x for n, x in zip(grader.names, g.parts)} if g.parts else {}),
+                     "advantage": float(a), "cot_length": r.cot_length, "stop": r.stop_reason}
+                    for p, r, g, a in list(zip(owners, rollouts, grades, advantages.tolist()))[: cfg.log_completions]]
     t2 = _now(dev)
 
     with record_function("softtokens/scoring"):
@@ -335,7 +342,7 @@ class StopFlag:
 
 
 def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM | None = None,
-          callbacks: list | None = None) -> dict:
+          callbacks: list | None = None, dataset=None, model=None, tokenizer=None) -> dict:
     """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
 
     ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of ``cfg.reward``.
@@ -343,14 +350,23 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     dtype that ``policy.plan`` gives), as TRL's trainers take a model object.
     ``callbacks``: functions called as ``fn(step, metrics)`` after each step on every rank (TRL's on_step_end),
     e.g. to step a profiler.
+    ``dataset``: the training problems in memory (a list of dicts, a ``datasets.Dataset``), in place of
+    ``cfg.dataset``. ``model`` and ``tokenizer``: a loaded transformers model and its tokenizer, in place of ``lm``.
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
     With ``cfg.seeds``: one run per seed in output_dir/seed-N, in turn; returns {seed: summary}.
     """
+    if model is not None:
+        if lm is not None or tokenizer is None:
+            raise UsageError("train(model=...) needs the model's tokenizer= (and no lm=)")
+        lm = CausalLM(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or cfg.model)
+    if dataset is not None:
+        cfg = dataclasses.replace(cfg, dataset=IN_MEMORY)
     if cfg.seeds:
         if lm is not None and len(cfg.seeds) > 1:
-            raise ValueError("train(lm=...) trains that one model object: give one seed, or load by cfg.model")
-        return {c.seed: continue_training(c, progress, reward_fn, lm, callbacks) for c in per_seed(cfg, "output_dir")}
+            raise UsageError("train(lm=...) trains that one model object: give one seed, or load by cfg.model")
+        return {c.seed: continue_training(c, progress, reward_fn, lm, callbacks, dataset)
+                for c in per_seed(cfg, "output_dir")}
     out = Path(cfg.output_dir)
     main = os.environ.get("RANK", "0") == "0"
     if main:
@@ -358,19 +374,20 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     with FolderLock(out, "output_dir") if main else nullcontext():
         start = start_point(cfg, out, main)
         # the data and the reward are checked before the model loads (minutes for a large hub model)
-        data = load_dataset(cfg.dataset, **cfg.load_options(reward_fn))
+        data = load_dataset(cfg.dataset if dataset is None else dataset, **cfg.load_options(reward_fn))
         if cfg.val_size >= len(data):
-            raise ValueError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
+            raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
         custom = bool(split_rewards(reward_fn or cfg.reward))
         check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
-        check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
+        if lm is None:  # a model passed in is checked by the rollout
+            check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
         check_report_to(cfg.report_to)
         held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
             if cfg.eval_before_after else []
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         world = int(os.environ.get("WORLD_SIZE", 1))
         if (cfg.prompts_per_step * cfg.num_generations) % world:
-            raise ValueError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
+            raise UsageError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
                              f"rows do not split evenly over {world} processes")
         d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
         try:
@@ -386,7 +403,8 @@ def finished(cfg: TrainConfig) -> dict | None:
     return summary if summary and summary.get("step") == cfg.max_steps else None
 
 
-def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm=None, callbacks=None) -> dict:
+def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm=None, callbacks=None,
+                      dataset=None) -> dict:
     """A run of a several-seed run or of a grid. With cfg.resume: a finished run is skipped, an interrupted one
     resumed from its last checkpoint-<step>, a missing one started; without, a plain ``train``."""
     if cfg.resume and (done := finished(cfg)):
@@ -394,7 +412,7 @@ def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, l
         return done
     if cfg.resume and not checkpoints(Path(cfg.output_dir)):
         cfg = dataclasses.replace(cfg, resume=False)
-    return train(cfg, progress, reward_fn, lm, callbacks)
+    return train(cfg, progress, reward_fn, lm, callbacks, dataset)
 
 
 @dataclasses.dataclass
@@ -432,7 +450,8 @@ class Run:
 
     def log(self, metrics: dict, last: bool) -> None:
         """metrics.jsonl / TensorBoard / W&B, the progress bar, and the mismatch warning (once)."""
-        step, logged = self.state["step"], self.state["step"] % self.cfg.logging_steps == 0 or last
+        step = self.state["step"]  # a validation accuracy is logged whatever the step
+        logged = step % self.cfg.logging_steps == 0 or last or "eval/greedy_accuracy" in metrics
         if self.logger is not None and logged:
             self.logger.log(step, metrics)
         if not self.warned and (text := mismatch.warning(metrics)):
@@ -531,7 +550,7 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]}, sort_keys=False))
         tmp.replace(out / "config.yaml")
     barrier(d)
-    logger = MetricsLogger(out, state["step"], cfg.report_to, dataclasses.asdict(cfg)) if d.main else None
+    logger = MetricsLogger(out, state["step"], cfg.report_to, dataclasses.asdict(cfg), cfg.run_name) if d.main else None
     return Run(cfg, out, d, policy, optimizer, scheduler, state, held_out, ref, logger,
                model_card(cfg, state["sigma"]), progress, warned=not d.main)
 
@@ -553,9 +572,12 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
         try:
             while state["step"] < cfg.max_steps and not stopping:
                 problems = problems_for_step(train_set, state["step"], cfg.prompts_per_step, cfg.seed)
+                samples = [] if cfg.log_completions and run.logger is not None else None
                 metrics = train_step(run.policy, run.ref, run.optimizer, run.scheduler, grader, cfg, state["sigma"],
-                                     problems, state["step"], d=d)
+                                     problems, state["step"], d=d, samples=samples)
                 state["step"] += 1
+                if samples:
+                    run.logger.log_completions(state["step"], samples)
                 last = state["step"] == cfg.max_steps
                 if cfg.eval_steps and cfg.val_size and (state["step"] % cfg.eval_steps == 0 or last):
                     run.validate_and_keep_best(grader, val_set, metrics)

@@ -30,12 +30,12 @@ FLAGS = {
     "train": sorted(DATA_FLAGS + ["--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta",
               "--config", "--dataset", "--device", "--disable-dropout", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset", "--eval-mode", "--eval-steps", "--gamma",
               "--gradient-checkpointing",
-              "--grading-workers", "--noise-on", "--seeds", "--top-k", "--learning-rate", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
+              "--grading-workers", "--noise-on", "--seeds", "--top-k", "--learning-rate", "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
               "--lora-target-modules", "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps",
               "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
               "--output-dir", "--prompts-per-step", "--push-to-hub", "--report-to", "--require-number", "--resume",
               "--resume-from-previous", "--rollout-batch-size",
-              "--rollout-correction", "--save-steps", "--save-strategy", "--seed", "--share-prompt", "--skip-zero-advantage", "--temperature", "--tis-cap", "--use-peft", "--val-size",
+              "--rollout-correction", "--run-name", "--save-steps", "--save-strategy", "--seed", "--share-prompt", "--skip-zero-advantage", "--temperature", "--tis-cap", "--use-peft", "--val-size",
               "--warmup-steps", "--weight-decay"]),
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--max-cot-length", "--model",
             "--out", "--protocol", "--resume"],
@@ -298,3 +298,37 @@ def test_every_command_has_a_help(capsys):
             main([command, "--help"])
         assert e.value.code == 0, command
         assert "--" in capsys.readouterr().out
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    """Exit 2 with one line is for bad input (UsageError); a bug's ValueError is not disguised as one."""
+    from softtokens import cli
+
+    monkeypatch.setattr(cli, "cmd_report", lambda args: int("not a number"))
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.main(["report", "somewhere"])
+
+
+def test_trls_accuracy_reward_trains_from_the_cli_on_problem_and_solution(model_dir, tmp_path):
+    """TRL's own accuracy_reward, unchanged, on a JSONL of `problem` (chat messages: TRL's conversational
+    format, which that reward reads) and `solution` columns."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(model)
+    data = tmp_path / "maths.jsonl"
+    data.write_text("".join(json.dumps({"problem": [{"role": "user", "content": f"What is {i} + 2?"}],
+                                        "solution": f"$\\boxed{{{i + 2}}}$"}) + "\n" for i in range(6)))
+    trl = Path(__file__).resolve().parent / "data" / "trl_rewards.py"
+    res = run_cli("train", "--model", str(model), "--dataset", str(data), "--reward", f"{trl}:accuracy_reward",
+                  "--val-size", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-cot-length", "2",
+                  "--max-answer-length", "2", "--max-steps", "1", "--eval-steps", "0", "--output-dir", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr[-1500:]
+    row = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["rollout/reward"] == 0.0, "a random tiny model is not right, and the call works"

@@ -60,3 +60,23 @@ def test_several_rewards_and_their_weights_in_yaml_flags_and_python():
         TrainConfig(reward_timeout=0)
     with pytest.raises(ValueError, match="expected comma-separated numbers"):
         config_from_dict(TrainConfig, {"reward_weights": "1,x"})
+
+
+def test_values_checked_when_the_config_is_built():
+    from softtokens.config import EvalConfig
+
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0, or null for no clipping"):
+        TrainConfig(max_grad_norm=-1.0)
+    assert TrainConfig(max_grad_norm=None).max_grad_norm is None
+    assert TrainConfig().split == "train" and EvalConfig().split == "test", "eval reads a hub dataset's test split"
+
+
+def test_config_md_lists_every_option_by_section():
+    import dataclasses
+
+    from softtokens.config import TRAIN_SECTIONS, options_markdown
+
+    names = [n for section in TRAIN_SECTIONS.values() for n in section]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig)), "each option in one section"
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == options_markdown(), \
+        "run: python -m softtokens.config > docs/CONFIG.md"

@@ -106,3 +106,14 @@ def test_a_hub_name_without_the_datasets_package_is_one_line(monkeypatch):
     hide_module(monkeypatch, "datasets")
     with pytest.raises(ValueError, match="needs the datasets package: pip install datasets"):
         load_dataset("openai/gsm8k", config="main", split="test")
+
+
+def test_rows_in_memory_are_a_dataset():
+    from softtokens.data import load_dataset
+
+    ds = load_dataset([{"question": "What is 1 + 1?", "answer": "2", "hint": "add"}])
+    assert ds.problems[0].question == "What is 1 + 1?" and ds.problems[0].columns["hint"] == "add"
+    with pytest.raises(ValueError, match="dataset:2: row is str, not a dict"):
+        load_dataset([{"question": "q", "answer": "1"}, "not a row"])
+    with pytest.raises(ValueError, match="dataset must be a name, a path, a list of dicts"):
+        load_dataset(3)

@@ -617,3 +617,30 @@ def test_replacing_a_folder_leaves_a_whole_one_after_a_kill(tmp_path, monkeypatc
     assert (path / "model.safetensors").read_text() == "new", "the new folder was whole: it is the one kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best"]
     ck.verify_checkpoint(path)
+
+
+def test_python_api_takes_rows_and_a_transformers_model_and_logs_completions(model_dir, tmp_path, monkeypatch):
+    """train(cfg, dataset=[dicts], model=, tokenizer=) as TRL's trainers take them; log_completions writes the
+    rollouts to read, cut back with metrics.jsonl on resume; a validation accuracy is logged at a step that is
+    not a logging step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    use_reward(monkeypatch)
+    rows = [{"problem": f"What is {i} + 1?", "solution": str(i + 1)} for i in range(8)]
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    cfg = _cfg(model_dir, tmp_path / "run", dataset="ignored", answer_key="solution", max_steps=3, eval_steps=3, logging_steps=2,
+               log_completions=3, save_steps=1)
+    tr.train(cfg, progress=False, dataset=rows, model=model, tokenizer=tok)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [2, 3] and "eval/greedy_accuracy" in metrics[-1]
+    samples = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert set(samples[0]) >= {"prompt", "cot", "answer", "reward", "advantage"} and samples[0]["prompt"].startswith("What is")
+    assert "dataset: dataset" in (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        tr.train(cfg, progress=False, model=model)
+    from softtokens.metrics import MetricsLogger
+
+    MetricsLogger(tmp_path / "run", step=1, report_to="none")  # what a resume from checkpoint-1 does first
+    samples = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 1]
