@@ -99,7 +99,28 @@ class CoTConfig:
 
 
 @dataclass
-class RolloutConfig:
+class EngineOptions:
+    """How rollouts are decoded (docs/ENGINE.md): shared by generate, train and eval, declared here once."""
+
+    engine: str = "auto"
+    """Decode engine: 'static' (static KV cache, CUDA-graph step; Llama/Qwen2), 'hf' (HF forward loop), 'auto' (static on CUDA when supported)."""
+    cuda_graphs: bool = True
+    """Capture the static engine's decode step in CUDA graphs (off: run it eagerly, for debugging)."""
+    compile_decoder: bool = True
+    """With CUDA graphs, also torch.compile the static decoder's layers and the step's token / phase logic (fuses norms, RoPE, SiLU, the vocabulary-wide sampling work); eager if it fails."""
+    attention_kernel: bool = True
+    """Static engine: decode attention with the split-KV Triton kernel (CUDA, Triton; one graph for every length); off: SDPA over length buckets."""
+
+    def check_engine(self) -> None:
+        if self.engine not in ("auto", "static", "hf"):
+            raise UsageError(f"unknown engine {self.engine!r}: choose auto, static or hf")
+
+    def engine_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(EngineOptions)}
+
+
+@dataclass
+class RolloutConfig(EngineOptions):
     """What a rollout generates around the CoT (METHOD.md §3)."""
 
     max_cot_length: int = 512
@@ -126,14 +147,6 @@ class RolloutConfig:
     """Zero-shot prompt with a {question} slot."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template as one user turn."""
-    engine: str = "auto"
-    """Decode engine: 'static' (static KV cache, CUDA-graph step; Llama/Qwen2), 'hf' (HF forward loop), 'auto' (static on CUDA when supported)."""
-    cuda_graphs: bool = True
-    """Capture the static engine's decode step in CUDA graphs (off: run it eagerly, for debugging)."""
-    compile_decoder: bool = True
-    """With CUDA graphs, also torch.compile the static decoder's layers and the step's token / phase logic (fuses norms, RoPE, SiLU, the vocabulary-wide sampling work); eager if it fails."""
-    attention_kernel: bool = True
-    """Static engine: decode attention with the split-KV Triton kernel (CUDA, Triton; one graph for every length); off: SDPA over length buckets."""
     record_means: bool = False
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0
@@ -145,8 +158,7 @@ class RolloutConfig:
         for name in ("max_cot_length", "max_answer_length", "num_generations", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.engine not in ("auto", "static", "hf"):
-            raise UsageError(f"unknown engine {self.engine!r}: choose auto, static or hf")
+        self.check_engine()
         if self.record_top_k < 0:
             raise UsageError(f"record_top_k must be >= 0, got {self.record_top_k}")
         if self.answer_temperature < 0:
@@ -221,7 +233,7 @@ class DataOptions:
 
 
 @dataclass
-class EvalConfig(DataOptions):
+class EvalConfig(DataOptions, EngineOptions):
     """An evaluation in the paper's six inference settings (METHOD.md §6)."""
 
     default_split = "test"
@@ -261,6 +273,7 @@ class EvalConfig(DataOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_engine()
         for name in ("num_samples", "max_cot_length", "max_answer_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -274,7 +287,8 @@ class EvalConfig(DataOptions):
         """The RolloutConfig of one setting: ``samples`` per problem, greedy answers."""
         return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
                              answer_temperature=0.0, num_generations=samples, seed=self.seed, batch_size=self.batch_size,
-                             prompt_template=self.prompt_template, chat_template=self.chat_template)
+                             prompt_template=self.prompt_template, chat_template=self.chat_template,
+                             **self.engine_options())
 
 
 @dataclass
@@ -316,11 +330,12 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
              "rollout_batch_size", "gradient_checkpointing", "share_prompt", "skip_zero_advantage",
              "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
-             "resume", "resume_from_previous", "allow_unverified", "reward_timeout", "run_name", "log_completions")
+             "resume", "resume_from_previous", "allow_unverified", "reward_timeout", "run_name", "log_completions",
+             "engine", "cuda_graphs", "compile_decoder", "attention_kernel")
 
 
 @dataclass
-class TrainConfig(DataOptions):
+class TrainConfig(DataOptions, EngineOptions):
     """An RL run (METHOD.md §5). The defaults are the paper's; YAML files under configs/ set the rest."""
 
     model: str = "smollm2"
@@ -442,6 +457,7 @@ class TrainConfig(DataOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_engine()
         if self.mode not in cot.MODES:
             raise UsageError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
         for name in ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "max_steps",
@@ -459,6 +475,9 @@ class TrainConfig(DataOptions):
         if not self.tis_cap >= 1:
             raise UsageError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
         check_noise_on(self.mode, self.noise_on, self.top_k)
+        self.cot()  # the CoT's temperature and gamma, checked now rather than after the model loads
+        if self.answer_temperature < 0:
+            raise UsageError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
         check_seeds(self.seeds)
         if self.eval_mode not in cot.MODES:
             raise UsageError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
@@ -487,7 +506,8 @@ class TrainConfig(DataOptions):
         return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
                              answer_temperature=answer_temperature, num_generations=generations, seed=seed,
                              batch_size=self.rollout_batch_size, prompt_template=self.prompt_template,
-                             chat_template=self.chat_template, share_prompt=self.share_prompt)
+                             chat_template=self.chat_template, share_prompt=self.share_prompt,
+                             **self.engine_options())
 
 
 def config_from_dict(cls, values: dict, source: str = "config"):
@@ -547,8 +567,9 @@ TRAIN_SECTIONS = {
                                 "skip_bad", "prompt_template", "chat_template", "reward", "reward_weights",
                                 "reward_timeout", "require_number", "grading_workers"),
     "CoT": ("mode", "temperature", "gamma", "noise_on", "top_k"),
-    "Rollout": ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "answer_temperature",
-                "rollout_batch_size", "share_prompt", "seed", "seeds"),
+    "Rollout and engine": ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length",
+                           "answer_temperature", "rollout_batch_size", "share_prompt", "seed", "seeds", "engine",
+                           "cuda_graphs", "compile_decoder", "attention_kernel"),
     "Optimisation and schedule": ("estimator", "beta", "rollout_correction", "tis_cap", "learning_rate",
                                   "warmup_steps", "max_steps", "adam_beta1", "adam_beta2", "weight_decay",
                                   "max_grad_norm", "micro_batch_size", "skip_zero_advantage"),

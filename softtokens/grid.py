@@ -254,13 +254,14 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     oods = ood_configs(plan)
     device, dtype = resolve_device(device, dtype)
 
-    def evaluate_and_check(model: str, eval_out: Path, ood_out, seed: int) -> None:
+    def evaluate_and_check(model: str, eval_out: Path, ood_out, seed: int, own: dict | None = None) -> None:
         todo = [ood for ood in oods if not _done(ood_out(ood.protocol))]
         if _done(eval_out) and not todo:
             return
         lm = load_model(model, dtype=dtype, device=device)  # once for every stage
         if not _done(eval_out):
-            cfg = config_from_dict(EvalConfig, {**plan.eval, "seed": seed, "out": str(eval_out), "resume": True})
+            cfg = config_from_dict(EvalConfig, {**(own or {}), **plan.eval, "seed": seed, "out": str(eval_out),
+                                                "resume": True})
             evaluate(lm, cfg, progress, datasets=check_eval(cfg))
             _mark(eval_out)
         for ood in todo:
@@ -273,7 +274,9 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
                            lambda protocol: _base_dir(plan, ood_stage(protocol), model), 0)
     for job in jobs(plan):
         continue_training(dataclasses.replace(job.train, resume=True), progress)  # skips a finished run
-        evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed)
+        # a gamma sweep's model is evaluated at its own noise scale, unless the plan's eval section sets one
+        evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed,
+                           {"gamma": job.train.gamma})
     return write_tables(plan)
 
 

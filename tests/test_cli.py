@@ -22,12 +22,13 @@ GENERATE_FLAGS = [
 
 DATA_FLAGS = ["--answer-key", "--chat-template", "--dataset-config", "--prompt-template", "--question-key", "--reward",
               "--reward-timeout", "--reward-weights", "--skip-bad", "--split"]
+ENGINE_FLAGS = ["--attention-kernel", "--compile-decoder", "--cuda-graphs", "--engine"]
 FLAGS = {
     "generate": GENERATE_FLAGS,
-    "eval": sorted(DATA_FLAGS + ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout",
+    "eval": sorted(DATA_FLAGS + ENGINE_FLAGS + ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout",
                     "--grading-workers", "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples",
                     "--out", "--require-number", "--resume", "--save-cot-text", "--seed", "--seeds", "--settings", "--yes"]),
-    "train": sorted(DATA_FLAGS + ["--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta",
+    "train": sorted(DATA_FLAGS + ENGINE_FLAGS + ["--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta",
               "--config", "--dataset", "--device", "--disable-dropout", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset", "--eval-mode", "--eval-steps", "--gamma",
               "--gradient-checkpointing",
               "--grading-workers", "--noise-on", "--seeds", "--top-k", "--learning-rate", "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",

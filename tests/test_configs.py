@@ -68,6 +68,11 @@ def test_values_checked_when_the_config_is_built():
     with pytest.raises(ValueError, match="max_grad_norm must be > 0, or null for no clipping"):
         TrainConfig(max_grad_norm=-1.0)
     assert TrainConfig(max_grad_norm=None).max_grad_norm is None
+    for bad, message in [(dict(mode="soft", temperature=0.0), "temperature must be > 0 for soft"),
+                         (dict(gamma=-1.0), "gamma must be >= 0"),
+                         (dict(answer_temperature=-0.5), "answer_temperature must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
     assert TrainConfig().split == "train" and EvalConfig().split == "test", "eval reads a hub dataset's test split"
 
 
@@ -80,3 +85,13 @@ def test_config_md_lists_every_option_by_section():
     assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig)), "each option in one section"
     assert (ROOT / "docs" / "CONFIG.md").read_text() == options_markdown(), \
         "run: python -m softtokens.config > docs/CONFIG.md"
+
+
+def test_engine_options_reach_train_and_eval_rollouts():
+    from softtokens.config import EvalConfig
+
+    kw = dict(engine="hf", cuda_graphs=False, compile_decoder=False, attention_kernel=False)
+    assert TrainConfig(**kw).rollout(0, 2, 1.0).engine_options() == kw
+    assert EvalConfig(**kw).rollout(4).engine_options() == kw
+    with pytest.raises(ValueError, match="unknown engine 'fast'"):
+        TrainConfig(engine="fast")

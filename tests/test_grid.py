@@ -18,7 +18,7 @@ def _plan(tmp_path, model_dir, **kw):
     configs = []
     for mode in ("hard", "soft"):
         path = tmp_path / f"tiny_{mode}.yaml"
-        path.write_text(yaml.safe_dump(dict(TRAIN, model=model_dir, mode=mode)))
+        path.write_text(yaml.safe_dump(dict(TRAIN, model=model_dir, mode=mode, gamma=1.0 if mode == "soft" else 0.33)))
         configs.append(str(path))
     plan = dict(configs=configs, seeds=[0, 1], base_model=True,
                 eval=dict(datasets="gsm8k", settings="hard_greedy,soft_sample", num_samples=2, limit=2,
@@ -45,6 +45,10 @@ def test_a_grid_runs_end_to_end_and_a_rerun_does_only_what_is_left(model_dir, tm
     assert "| base: " in table and table.count("**out of domain**") == 2 and "arc_easy acc % | NLL" in table
     assert "protocol: generate (" in table and "protocol: cloze (" in table, "Table 2: both protocols"
     assert (out / "results.md").read_text() == table
+    import json
+
+    gammas = [json.loads((out / "eval" / n / "seed-0" / "config.json").read_text())["gamma"] for n in ("tiny_hard", "tiny_soft")]
+    assert gammas == [0.33, 1.0], "a model is evaluated at the noise scale it was trained with"
 
     # a rerun trains and evaluates nothing; a lost evaluation (no .done) is redone, and only it
     calls = []
