@@ -25,7 +25,7 @@ from softtokens.config import CoTConfig, EvalConfig, split_names
 from softtokens.data import load_dataset, require_number
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
-from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
+from softtokens.outdir import FolderLock, differences, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, check_rewards, reward_name, reward_spec, split_rewards
@@ -70,9 +70,9 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         if not cfg.resume:
             refuse_to_overwrite(out, "an evaluation", "--out")
         old = json.loads(saved.read_text())
-        diff = [k for k in RESUME_KEYS if k in old and old[k] != run.get(k)]  # a key an older run lacks is not compared
+        diff = differences(old, run, RESUME_KEYS)
         if diff:
-            raise UsageError(f"cannot resume {out}: {', '.join(f'{k} was {old.get(k)!r}, now {run.get(k)!r}' for k in diff)}")
+            raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(diff)})")
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
         now, run["provenance"] = run["provenance"], old.get("provenance", run["provenance"])
         if versions(now) != versions(run["provenance"]):

@@ -314,14 +314,20 @@ def compare(model: str, cfg, device: str, dtype: str) -> str:
     """``softtokens ood``: score the model (and the base) into cfg.out; write ood.json, ood.md and ood.png and
     return the table."""
     from softtokens.models import load_model
-    from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
+    from softtokens.outdir import FolderLock, differences, prepare, refuse_to_overwrite
 
     out = Path(cfg.out)
     if (out / "model").exists() and not cfg.resume:
         refuse_to_overwrite(out, "an OOD check", "--out")
     names = split_names(cfg.datasets)
+    run = {"model": model, "base": cfg.base, "datasets": names, "limit": cfg.limit, "protocol": cfg.protocol,
+           "max_cot_length": cfg.max_cot_length}
     runs = {}
     with FolderLock(prepare(out, "--out"), "--out"):
+        saved = out / "config.json"
+        if saved.exists() and (diff := differences(json.loads(saved.read_text()), run, list(run))):
+            raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(diff)})")
+        saved.write_text(json.dumps(run, indent=1))
         for role, name in (("model", model), ("base", cfg.base)):
             if name is not None:
                 lm = load_model(name, dtype=dtype, device=device)

@@ -34,6 +34,12 @@ def prepare(path: str | Path, what: str) -> Path:
     return path
 
 
+def differences(saved: dict, now: dict, keys) -> list[str]:
+    """'name: old -> new' for each of ``keys`` that differs (a key the saved run lacks is not compared): how
+    train, eval and ood all say what a resume may not change."""
+    return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in keys if k in saved and saved[k] != now.get(k)]
+
+
 def refuse_to_overwrite(path: Path, what: str, flag: str) -> None:
     """A folder that already holds a run's work continues only with --resume."""
     raise UsageError(f"{path} already holds {what}: pass --resume to continue, or choose another {flag}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from softtokens.checkpoint import CorruptCheckpoint, checkpoints, verify_checkpoint
 from softtokens.config import RESUMABLE, TrainConfig
-from softtokens.outdir import refuse_to_overwrite
+from softtokens.outdir import differences, refuse_to_overwrite
 from softtokens.errors import UsageError
 
 
@@ -31,8 +31,7 @@ QUIET = ("output_dir", "resume", "resume_from_previous", "allow_unverified")  # 
 def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
     """'name: old -> new' for each field outside RESUMABLE that differs (a field the saved config lacks is not compared)."""
     now = dataclasses.asdict(cfg)
-    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in now.items()
-            if k not in RESUMABLE and k in saved and saved[k] != v]
+    return differences(saved, now, [k for k in now if k not in RESUMABLE])
 
 
 # What a run writes before its first checkpoint-<step>: cleared when --resume finds nothing to resume.

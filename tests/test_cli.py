@@ -140,6 +140,8 @@ def test_ood_command_compares_with_base(model_dir, tmp_path):
         assert (out / name).exists()
     again = run_cli(*args)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+    other = run_cli(*[a if a != "3" else "2" for a in args], "--resume")
+    assert other.returncode == 2 and "cannot resume" in other.stderr and "(limit: 3 -> 2)" in other.stderr
 
 
 def _unwritable(tmp_path):
