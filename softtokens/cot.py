@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 MODES = ("hard", "soft", "fuzzy")
 
@@ -103,12 +104,25 @@ def cot_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return (z - m - log_sum).exp()  # z - m first, as softmax does: exact where a tiny tau makes z huge
 
 
+SPARSE_K = 32  # the most tokens a sparse mixture gathers
+
+
 def mixture(p: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
     """mu = p E over the full vocabulary. (..., V) x (V, d) -> (..., d) in E's compute dtype.
 
     The matmul runs in E's dtype (bf16 on GPU, with float32 accumulation), the
     result is upcast so the noise and the log-density are added in float32.
+
+    On the CPU, when no row of p has more than SPARSE_K nonzero entries (a fuzzy CoT: at tau = 1e-4 a token
+    0.0104 below the top logit gets exp(-104), which float32 rounds to exactly 0), mu is the same sum over the
+    gathered rows of E, without the V x d matmul (its gradient too: the rows left out have p = 0). The check
+    reads p's values, a host sync that a CUDA graph or a compiled step cannot hold, so CUDA and torch.compile keep
+    the dense product (and so does a sharded E, which is not gathered by index).
     """
+    if (not p.is_cuda and not isinstance(E, DTensor) and not torch.compiler.is_compiling()
+            and p.shape[-1] > SPARSE_K and int((p > 0).sum(-1).max()) <= SPARSE_K):
+        w, ids = p.topk(SPARSE_K, dim=-1)
+        return (w.to(E.dtype).unsqueeze(-2) @ E[ids]).squeeze(-2).to(compute_dtype(E.dtype))
     return (p.to(E.dtype) @ E).to(compute_dtype(E.dtype))
 
 

@@ -30,6 +30,31 @@ def test_fuzzy_mixture_is_the_argmax_embedding(llama):
     torch.testing.assert_close(mu, E[z.argmax(-1)], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sparse_mixture_is_the_dense_one_with_its_gradient(dtype):
+    """At tau 1e-4 all but a few p are exactly 0: the gathered sum equals p E, and so do the gradients of z and
+    E; near-ties (several tokens mixed) and soft's dense p take the other path and agree as well."""
+    torch.manual_seed(0)
+    E0 = torch.randn(500, 16).to(dtype)
+    z0 = torch.randn(6, 500) * 3
+    z0[1, :3] = z0[1].max() + torch.tensor([0.0, 5e-5, 1e-4])  # a three-way near-tie
+    for tau in (1e-4, 0.5):
+        out = {}
+        for sparse in (True, False):
+            z, E = z0.clone().requires_grad_(), E0.clone().requires_grad_()
+            p = cot.cot_probs(z, tau)
+            if not sparse:
+                mu = (p.to(E.dtype) @ E).to(cot.compute_dtype(E.dtype))
+            else:
+                assert (int((p > 0).sum(-1).max()) <= cot.SPARSE_K) == (tau == 1e-4)
+                mu = cot.mixture(p, E)
+            (mu * torch.linspace(-1, 1, 16)).sum().backward()
+            out[sparse] = (mu.detach(), z.grad, E.grad.float())
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for a, b in zip(out[True], out[False]):
+            torch.testing.assert_close(a, b, **tol)
+
+
 def test_soft_input_adds_scaled_noise_only_when_asked():
     mu, eps = torch.zeros(3, 4), torch.ones(3, 4)
     assert torch.equal(cot.soft_input(mu, None, 0.5), mu)
