@@ -219,11 +219,9 @@ class DataOptions:
             self.reward = ",".join(self.reward)
         if not self.reward_timeout > 0:
             raise UsageError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
-        if self.reward_weights is not None:
-            n = len([x for x in self.reward.split(",") if x.strip()])
-            if len(self.reward_weights) != n:
-                raise UsageError(f"reward_weights has {len(self.reward_weights)} weights for {n} reward(s): give one "
-                                 "per reward")
+        from softtokens.reward import check_weights, split_rewards
+
+        check_weights(split_rewards(self.reward), self.reward_weights)
 
     def load_options(self, reward_fn=None) -> dict:
         """Keyword arguments of ``data.load_dataset`` for this run's data options (a custom reward may need no

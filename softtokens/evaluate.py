@@ -147,7 +147,9 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
             owners = [ds.problems[idx[j // n]] for j in range(len(rollouts))]
             handle = grader.submit([(p.answer, r.completion) for p, r in zip(owners, rollouts)], owners, rollouts)
             if pending is not None:  # the previous batch was grading while this one generated
-                _write(path, ds, grader, *pending, cfg, bar)
+                # taken off before it is written: an interrupt after its append must not write it again below
+                previous, pending = pending, None
+                _write(path, ds, grader, *previous, cfg, bar)
             pending = (idx, rollouts, handle, n)
     finally:
         if pending is not None:

@@ -49,6 +49,28 @@ def test_six_settings_end_to_end_write_every_output(llama, tmp_path):
     assert set(saved["datasets"]["gsm8k"]["hard_sample"]["pass@k_stderr"]) == {"1", "2", "4"}
 
 
+def test_an_interrupt_just_after_a_write_does_not_write_it_twice(llama, tmp_path, monkeypatch):
+    """SIGTERM raises where the program is: right after a batch's records were appended, the batch must not be
+    appended again on the way out (a duplicate record), and the resumed run equals the uninterrupted one."""
+    full = tmp_path / "full"
+    ev.evaluate(llama, _cfg(full, datasets="gsm8k"), progress=False)
+    real, calls = ev.jsonl.append, []
+
+    def append_then_stop(path, records):
+        real(path, records)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(ev.jsonl, "append", append_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(llama, _cfg(part, datasets="gsm8k"), progress=False)
+    monkeypatch.setattr(ev.jsonl, "append", real)
+    ev.evaluate(llama, _cfg(part, datasets="gsm8k", resume=True), progress=False)
+    assert _records(part) == _records(full)
+
+
 def test_interrupted_run_resumes_to_the_same_results(llama, tmp_path, monkeypatch):
     full = tmp_path / "full"
     ev.evaluate(llama, _cfg(full, datasets="gsm8k"), progress=False)
