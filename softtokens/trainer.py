@@ -406,12 +406,11 @@ def finished(cfg: TrainConfig) -> dict | None:
 def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm=None, callbacks=None,
                       dataset=None) -> dict:
     """A run of a several-seed run or of a grid. With cfg.resume: a finished run is skipped, an interrupted one
-    resumed from its last checkpoint-<step>, a missing one started; without, a plain ``train``."""
+    resumed from its last checkpoint-<step>, one killed before its first checkpoint (or missing) started from step
+    0; without, a plain ``train``."""
     if cfg.resume and (done := finished(cfg)):
         print(f"{cfg.output_dir}: finished at step {done['step']}, skipped")
         return done
-    if cfg.resume and not checkpoints(Path(cfg.output_dir)):
-        cfg = dataclasses.replace(cfg, resume=False)
     return train(cfg, progress, reward_fn, lm, callbacks, dataset)
 
 
