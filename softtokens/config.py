@@ -120,7 +120,20 @@ class EngineOptions:
 
 
 @dataclass
-class RolloutConfig(EngineOptions):
+class PromptOptions:
+    """How a question becomes the prompt (METHOD.md §3): shared by generate, train and eval, declared here once."""
+
+    prompt_template: str = prompts.PROMPT_TEMPLATE
+    """Prompt around a text question ({question} is replaced by it); chat-format questions are used as they are."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template as one user message (instruct models)."""
+
+    def prompt_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(PromptOptions)}
+
+
+@dataclass
+class RolloutConfig(EngineOptions, PromptOptions):
     """What a rollout generates around the CoT (METHOD.md §3)."""
 
     max_cot_length: int = 512
@@ -143,10 +156,6 @@ class RolloutConfig(EngineOptions):
     """Forced tokens when the CoT hits max_cot_length (or ends on EOS)."""
     stop_at_eos: bool = True
     """[choice] An EOS token in the CoT (sampled, or the soft shadow) ends it like the length limit."""
-    prompt_template: str = prompts.PROMPT_TEMPLATE
-    """Zero-shot prompt with a {question} slot."""
-    chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template as one user turn."""
     record_means: bool = False
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0
@@ -185,7 +194,7 @@ def field_docs(cls) -> dict[str, str]:
 
 
 @dataclass
-class DataOptions:
+class DataOptions(PromptOptions):
     """What train and eval share about the data, the prompt and the reward."""
 
     question_key: str | None = None
@@ -198,10 +207,6 @@ class DataOptions:
     """Configuration (subset) of a hub dataset, e.g. 'main' for openai/gsm8k."""
     skip_bad: bool = False
     """Skip (and count) dataset rows without a usable question or answer instead of stopping at the first."""
-    prompt_template: str = prompts.PROMPT_TEMPLATE
-    """Prompt around a text question ({question} is replaced by it); chat-format questions are used as they are."""
-    chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template as one user message (instruct models)."""
     reward: str = ""
     """Your reward(s), 'package.module:function' or 'path/to/file.py:function' (several: comma-separated, or a YAML list), called as TRL calls one: f(prompts=, completions=, completion_ids=, trainer_state=, answers=, cot_modes=, **columns) -> list of floats or None, or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
     reward_weights: list[float] | None = None
@@ -285,8 +290,7 @@ class EvalConfig(DataOptions, EngineOptions):
         """The RolloutConfig of one setting: ``samples`` per problem, greedy answers."""
         return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
                              answer_temperature=0.0, num_generations=samples, seed=self.seed, batch_size=self.batch_size,
-                             prompt_template=self.prompt_template, chat_template=self.chat_template,
-                             **self.engine_options())
+                             **self.prompt_options(), **self.engine_options())
 
 
 @dataclass
@@ -503,9 +507,8 @@ class TrainConfig(DataOptions, EngineOptions):
         """The RolloutConfig of a training step (seed per step) or of a greedy check (one generation)."""
         return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
                              answer_temperature=answer_temperature, num_generations=generations, seed=seed,
-                             batch_size=self.rollout_batch_size, prompt_template=self.prompt_template,
-                             chat_template=self.chat_template, share_prompt=self.share_prompt,
-                             **self.engine_options())
+                             batch_size=self.rollout_batch_size, share_prompt=self.share_prompt,
+                             **self.prompt_options(), **self.engine_options())
 
 
 def config_from_dict(cls, values: dict, source: str = "config"):
