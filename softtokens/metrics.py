@@ -25,7 +25,7 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.completions = Path(output_dir) / COMPLETIONS
         for path in (self.path, self.completions):
-            rows = jsonl.read(path, repair=True) if path.exists() else []
+            rows = jsonl.read(path, repair=True)
             keep = [r for r in rows if r.get("step", 0) <= step]
             if len(keep) != len(rows):
                 jsonl.rewrite(path, keep)

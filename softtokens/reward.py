@@ -354,8 +354,7 @@ class Grader:
         self.names = [reward_name(r) for r in rewards]
         self.weights, self.reward_timeout = reward_weights, reward_timeout
         if any(spec is None for spec, _ in specs):  # a function workers cannot import: all are called here
-            self.reward, self._local = None, [(reward_name(r) if isinstance(r, str) else _qualified(r),
-                                               load_reward(spec) if spec else fn) for r, (spec, fn) in zip(rewards, specs)]
+            self.reward, self._local = None, named_rewards(rewards)
         else:
             self.reward, self._local = tuple(spec for spec, _ in specs), None
         self._pool: cf.ProcessPoolExecutor | None = None
@@ -479,8 +478,11 @@ class RewardFunction:
         return self.fn(pairs)
 
 
-def _qualified(fn) -> str:
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', 'reward')}"
+def named_rewards(rewards: list) -> list[tuple[str, object]]:
+    """(name for messages, function) of each reward, loaded in this process: a spec by its function's name, a
+    function by 'module:qualname'."""
+    return [(reward_name(r), load_reward(r)) if isinstance(r, str)
+            else (f"{getattr(r, '__module__', '?')}:{getattr(r, '__qualname__', 'reward')}", r) for r in rewards]
 
 
 def check_weights(rewards: list, weights: list[float] | None) -> None:
@@ -514,8 +516,7 @@ def check_rewards(reward, weights: list[float] | None, problems: list, timeout: 
     if not rewards or not problems:
         return
     check_weights(rewards, weights)
-    fns = [(reward_name(r) if isinstance(r, str) else _qualified(r), load_reward(r) if isinstance(r, str) else r)
-           for r in rewards]
+    fns = named_rewards(rewards)
     p = problems[0]
     answers = [ANSWER_PREFIX + (p.answer or "0") + "}", ANSWER_PREFIX + "}"]
     rows = [RewardRow(p.answer, a, p.question, p.columns, "Let me think. The final answer is: " + a, (), "hard",
