@@ -71,7 +71,7 @@ def generate_command(cfg, model: str = "<this folder>", question: str = "...") -
 
     from softtokens import prompts
 
-    words = ["softtokens", "generate", "--model", model, "--mode", cfg.mode, "--temperature", repr(cfg.cot().temperature),
+    words = ["softtokens", "generate", "--model", model, "--mode", cfg.mode, "--temperature", repr(cfg.cot.temperature),
              "--gamma", repr(cfg.gamma), "--noise-on", cfg.noise_on]
     if cfg.noise_on == "topk_logits":
         words += ["--top-k", str(cfg.top_k)]
@@ -79,23 +79,24 @@ def generate_command(cfg, model: str = "<this folder>", question: str = "...") -
         words += ["--prompt-template", cfg.prompt_template]
     if cfg.chat_template:
         words += ["--chat-template"]
+    for name in ("marker", "marker_prefill", "length_prefill"):
+        if getattr(cfg, name) != getattr(prompts, name.upper()):
+            words += ["--" + name.replace("_", "-"), getattr(cfg, name)]
     words += ["--max-cot-length", str(cfg.max_cot_length), "--question", question]
     return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
 
 
 def model_card(cfg, sigma: float) -> str:
     """README.md of a checkpoint: what a user needs to run the model as it was trained."""
-    from softtokens import prompts
-
     hub_id = "/" in cfg.model and not Path(cfg.model).exists()
     front = ["---", "library_name: transformers", *([f"base_model: {cfg.model}"] if hub_id else []),
              "tags:", "- softtokens", "- soft-thinking", "---"]
-    rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot().temperature),
+    rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot.temperature),
             ("noise on", cfg.noise_on + (f" (k = {cfg.top_k})" if cfg.noise_on == "topk_logits" else "")),
             ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS of what is noised", f"{sigma:.6g}"),
-            ("chat template", cfg.chat_template), ("stop marker", f'`"{prompts.MARKER}"`'),
-            ("prefill after the marker", f'`"{prompts.MARKER_PREFILL}"`'),
-            ("prefill at the length limit", f'`"{prompts.LENGTH_PREFILL}"`'), ("max CoT length", cfg.max_cot_length),
+            ("chat template", cfg.chat_template), ("stop marker", f'`"{cfg.marker}"`'),
+            ("prefill after the marker", f'`"{cfg.marker_prefill}"`'),
+            ("prefill at the length limit", f'`"{cfg.length_prefill}"`'), ("max CoT length", cfg.max_cot_length),
             ("dataset", cfg.dataset), ("reward", cfg.reward or "Math-Verify 100 / 10 / 0")]
     return "\n".join([
         *front, "", f"# A {cfg.mode}-CoT model trained with softtokens", "",

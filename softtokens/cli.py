@@ -22,10 +22,9 @@ import typing
 from pathlib import Path
 
 from softtokens import __version__
-from softtokens.config import (CoTConfig, EvalConfig, OODConfig, RolloutConfig, TrainConfig, config_from_dict,
-                               field_docs, parse_floats, parse_seeds)
+from softtokens.config import (COMMANDS, EvalConfig, GenerateConfig, OODConfig, TrainConfig, config_from_dict, flatten,
+                               layout, option_defaults, option_docs, option_types, parse_floats, parse_seeds)
 from softtokens.errors import UsageError
-from softtokens.models import EMBEDDED_MODEL
 
 
 def _flag_type(hint):
@@ -34,25 +33,27 @@ def _flag_type(hint):
     return args[0] if args else hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), overrides: bool = False) -> None:
-    """One kebab-case flag per field of ``cls``, its help the field's docstring.
+def add_config_flags(parser: argparse.ArgumentParser, cls, overrides: bool = False) -> None:
+    """One kebab-case flag per option of the command's config ``cls``, grouped by section, its help the field's
+    docstring.
 
     With ``overrides`` every flag defaults to None, so only the flags given override a config file.
     """
-    hints = typing.get_type_hints(cls)
-    docs = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}  # argparse formats help with %
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+    hints, defaults = option_types(cls), option_defaults(cls)
+    docs = {k: v.replace("%", "%%") for k, v in option_docs(cls).items()}  # argparse formats help with %
+    groups = {}
+    for name, (section, _) in layout(cls).items():
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} options")
+        flag, kind = "--" + name.replace("_", "-"), _flag_type(hints[name])
         if typing.get_origin(kind) is list:
             kind = _floats_flag if typing.get_args(kind) == (float,) else _seeds_flag
-        default = None if overrides else f.default
+        default = None if overrides else defaults[name]
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
+            groups[section].add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[name])
         else:
-            group.add_argument(flag, type=kind, default=default, help=docs[f.name] + f" (default: {f.default})")
+            groups[section].add_argument(flag, type=kind, default=default,
+                                         help=docs[name] + f" (default: {defaults[name]})")
 
 
 def _seeds_flag(text: str) -> list[int]:
@@ -70,7 +71,7 @@ def _floats_flag(text: str) -> list[float]:
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    return cls(**{name: getattr(args, name) for name in layout(cls) if hasattr(args, name)})
 
 
 DESCRIPTION = """RL training and evaluation of language models whose chain of thought is soft, fuzzy or hard tokens
@@ -92,15 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="answer one or more questions with a hard, soft or fuzzy CoT and show it")
-    add_model_flags(gen)
     gen.add_argument("--question", action="append", required=True, help="question text (repeat for several)")
     gen.add_argument("--show-top-k", type=int, default=0, help="print the k most likely tokens of p at each CoT step")
     gen.add_argument("--json", action="store_true", help="print one JSON record per rollout instead of text")
-    add_config_flags(gen, CoTConfig)
-    add_config_flags(gen, RolloutConfig, skip=("record_means", "record_top_k"))
-    gen.set_defaults(answer_temperature=0.0)  # a greedy answer shows what the CoT led to
+    add_config_flags(gen, GenerateConfig)
     ev = sub.add_parser("eval", allow_abbrev=False, help="score a model on maths sets in the six inference settings (pass@1, pass@k)")
-    add_model_flags(ev)
     ev.add_argument("--yes", action="store_true", help="run a whole evaluation on a CPU without asking for --limit")
     add_config_flags(ev, EvalConfig)
 
@@ -110,7 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tr, TrainConfig, overrides=True)
 
     ood = sub.add_parser("ood", allow_abbrev=False, help="check a trained model kept its general skills (HellaSwag, ARC, MMLU) vs its base")
-    add_model_flags(ood)
     add_config_flags(ood, OODConfig)
 
     grid = sub.add_parser("grid", allow_abbrev=False, help="train configs x seeds, evaluate each best checkpoint and the base, OOD, the paper's tables")
@@ -125,25 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=EMBEDDED_MODEL, help="HF directory, hub id, .gguf file, or 'smollm2' (embedded)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bfloat16 on cuda)")
-
-
 def cmd_generate(args) -> int:
     from softtokens.mismatch import near_tie_rate
     from softtokens.models import check_context, load_model, resolve_device
     from softtokens.prompts import format_prompt
     from softtokens.rollout import generate_rollouts
 
-    cot_cfg = config_from_args(CoTConfig, args)
-    cfg = dataclasses.replace(config_from_args(RolloutConfig, args), record_top_k=max(args.show_top_k, 0))
+    run = config_from_args(GenerateConfig, args)
+    cot_cfg, cfg = run.cot, dataclasses.replace(run.rollout, record_top_k=max(args.show_top_k, 0))
     for question in args.question:
         format_prompt(question)  # an empty question fails here, before the model loads
-    check_context(args.model, cfg.max_cot_length + cfg.max_answer_length)
-    device, dtype = resolve_device(args.device, args.dtype)
-    lm = load_model(args.model, dtype=dtype, device=device)
+    check_context(run.model, cfg.max_cot_length + cfg.max_answer_length)
+    device, dtype = resolve_device(run.device, run.dtype)
+    lm = load_model(run.model, dtype=dtype, device=device)
     rollouts = generate_rollouts(lm, args.question, cot_cfg, cfg)
     tok = lm.tokenizer
     if args.json:
@@ -154,7 +144,7 @@ def cmd_generate(args) -> int:
                 "near_tie_rate": near_tie_rate([r], cot_cfg.temperature)}))
         return 0
     n_params = sum(p.numel() for p in lm.model.parameters())
-    print(f"model {args.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
+    print(f"model {run.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
     print(f"mode {cot_cfg.mode}  tau {cot_cfg.temperature:g}  sigma {rollouts[0].sigma:.5g} (gamma {cot_cfg.gamma:g})")
     if cot_cfg.mode == "hard":
         what = "hard: the argmax token at each step" if cot_cfg.temperature == 0 else \
@@ -177,20 +167,20 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from softtokens.evaluate import check_eval, evaluate, parse_settings, setting_config
+    from softtokens.evaluate import check_eval, evaluate
     from softtokens.models import check_context, load_model, resolve_device
     from softtokens.report import report
 
     cfg = config_from_args(EvalConfig, args)
     datasets = check_eval(cfg)  # every input is checked before the model loads
-    check_context(args.model, cfg.max_cot_length + cfg.max_answer_length)
-    device, dtype = resolve_device(args.device, args.dtype)
+    check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
     if device == "cpu" and cfg.limit is None and not args.yes:
         rows = sum(len(ds) for ds in datasets.values()) * sum(
-            cfg.num_samples if setting_config(s, cfg.gamma).sampled else 1 for s in parse_settings(cfg.settings))
+            cfg.num_samples if cfg.cot.setting(s).sampled else 1 for s in cfg.inference.names())
         raise UsageError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.max_cot_length} CoT tokens on a "
                          "CPU (days): pass --limit N to evaluate the first N problems of each set, or --yes to run it all")
-    lm = load_model(args.model, dtype=dtype, device=device)
+    lm = load_model(cfg.model, dtype=dtype, device=device)
     evaluate(lm, cfg, datasets=datasets)
     print(report([cfg.out]))
     print(f"records, results.json, results.md, passk.png and entropy.png are in {cfg.out}")
@@ -214,11 +204,12 @@ def cmd_train(args) -> int:
             raise UsageError(f"{args.config}: must hold a mapping of TrainConfig keys")
         source = args.config
     elif args.resume:  # `train --output-dir D --resume`: the saved config is the base, flags override it
-        saved = Path(args.output_dir or TrainConfig.output_dir) / "config.yaml"
+        saved = Path(args.output_dir or option_defaults(TrainConfig)["output_dir"]) / "config.yaml"
         if saved.is_file():
             values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "sigma"}
             source = str(saved)
-    values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    values = flatten(TrainConfig, values, source)  # a nested file: its flags still override it
+    values |= {name: getattr(args, name) for name in layout(TrainConfig) if getattr(args, name) is not None}
     cfg = config_from_dict(TrainConfig, values, source)
     try:
         summary = train(cfg)
@@ -237,8 +228,8 @@ def cmd_ood(args) -> int:
     from softtokens.ood import compare
 
     cfg = config_from_args(OODConfig, args)
-    device, dtype = resolve_device(args.device, args.dtype)
-    print(compare(args.model, cfg, device, dtype))
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    print(compare(cfg.model, cfg, device, dtype))
     print(f"records, ood.json, ood.md and ood.png are in {cfg.out}")
     return 0
 
@@ -252,7 +243,7 @@ def cmd_grid(args) -> int:
     print(describe(plan))
     if args.dry_run:
         return 0
-    if resolve_device(args.device, args.dtype)[0] == "cpu" and plan.eval.get("limit") is None:
+    if resolve_device(args.device, args.dtype)[0] == "cpu" and flatten(EvalConfig, plan.eval).get("limit") is None:
         raise UsageError(f"{args.plan}: evaluating whole test sets on a CPU takes days; set eval: {{limit: N}}")
     try:
         print(run_grid(plan, args.device, args.dtype))
@@ -284,11 +275,19 @@ def _terminate(signum, frame):
 
 
 def normalise_flags(argv: list[str]) -> list[str]:
-    """--learning_rate and --learning-rate alike (TRL takes both): underscores in a flag's name become dashes."""
-    out = []
+    """--learning_rate and --learning-rate alike (TRL takes both): underscores in a flag's name become dashes.
+    The nested form --optim.learning-rate (an option under its section, as YAML nests it) becomes
+    --learning-rate; a section that does not hold the option leaves the flag unknown, for check_flags to name."""
+    out, command = [], COMMANDS.get(next((a for a in argv if not a.startswith("-")), ""))
     for a in argv:
-        if a.startswith("--") and "_" in a.split("=", 1)[0]:
+        if a.startswith("--"):
             name, eq, value = a.partition("=")
+            section, dot, option = name[2:].replace("-", "_").partition(".")
+            if dot and command is not None:
+                try:
+                    name = "--" + next(iter(flatten(command, {section: {option: None}})))
+                except UsageError:
+                    pass
             a = name.replace("_", "-") + eq + value
         out.append(a)
     return out

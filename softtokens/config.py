@@ -1,16 +1,39 @@
-"""Typed run configs. Each field's docstring is its one description (it is also the CLI --help).
+"""Typed run configs, composed from sections: one dataclass per concern, each option declared once.
 
-Derived values (the mode's default tau) are resolved in one ``__post_init__``;
-validation names the field and the fix.
+A command's config (``TrainConfig``, ``EvalConfig``, ``OODConfig``, ``GenerateConfig``) holds the sections it
+uses. Each section checks its own values in its ``__post_init__`` and the command checks what spans sections, so
+every bad value fails when the config is built, before a model loads. YAML files and flags name an option by its
+flat name (``learning_rate: 1e-5``, ``--learning-rate``); the nested form (``optim: {learning_rate: 1e-5}``) is
+accepted too. ``cfg.optim`` is a section, which the library passes down whole; ``cfg.learning_rate`` reads the
+option from its section. A command may leave out options it has no use for, give one a name of its own (eval's
+``--out`` is the output section's ``output_dir``) and its own default (a CoT of 128 tokens to train, 512 to
+evaluate). Each field's docstring is its one description: the CLI's --help and docs/CONFIG.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
+import typing
 from dataclasses import dataclass, fields
 
 from softtokens import cot, prompts
-from softtokens.estimators import CORRECTIONS
 from softtokens.errors import UsageError
+from softtokens.estimators import CORRECTIONS
+
+PROTOCOLS = ("cloze", "generate")  # the OOD check's (ood.py)
+REPORT_TO = ("tensorboard", "wandb", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The paper's six inference settings (METHOD.md §6): the CoTConfig each one changes from a model's own.
+SETTINGS = {
+    "hard_greedy": dict(mode="hard", temperature=0.0),
+    "hard_sample": dict(mode="hard", temperature=1.0),
+    "soft_greedy": dict(mode="soft", noise=False),
+    "soft_sample": dict(mode="soft"),
+    "fuzzy_greedy": dict(mode="fuzzy", noise=False),
+    "fuzzy_sample": dict(mode="fuzzy"),
+}
 
 
 def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
@@ -32,12 +55,21 @@ def check_seeds(seeds: list[int] | None) -> None:
         raise UsageError(f"seeds repeats a seed: {seeds}")
 
 
+def at_least(section, minimum: int, *names: str) -> None:
+    """Each named field of ``section`` is >= ``minimum``; the error names the field."""
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise UsageError(f"{name} must be >= {minimum}, got {getattr(section, name)}")
+
+
+def one_of(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
 def split_names(text: str) -> list[str]:
     """'gsm8k, math500,' -> ['gsm8k', 'math500'] (the comma-separated dataset and setting options)."""
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-PROTOCOLS = ("cloze", "generate")  # the OOD check's (ood.py)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -56,6 +88,119 @@ def parse_floats(text: str) -> list[float]:
         raise UsageError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
 
 
+# ---- the sections. ``resumable``: the fields a resumed run may change (any other change is another run).
+
+@dataclass
+class LoadConfig:
+    """Which model, on what device and in what dtype."""
+
+    model: str = "smollm2"
+    """HF directory, hub id, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N (auto: cuda when available)."""
+    dtype: str = "auto"
+    """Compute dtype: float32, bfloat16, float16 (auto: bfloat16 on CUDA, float32 on CPU)."""
+    base: str | None = None
+    """The base model to compare against (same forms as model)."""
+
+    resumable = ("device",)
+
+    def __post_init__(self):
+        one_of("dtype", self.dtype, DTYPES)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UsageError(f"unknown device {self.device!r}: choose auto, cpu, cuda, cuda:N or mps")
+        if not self.model.strip():
+            raise UsageError("model must name a model: a folder, a hub id, a .gguf file or smollm2")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) in place of training every weight."""
+
+    use_peft: bool = False
+    """Train LoRA adapters (peft) instead of every weight; checkpoints export the merged model."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the delta is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """[choice] LoRA dropout; 0 so that the policy scored is exactly the policy the rollouts sampled."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names to adapt (q_proj,v_proj,...), or all-linear."""
+
+    resumable = ()
+
+    def __post_init__(self):
+        if self.use_peft:
+            at_least(self, 1, "lora_r")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class DataConfig:
+    """Which problems, and how a row of them is read."""
+
+    dataset: str = "gsm8k_train"
+    """Problems: a built-in name, a file (.jsonl / .csv / .parquet) or a hub name (deepscaler); eval and ood take several, comma-separated (--datasets)."""
+    limit: int | None = None
+    """Use only the first N problems of each dataset."""
+    split: str = "train"
+    """Split of a hub dataset (eval reads test by default)."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a hub dataset, e.g. 'main' for openai/gsm8k."""
+    question_key: str | None = None
+    """Dataset column of the question (default: the first of question, problem, prompt). A column of chat messages ([{role, content}, ...]) is rendered with the tokenizer's chat template."""
+    answer_key: str | None = None
+    """Dataset column of the gold answer (default: the first of answer, final_answer, solution_answer)."""
+    skip_bad: bool = False
+    """Skip (and count) dataset rows without a usable question or answer instead of stopping at the first."""
+
+    resumable = ()
+
+    def __post_init__(self):
+        if not split_names(self.dataset):
+            raise UsageError("dataset must name at least one: a built-in name, a file or a hub name")
+        if self.limit is not None:
+            at_least(self, 1, "limit")
+
+    def load_options(self, require_answer: bool = True) -> dict:
+        """Keyword arguments of ``data.load_dataset`` (a custom reward may need no gold answer)."""
+        return dict(question_key=self.question_key, answer_key=self.answer_key, skip_bad=self.skip_bad,
+                    split=self.split, config=self.dataset_config, require_answer=require_answer)
+
+
+@dataclass
+class GradingConfig:
+    """How a rollout is scored: your reward(s), or Math-Verify's."""
+
+    reward: str = ""
+    """Your reward(s), 'package.module:function' or 'path/to/file.py:function' (several: comma-separated, or a YAML list), called as TRL calls one: f(prompts=, completions=, completion_ids=, trainer_state=, answers=, cot_modes=, **columns) -> list of floats or None, or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
+    reward_weights: list[float] | None = None
+    """Weights of the rewards' sum, one per reward (default: 1 each), as TRL's reward_weights."""
+    reward_timeout: float = 120.0
+    """Seconds a user reward may take for one batch; past it the run stops with an error naming the reward."""
+    require_number: bool | None = None
+    """[choice] Count a boxed answer as right only when it is a plain number: Math-Verify alone also accepts an equal expression such as 20 + 10, which a policy can learn to copy from the question. Unset: on when the data are the built-in sums tasks, off for the rest (the paper's grading)."""
+    grading_workers: int = 1
+    """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
+    grading_timeout: float = 5.0
+    """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
+
+    resumable = ("reward_timeout", "grading_workers", "grading_timeout")
+
+    def __post_init__(self):
+        if isinstance(self.reward, (list, tuple)):  # the Python API's list of specs
+            self.reward = ",".join(self.reward)
+        for name in ("reward_timeout", "grading_timeout"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        at_least(self, 0, "grading_workers")
+        from softtokens.reward import check_weights, split_rewards
+
+        check_weights(split_rewards(self.reward), self.reward_weights)
+
+
 @dataclass
 class CoTConfig:
     """How the chain of thought is fed back (METHOD.md §2, §6)."""
@@ -65,17 +210,18 @@ class CoTConfig:
     temperature: float | None = None
     """CoT temperature tau; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001). 0 = argmax (hard only)."""
     gamma: float = cot.DEFAULT_GAMMA
-    """Noise scale: sigma = gamma * RMS of what the noise is added to (the input-embedding matrix by default)."""
+    """Noise scale: sigma = gamma * RMS of what the noise is added to (the input-embedding matrix by default), computed once from the initial model."""
     noise: bool = True
     """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
     noise_on: str = "embedding"
-    """Where the noise goes (METHOD.md §10): embedding (the paper), hidden (the final hidden state), logits, or topk_logits (the top_k logits, the rest -inf)."""
+    """Where the noise goes (METHOD.md §10): embedding (the paper), hidden (the final hidden state), logits, or topk_logits (the top_k logits, the rest -inf); all but embedding run on the HF engine."""
     top_k: int = 5
     """Logits kept by noise_on topk_logits (the paper: 5 or 50, at tau 1.0)."""
 
+    resumable = ()
+
     def __post_init__(self):
-        if self.mode not in cot.MODES:
-            raise UsageError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
+        one_of("CoT mode", self.mode, cot.MODES)
         if self.temperature is None:
             self.temperature = cot.DEFAULT_TEMPERATURE[self.mode]
         self.temperature = float(self.temperature)
@@ -97,10 +243,43 @@ class CoTConfig:
             return self.temperature > 0
         return self.noise and self.gamma > 0
 
+    def setting(self, name: str) -> CoTConfig:
+        """The CoT of inference setting ``name`` for a model trained with this CoT: a setting of this mode keeps
+        its temperature (not hard_greedy's 0) and noise placement; every sampled setting keeps gamma."""
+        own = dict(SETTINGS[name], gamma=self.gamma)
+        if own["mode"] == self.mode:
+            own |= dict(noise_on=self.noise_on, top_k=self.top_k)
+            if own.get("temperature") != 0.0:
+                own["temperature"] = self.temperature
+        return CoTConfig(**own)
+
 
 @dataclass
-class EngineOptions:
-    """How rollouts are decoded (docs/ENGINE.md): shared by generate, train and eval, declared here once."""
+class PromptConfig:
+    """How a question becomes the prompt, and where the CoT ends (METHOD.md §3)."""
+
+    prompt_template: str = prompts.PROMPT_TEMPLATE
+    """Prompt around a text question ({question} is replaced by it; any other brace is text); chat-format questions are used as they are."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template as one user message (instruct models)."""
+    marker: str = prompts.MARKER
+    """The CoT ends as soon as its text (after stripping trailing whitespace) ends with this."""
+    marker_prefill: str = prompts.MARKER_PREFILL
+    """Forced tokens after a marker stop."""
+    length_prefill: str = prompts.LENGTH_PREFILL
+    """Forced tokens when the CoT hits max_cot_length (or ends on EOS)."""
+
+    resumable = ()
+
+    def __post_init__(self):
+        prompts.check_template(self.prompt_template)
+        if not self.marker.strip():
+            raise UsageError("marker must be non-empty text")
+
+
+@dataclass
+class EngineConfig:
+    """How rollouts are decoded (docs/ENGINE.md)."""
 
     engine: str = "auto"
     """Decode engine: 'static' (static KV cache, CUDA-graph step; Llama/Qwen2), 'hf' (HF forward loop), 'auto' (static on CUDA when supported)."""
@@ -111,261 +290,54 @@ class EngineOptions:
     attention_kernel: bool = True
     """Static engine: decode attention with the split-KV Triton kernel (CUDA, Triton; one graph for every length); off: SDPA over length buckets."""
 
-    def check_engine(self) -> None:
-        if self.engine not in ("auto", "static", "hf"):
-            raise UsageError(f"unknown engine {self.engine!r}: choose auto, static or hf")
+    resumable = ("engine", "cuda_graphs", "compile_decoder", "attention_kernel")
 
-    def engine_options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(EngineOptions)}
+    def __post_init__(self):
+        one_of("engine", self.engine, ("auto", "static", "hf"))
 
 
 @dataclass
-class PromptOptions:
-    """How a question becomes the prompt (METHOD.md §3): shared by generate, train and eval, declared here once."""
-
-    prompt_template: str = prompts.PROMPT_TEMPLATE
-    """Prompt around a text question ({question} is replaced by it); chat-format questions are used as they are."""
-    chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template as one user message (instruct models)."""
-
-    def prompt_options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(PromptOptions)}
-
-
-@dataclass
-class RolloutConfig(EngineOptions, PromptOptions):
-    """What a rollout generates around the CoT (METHOD.md §3)."""
+class RolloutConfig(PromptConfig, EngineConfig):
+    """What a rollout generates around the CoT (METHOD.md §3), with its prompt and its engine."""
 
     max_cot_length: int = 512
-    """CoT length limit L (training: 128 for GSM8K, 512 for MATH; evaluation: 512)."""
+    """CoT length limit L (the paper trains at 128 for GSM8K, 512 for MATH and DeepScaleR, and evaluates at 512)."""
     max_answer_length: int = 32
     """Answer tokens after the prefill; EOS ends the answer earlier."""
     answer_temperature: float = 1.0
-    """Answer sampling temperature; 0 = greedy (evaluation always uses greedy answers)."""
+    """Answer sampling temperature; 0 = greedy (evaluation's answers are always greedy)."""
     num_generations: int = 1
-    """Rollouts per question (G)."""
+    """Rollouts per question (G, the RLOO group; in eval --num-samples, the samples of a sampled setting)."""
     seed: int = 0
-    """Base seed; each row's noise comes from (seed, question, sample index), not from its batch."""
+    """Base seed; each row's noise comes from (seed, question, sample index), not from its batch; train also draws the problem order from it."""
     batch_size: int = 64
-    """Rows (questions x generations) decoded together in one forward pass."""
-    marker: str = prompts.MARKER
-    """The CoT ends as soon as its text (after stripping trailing whitespace) ends with this."""
-    marker_prefill: str = prompts.MARKER_PREFILL
-    """Forced tokens after a marker stop."""
-    length_prefill: str = prompts.LENGTH_PREFILL
-    """Forced tokens when the CoT hits max_cot_length (or ends on EOS)."""
+    """Rows (questions x generations) decoded together."""
     stop_at_eos: bool = True
     """[choice] An EOS token in the CoT (sampled, or the soft shadow) ends it like the length limit."""
+    share_prompt: bool = True
+    """Compute each group's prompt once: one prefill copied to its G rollouts, and in training's scoring one pass over the prompt that its G continuations attend to (equal results; false repeats the prompt per row, for comparison)."""
     record_means: bool = False
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0
     """Keep the k most likely tokens of p and their probabilities at each CoT step (for reading soft CoTs)."""
-    share_prompt: bool = True
-    """Prefill each distinct prompt of a batch once and copy its KV cache to the rows that share it (a group's G rows)."""
+
+    resumable = EngineConfig.resumable + ("batch_size", "share_prompt", "record_means", "record_top_k")
 
     def __post_init__(self):
-        for name in ("max_cot_length", "max_answer_length", "num_generations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.check_engine()
-        if self.record_top_k < 0:
-            raise UsageError(f"record_top_k must be >= 0, got {self.record_top_k}")
+        PromptConfig.__post_init__(self)
+        EngineConfig.__post_init__(self)
+        at_least(self, 1, "max_cot_length", "max_answer_length", "num_generations", "batch_size")
+        at_least(self, 0, "record_top_k", "seed")
         if self.answer_temperature < 0:
             raise UsageError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
-        prompts.check_template(self.prompt_template)
-        if not self.marker.strip():
-            raise UsageError("marker must be non-empty text")
-
-
-def field_docs(cls) -> dict[str, str]:
-    """Field name -> its docstring, read from the class source (the single place options are described)."""
-    import ast
-    import inspect
-    import textwrap
-
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if "__dataclass_fields__" in k.__dict__]):
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
-    assert set(docs) == {f.name for f in fields(cls)}, f"every field of {cls.__name__} needs a docstring"
-    return docs
 
 
 @dataclass
-class DataOptions(PromptOptions):
-    """What train and eval share about the data, the prompt and the reward."""
+class OptimConfig:
+    """The RL objective, the optimiser and its schedule."""
 
-    question_key: str | None = None
-    """Dataset column of the question (default: the first of question, problem, prompt). A column of chat messages ([{role, content}, ...]) is rendered with the tokenizer's chat template."""
-    answer_key: str | None = None
-    """Dataset column of the gold answer (default: the first of answer, final_answer, solution_answer)."""
-    split: str | None = None
-    """Split of a hub dataset (default: train for train, test for eval)."""
-    dataset_config: str | None = None
-    """Configuration (subset) of a hub dataset, e.g. 'main' for openai/gsm8k."""
-    skip_bad: bool = False
-    """Skip (and count) dataset rows without a usable question or answer instead of stopping at the first."""
-    reward: str = ""
-    """Your reward(s), 'package.module:function' or 'path/to/file.py:function' (several: comma-separated, or a YAML list), called as TRL calls one: f(prompts=, completions=, completion_ids=, trainer_state=, answers=, cot_modes=, **columns) -> list of floats or None, or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
-    reward_weights: list[float] | None = None
-    """Weights of the rewards' sum, one per reward (default: 1 each), as TRL's reward_weights."""
-    reward_timeout: float = 120.0
-    """Seconds a user reward may take for one batch; past it the run stops with an error naming the reward."""
-
-    default_split = "train"  # a class attribute, not an option: the split a hub dataset is read from by default
-
-    def __post_init__(self):
-        prompts.check_template(self.prompt_template)
-        if self.split is None:
-            self.split = self.default_split
-        if isinstance(self.reward, (list, tuple)):  # the Python API's list of specs
-            self.reward = ",".join(self.reward)
-        if not self.reward_timeout > 0:
-            raise UsageError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
-        from softtokens.reward import check_weights, split_rewards
-
-        check_weights(split_rewards(self.reward), self.reward_weights)
-
-    def load_options(self, reward_fn=None) -> dict:
-        """Keyword arguments of ``data.load_dataset`` for this run's data options (a custom reward may need no
-        gold answer)."""
-        return dict(question_key=self.question_key, answer_key=self.answer_key, skip_bad=self.skip_bad,
-                    split=self.split, config=self.dataset_config, require_answer=not (self.reward or reward_fn))
-
-
-@dataclass
-class EvalConfig(DataOptions, EngineOptions):
-    """An evaluation in the paper's six inference settings (METHOD.md §6)."""
-
-    default_split = "test"
-
-    datasets: str = "gsm8k,math500,olympiadbench"
-    """Comma-separated built-in names, files (.jsonl / .csv / .parquet) or hub names."""
-    settings: str = "all"
-    """Comma-separated settings (hard_greedy, hard_sample, soft_greedy, soft_sample, fuzzy_greedy, fuzzy_sample) or 'all'."""
-    num_samples: int = 32
-    """Samples per problem in the sampled settings (greedy settings take one); pass@k for k <= this."""
-    limit: int | None = None
-    """Evaluate only the first N problems of each dataset."""
-    max_cot_length: int = 512
-    """CoT length limit L (the paper evaluates at 512)."""
-    max_answer_length: int = 32
-    """Answer tokens after the prefill (answers are always greedy in evaluation)."""
-    batch_size: int = 64
-    """Rows (problems x samples) decoded together."""
-    seed: int = 0
-    """Base seed of the sampled settings."""
-    seeds: list[int] | None = None
-    """Several evaluations, one per seed, each in out/seed-N (--seeds 0,1,2); overrides seed."""
-    gamma: float = cot.DEFAULT_GAMMA
-    """Noise scale of the soft/fuzzy sample settings: sigma = gamma * RMS(E), computed once per run."""
-    grading_workers: int = 2
-    """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
-    grading_timeout: float = 5.0
-    """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
-    require_number: bool | None = None
-    """Count a boxed answer as right only when it is a plain number (not an equal expression such as 20 + 10); unset: on for the built-in sums tasks, off for the rest (Math-Verify's equivalence, the paper's)."""
-    save_cot_text: bool = True
-    """Keep each sample's CoT text (the shadow text for soft/fuzzy) in the per-problem records."""
-    out: str = "runs/eval"
-    """Output folder: config.json, records/, results.json, results.md and plots."""
-    resume: bool = False
-    """Continue an interrupted evaluation in --out, skipping every problem already recorded."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check_engine()
-        for name in ("num_samples", "max_cot_length", "max_answer_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"limit must be >= 1, got {self.limit}")
-        if not self.datasets.strip():
-            raise UsageError("datasets must name at least one dataset")
-        check_seeds(self.seeds)
-
-    def rollout(self, samples: int) -> RolloutConfig:
-        """The RolloutConfig of one setting: ``samples`` per problem, greedy answers."""
-        return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
-                             answer_temperature=0.0, num_generations=samples, seed=self.seed, batch_size=self.batch_size,
-                             **self.prompt_options(), **self.engine_options())
-
-
-@dataclass
-class OODConfig:
-    """The out-of-domain check (METHOD.md §7): multiple-choice accuracy and answer NLL, against a base model."""
-
-    base: str | None = None
-    """The base model to compare against (same forms as --model)."""
-    datasets: str = "hellaswag,arc_challenge,mmlu"
-    """Comma-separated: hellaswag, arc_challenge, arc_easy, mmlu, or .jsonl files in that schema."""
-    limit: int | None = None
-    """Score only the first N items of each dataset."""
-    batch_size: int = 32
-    """Sequences (item x choice) per forward pass; items decoded together with --protocol generate."""
-    protocol: str = "cloze"
-    """cloze: rank the choices' texts by likelihood (lm-eval's acc, acc_norm) and the correct one's NLL; generate: lettered choices in the prompt, a greedy hard CoT and answer, graded by letter or text (the paper's Table 2 success rate)."""
-    max_cot_length: int = 256
-    """CoT length limit of --protocol generate."""
-    out: str = "runs/ood"
-    """Records, results and the chart go here."""
-    resume: bool = False
-    """Continue an interrupted check in --out."""
-
-    def __post_init__(self):
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.protocol not in PROTOCOLS:
-            raise UsageError(f"unknown protocol {self.protocol!r}: choose cloze or generate")
-        if self.max_cot_length < 1:
-            raise UsageError(f"max_cot_length must be >= 1, got {self.max_cot_length}")
-
-
-REPORT_TO = ("tensorboard", "wandb", "none")
-
-# TrainConfig fields a resumed run may change: the schedule's length, intervals, memory and process knobs.
-# Any other change is a different run and --resume refuses it.
-RESUMABLE = ("max_steps", "eval_steps", "save_steps", "logging_steps", "grading_workers", "micro_batch_size",
-             "rollout_batch_size", "gradient_checkpointing", "share_prompt", "skip_zero_advantage",
-             "device", "report_to", "push_to_hub", "save_strategy", "output_dir",
-             "resume", "resume_from_previous", "allow_unverified", "reward_timeout", "run_name", "log_completions",
-             "engine", "cuda_graphs", "compile_decoder", "attention_kernel")
-
-
-@dataclass
-class TrainConfig(DataOptions, EngineOptions):
-    """An RL run (METHOD.md §5). The defaults are the paper's; YAML files under configs/ set the rest."""
-
-    model: str = "smollm2"
-    """HF directory, hub id, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)."""
-    dataset: str = "gsm8k_train"
-    """Training problems: a built-in name, a file, or a hub name (deepscaler)."""
-    val_size: int = 100
-    """[choice] Problems held out from the end of the training set for greedy validation."""
-    mode: str = "soft"
-    """CoT mode: hard, soft or fuzzy."""
-    temperature: float | None = None
-    """CoT temperature; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001)."""
-    gamma: float = cot.DEFAULT_GAMMA
-    """Noise scale: sigma = gamma * RMS of what the noise is added to (E by default), computed once from the initial model and kept for the run."""
-    noise_on: str = "embedding"
-    """Where the CoT noise goes: embedding (the paper), hidden, logits or topk_logits (METHOD.md §10; HF engine only but for embedding)."""
-    top_k: int = 5
-    """Logits kept by noise_on topk_logits."""
     prompts_per_step: int = 2
     """B: prompts per optimiser step."""
-    num_generations: int = 32
-    """G: rollouts per prompt (the RLOO group)."""
-    max_cot_length: int = 128
-    """CoT length limit L (128 for GSM8K, 512 for MATH and DeepScaleR)."""
-    max_answer_length: int = 32
-    """Answer tokens after the prefill."""
-    answer_temperature: float = 1.0
-    """Sampling temperature of the answer during training."""
     estimator: str = "rloo"
     """Advantage estimator: rloo (the paper) or grpo (std-normalised groups)."""
     beta: float = 0.0
@@ -390,48 +362,105 @@ class TrainConfig(DataOptions, EngineOptions):
     """[choice] Gradient clipping norm; None = no clipping."""
     micro_batch_size: int = 8
     """Rollouts scored per backward pass (gradient accumulation over the B x G rollouts)."""
-    rollout_batch_size: int = 64
-    """Rows decoded together during rollouts."""
+    skip_zero_advantage: bool = True
+    """Do not score rollouts whose advantage is 0 when no KL term needs them (they add nothing to the loss or its gradient); logged as train/rows_skipped."""
+    mixed_precision: bool = True
+    """[choice] With a bfloat16 dtype, keep float32 master weights and AdamW state (FSDP2 mixed precision); false trains bfloat16 weights directly (half the memory; small updates round away)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (large models)."""
     disable_dropout: bool = True
     """Set every dropout of the model (and of LoRA) to 0, as TRL does: scoring runs in train mode, and dropout there would score another policy than the one that sampled."""
-    skip_zero_advantage: bool = True
-    """Do not score rollouts whose advantage is 0 when no KL term needs them (they add nothing to the loss or its gradient); logged as train/rows_skipped."""
-    share_prompt: bool = True
-    """Compute each group's prompt once: one prefill copied to its G rollouts, and in scoring one pass over the prompt that its G continuations attend to (equal results; false repeats the prompt per row, for comparison)."""
-    dtype: str = "auto"
-    """Compute dtype: float32, bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)."""
-    mixed_precision: bool = True
-    """[choice] With a bfloat16 dtype, keep float32 master weights and AdamW state (FSDP2 mixed precision); false trains bfloat16 weights directly (half the memory; small updates round away)."""
-    use_peft: bool = False
-    """Train LoRA adapters (peft) instead of every weight; checkpoints export the merged model."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the delta is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """[choice] LoRA dropout; 0 so that the policy scored is exactly the policy the rollouts sampled."""
-    lora_target_modules: str = "all-linear"
-    """Comma-separated module names to adapt (q_proj,v_proj,...), or all-linear."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N (auto: cuda when available)."""
-    seed: int = 0
-    """Seeds the problem order and every rollout."""
+
+    resumable = ("max_steps", "micro_batch_size", "skip_zero_advantage", "gradient_checkpointing")
+
+    def __post_init__(self):
+        at_least(self, 1, "prompts_per_step", "max_steps", "micro_batch_size")
+        at_least(self, 0, "warmup_steps", "beta", "weight_decay")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        one_of("estimator", self.estimator, ("rloo", "grpo"))
+        one_of("rollout_correction", self.rollout_correction, CORRECTIONS)
+        if not self.tis_cap >= 1:
+            raise UsageError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
+        if not self.learning_rate > 0:
+            raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise UsageError(f"max_grad_norm must be > 0, or null for no clipping, got {self.max_grad_norm}")
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes, and whether it continues one."""
+
+    output_dir: str = "runs/train"
+    """Output folder: the resolved config, and what the command writes (checkpoints and metrics; records and results)."""
+    resume: bool = False
+    """Continue the interrupted run in the output folder, redoing nothing finished (its config must match, but for the options that may change on resume)."""
     seeds: list[int] | None = None
-    """Several runs, one per seed, each in output_dir/seed-N (--seeds 0,1,2); overrides seed. report gives their mean +- std."""
-    eval_steps: int = 100
-    """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
+    """Several runs, one per seed, each in <output folder>/seed-N (--seeds 0,1,2); overrides seed. report gives their mean +- std."""
+
+    resumable = ("output_dir", "resume")
+
+    def __post_init__(self):
+        if not str(self.output_dir).strip():
+            raise UsageError("the output folder must be a path")
+        check_seeds(self.seeds)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: how often, which, and the checks a resume makes."""
+
     save_steps: int = 100
     """Checkpoint every N steps (and always at the end and on SIGINT / SIGTERM); 0 = only then."""
     save_strategy: str = "steps"
     """steps: checkpoints as save_steps says; no: none at all, not even the best or the last (a run that cannot resume; benchmarks)."""
+    push_to_hub: str = ""
+    """A Hugging Face hub repo id ('user/name'): upload checkpoint-best (else the last checkpoint) at the end."""
+    resume_from_previous: bool = False
+    """With --resume: when the last checkpoint fails its SHA-256 check, resume from the one before it."""
+    allow_unverified: bool = False
+    """With --resume: accept a checkpoint that has no checksums.json (one written before softtokens kept it)."""
+
+    resumable = ("save_steps", "save_strategy", "push_to_hub", "resume_from_previous", "allow_unverified")
+
+    def __post_init__(self):
+        at_least(self, 0, "save_steps")
+        one_of("save_strategy", self.save_strategy, ("steps", "no"))
+        if self.save_strategy == "no" and self.push_to_hub:
+            raise UsageError("push_to_hub needs a checkpoint to push: save_strategy must be steps")
+
+
+@dataclass
+class LoggingConfig:
+    """What a training run logs, and where."""
+
     logging_steps: int = 1
     """Log metrics every N steps."""
-    grading_workers: int = 1
-    """Grading worker processes (0 = grade in the main thread)."""
-    require_number: bool | None = None
-    """[choice] Count a boxed answer as right only when it is a plain number: Math-Verify alone also accepts an equal expression such as 20 + 10, which a policy can learn to copy from the question. Unset: on when the training and held-out sets are the built-in sums tasks, off for the rest (the paper's grading)."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl: tensorboard, wandb (pip install wandb) or none."""
+    run_name: str = ""
+    """W&B run name (default: the output folder's name, 'hard/seed-0' for a seed folder); the project is $WANDB_PROJECT, else softtokens."""
+    log_completions: int = 0
+    """Write the first N rollouts of each step (prompt, CoT text, answer, each reward, advantage) to completions.jsonl and a TensorBoard text panel (a W&B table); 0 = none."""
+
+    resumable = ("logging_steps", "report_to", "run_name", "log_completions")
+
+    def __post_init__(self):
+        at_least(self, 1, "logging_steps")
+        at_least(self, 0, "log_completions")
+        one_of("report_to", self.report_to, REPORT_TO)
+
+
+@dataclass
+class ValidationConfig:
+    """What training evaluates while it runs."""
+
+    val_size: int = 100
+    """[choice] Problems held out from the end of the training set for greedy validation."""
+    eval_steps: int = 100
+    """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
     eval_before_after: int = 0
     """Evaluate the first N problems of eval_dataset (greedy CoT in eval_mode, greedy answer) before and after training, with 95% intervals; 0 = skip."""
     eval_dataset: str = "gsm8k"
@@ -440,93 +469,345 @@ class TrainConfig(DataOptions, EngineOptions):
     """CoT mode of the before / after check, greedy: hard is the trained model deployed as a plain checkpoint."""
     ood_limit: int = 0
     """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
-    report_to: str = "tensorboard"
-    """Where metrics go besides metrics.jsonl: tensorboard, wandb (pip install wandb) or none."""
-    run_name: str = ""
-    """W&B run name (default: the output folder's name, 'hard/seed-0' for a seed folder); the project is $WANDB_PROJECT, else softtokens."""
-    log_completions: int = 0
-    """Write the first N rollouts of each step (prompt, CoT text, answer, each reward, advantage) to completions.jsonl and a TensorBoard text panel (a W&B table); 0 = none."""
-    push_to_hub: str = ""
-    """A Hugging Face hub repo id ('user/name'): upload checkpoint-best (else the last checkpoint) at the end."""
-    output_dir: str = "runs/train"
-    """Checkpoints, metrics.jsonl, TensorBoard events and the resolved config."""
-    resume: bool = False
-    """Continue from the last checkpoint in output_dir (its config must match, but for RESUMABLE fields)."""
-    resume_from_previous: bool = False
-    """With --resume: when the last checkpoint fails its SHA-256 check, resume from the one before it."""
-    allow_unverified: bool = False
-    """With --resume: accept a checkpoint that has no checksums.json (one written before softtokens kept it)."""
+
+    resumable = ("eval_steps",)
 
     def __post_init__(self):
-        super().__post_init__()
-        self.check_engine()
-        if self.mode not in cot.MODES:
-            raise UsageError(f"unknown CoT mode {self.mode!r}: choose one of {', '.join(cot.MODES)}")
-        for name in ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length", "max_steps",
-                     "micro_batch_size", "rollout_batch_size", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "val_size", "beta", "eval_before_after", "ood_limit",
-                     "log_completions"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise UsageError(f"max_grad_norm must be > 0, or null for no clipping, got {self.max_grad_norm}")
-        if self.rollout_correction not in CORRECTIONS:
-            raise UsageError(f"unknown rollout_correction {self.rollout_correction!r}: choose none or tis")
-        if not self.tis_cap >= 1:
-            raise UsageError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
-        check_noise_on(self.mode, self.noise_on, self.top_k)
-        self.cot()  # the CoT's temperature and gamma, checked now rather than after the model loads
-        if self.answer_temperature < 0:
-            raise UsageError(f"answer_temperature must be >= 0 (0 = greedy), got {self.answer_temperature}")
-        check_seeds(self.seeds)
-        if self.eval_mode not in cot.MODES:
-            raise UsageError(f"unknown eval_mode {self.eval_mode!r}: choose one of {', '.join(cot.MODES)}")
-        if self.estimator not in ("rloo", "grpo"):
-            raise UsageError(f"unknown estimator {self.estimator!r}: choose rloo or grpo")
+        at_least(self, 0, "val_size", "eval_steps", "eval_before_after", "ood_limit")
+        one_of("eval_mode", self.eval_mode, cot.MODES)
+
+
+@dataclass
+class InferenceConfig:
+    """Which inference settings an evaluation runs, and what it keeps."""
+
+    settings: str = "all"
+    """Comma-separated settings (hard_greedy, hard_sample, soft_greedy, soft_sample, fuzzy_greedy, fuzzy_sample) or 'all'."""
+    save_cot_text: bool = True
+    """Keep each sample's CoT text (the shadow text for soft/fuzzy) in the per-problem records."""
+
+    resumable = ("save_cot_text",)
+
+    def __post_init__(self):
+        self.names()
+
+    def names(self) -> list[str]:
+        names = list(SETTINGS) if self.settings.strip() == "all" else split_names(self.settings)
+        unknown = [s for s in names if s not in SETTINGS]
+        if unknown or not names:
+            raise UsageError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)} or 'all'")
+        return names
+
+
+@dataclass
+class ProtocolConfig:
+    """How the out-of-domain check asks its multiple-choice questions (METHOD.md §7)."""
+
+    protocol: str = "cloze"
+    """cloze: rank the choices' texts by likelihood (lm-eval's acc, acc_norm) and the correct one's NLL; generate: lettered choices in the prompt, a greedy hard CoT and answer, graded by letter or text (the paper's Table 2 success rate)."""
+
+    resumable = ()
+
+    def __post_init__(self):
+        one_of("protocol", self.protocol, PROTOCOLS)
+
+
+# ---- a command's config: its sections, and the names, defaults and options it takes of them.
+
+@functools.cache
+def sections(cls) -> dict[str, type]:
+    """Section attribute -> section class of a command's config."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+@functools.cache
+def layout(cls) -> dict[str, tuple[str, str]]:
+    """A command's options: flat name -> (section attribute, field), in the order the sections declare them."""
+    names = {field: flat for flat, field in cls.aliases.items()}
+    out = {}
+    for attr, kind in sections(cls).items():
+        for f in fields(kind):
+            if f.name not in cls.exclude:
+                flat = names.get(f.name, f.name)
+                assert flat not in out and flat not in sections(cls), f"{cls.__name__}: {flat} twice"
+                out[flat] = (attr, f.name)
+    return out
+
+
+def section_names(cls) -> dict[str, tuple[str, type]]:
+    """The keys of the nested form: each section attribute, and each section's own parts (rollout's prompt and
+    engine) -> (section attribute, class whose fields it holds)."""
+    out = {}
+    for attr, kind in sections(cls).items():
+        out[attr] = (attr, kind)
+        for part in kind.__mro__[1:]:
+            if "__dataclass_fields__" in part.__dict__:
+                out[part.__name__.removesuffix("Config").lower()] = (attr, part)
+    return out
+
+
+def _unknown(cls, keys, source: str) -> UsageError:
+    import difflib
+
+    known = list(layout(cls))
+    near = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in keys}
+    suggest = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
+    return UsageError(f"{source}: unknown key(s) {', '.join(map(str, keys))}" + (f" ({suggest})" if suggest else "")
+                      + f"; valid keys: {', '.join(sorted(known))} (or nested under {', '.join(section_names(cls))})")
+
+
+def flatten(cls, values: dict, source: str = "config") -> dict:
+    """The flat form of a mapping that may nest options under their section (``optim: {learning_rate: 1e-5}``)."""
+    opts, parts, out = layout(cls), section_names(cls), {}
+    unknown = []
+    for key, value in values.items():
+        if key in parts and isinstance(value, dict):
+            attr, part = parts[key]
+            own = {flat for flat, (a, f) in opts.items() if a == attr and f in {g.name for g in fields(part)}}
+            by_field = {opts[flat][1]: flat for flat in own}
+            for inner, v in value.items():
+                flat = inner if inner in own else by_field.get(inner)
+                if flat is None:
+                    raise UsageError(f"{source}: {key} has no option {inner!r}; its options: {', '.join(sorted(own))}")
+                if flat in out:
+                    raise UsageError(f"{source}: {flat} is given twice")
+                out[flat] = v
+        elif key in opts:
+            if key in out:
+                raise UsageError(f"{source}: {key} is given twice")
+            out[key] = value
+        elif key in sections(cls) and dataclasses.is_dataclass(value):
+            out[key] = value  # a whole section (dataclasses.replace passes them)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _unknown(cls, unknown, source)
+    return out
+
+
+class Command:
+    """Base of a command's config (a dataclass whose fields are its sections); built from flat or nested
+    options, or from whole sections."""
+
+    exclude: tuple[str, ...] = ()  # section fields this command does not take (they keep the section's default)
+    aliases: dict[str, str] = {}  # this command's name for a field -> the field
+    defaults: dict[str, object] = {}  # field -> this command's default, where it is not the section's
+    notes: dict[str, str] = {}  # option -> what it means in this command, where the field's docstring is not enough
+
+    def __init__(self, **values):
+        opts = layout(type(self))
+        given = {attr: {} for attr in sections(type(self))}
+        whole = {}
+        for key, value in flatten(type(self), values, type(self).__name__).items():
+            if key in given:
+                whole[key] = value
+            else:
+                attr, name = opts[key]
+                given[attr][name] = value
+        for attr, kind in sections(type(self)).items():
+            if attr in whole:
+                section = dataclasses.replace(whole[attr], **given[attr]) if given[attr] else whole[attr]
+            else:
+                own = {f.name: self.defaults[f.name] for f in fields(kind) if f.name in self.defaults}
+                section = self._build(kind, own | given[attr])
+            object.__setattr__(self, attr, section)
+        self.__post_init__()
+
+    def _build(self, kind: type, values: dict):
+        """The section, its error naming an option as this command calls it (eval's num_samples)."""
+        try:
+            return kind(**values)
+        except UsageError as e:
+            text = str(e)
+            for flat, field in self.aliases.items():
+                text = re.sub(rf"\b{field}\b", flat, text)
+            raise UsageError(text) from None
+
+    def __post_init__(self):
+        """What spans sections; each section has checked its own values."""
+
+    def __getattr__(self, name: str):
+        where = layout(type(self)).get(name)
+        section = self.__dict__.get(where[0]) if where else None
+        if section is None:
+            raise AttributeError(f"{type(self).__name__} has no option {name!r}")
+        return getattr(section, where[1])
+
+    def __setattr__(self, name: str, value) -> None:
+        where = layout(type(self)).get(name)
+        if where is None:
+            raise AttributeError(f"{type(self).__name__} has no option {name!r}")
+        setattr(getattr(self, where[0]), where[1], value)
+
+    def flat(self) -> dict:
+        """Every option by its flat name: what config.yaml / config.json keep and a resume compares."""
+        return {name: getattr(getattr(self, attr), field) for name, (attr, field) in layout(type(self)).items()}
+
+    @classmethod
+    def fixed(cls) -> list[str]:
+        """The options a resume may not change: all but those each section calls resumable."""
+        return [name for name, (attr, field) in layout(cls).items() if field not in sections(cls)[attr].resumable]
+
+    def resume_changes(self, saved: dict, now: dict | None = None) -> list[str]:
+        """'name: old -> new' for each option of the saved run (config.yaml / config.json) that a resume may not
+        change: the one rule of train, eval and ood. ``now``: this run's record, when it is not ``flat()``. A null
+        the saved run resolved later (a mode's default temperature) is resolved as this config resolves it."""
+        from softtokens.outdir import differences
+
+        now = self.flat() if now is None else now
+        unset = {k: v for k, v in saved.items() if v is None and k in layout(type(self))}
+        if unset:
+            try:
+                resolved = config_from_dict(type(self), {k: v for k, v in saved.items() if k in layout(type(self))})
+                saved = saved | {k: resolved.flat()[k] for k in unset}
+            except (ValueError, TypeError):  # a record this version cannot rebuild: compared as it is
+                pass
+        return differences(saved, now, self.fixed())
+
+    @classmethod
+    def resumable(cls) -> list[str]:
+        return [name for name in layout(cls) if name not in cls.fixed()]
+
+
+@dataclass(init=False)
+class TrainConfig(Command):
+    """An RL run (METHOD.md §5). The defaults are the paper's; YAML files under configs/ set the rest."""
+
+    load: LoadConfig
+    lora: LoraConfig
+    data: DataConfig
+    grading: GradingConfig
+    cot: CoTConfig
+    rollout: RolloutConfig
+    optim: OptimConfig
+    output: OutputConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    validation: ValidationConfig
+
+    exclude = ("base", "limit", "noise", "record_means", "record_top_k")
+    aliases = {"rollout_batch_size": "batch_size"}
+    defaults = {"max_cot_length": 128, "num_generations": 32}
+    notes = {"rollout_batch_size": "Rows (prompts x generations) decoded together during rollouts.",
+             "seed": "Seeds the problem order and every rollout."}
+
+    def __post_init__(self):
         if self.estimator == "rloo" and self.num_generations < 2:
             raise UsageError("rloo needs num_generations >= 2")
-        if self.use_peft and self.lora_r < 1:
-            raise UsageError(f"lora_r must be >= 1, got {self.lora_r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UsageError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.learning_rate > 0:
-            raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.save_strategy not in ("steps", "no"):
-            raise UsageError(f"unknown save_strategy {self.save_strategy!r}: choose steps or no")
-        if self.save_strategy == "no" and self.push_to_hub:
-            raise UsageError("push_to_hub needs a checkpoint to push: save_strategy must be steps")
-        if self.report_to not in REPORT_TO:
-            raise UsageError(f"unknown report_to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}")
 
-    def cot(self) -> CoTConfig:
-        return CoTConfig(self.mode, self.temperature, self.gamma, noise_on=self.noise_on, top_k=self.top_k)
 
-    def rollout(self, seed: int, generations: int, answer_temperature: float) -> RolloutConfig:
-        """The RolloutConfig of a training step (seed per step) or of a greedy check (one generation)."""
-        return RolloutConfig(max_cot_length=self.max_cot_length, max_answer_length=self.max_answer_length,
-                             answer_temperature=answer_temperature, num_generations=generations, seed=seed,
-                             batch_size=self.rollout_batch_size, share_prompt=self.share_prompt,
-                             **self.prompt_options(), **self.engine_options())
+@dataclass(init=False)
+class EvalConfig(Command):
+    """An evaluation in the paper's six inference settings (METHOD.md §6)."""
+
+    load: LoadConfig
+    data: DataConfig
+    grading: GradingConfig
+    inference: InferenceConfig
+    cot: CoTConfig
+    rollout: RolloutConfig
+    output: OutputConfig
+
+    exclude = ("base", "noise", "answer_temperature", "record_means", "record_top_k")
+    aliases = {"datasets": "dataset", "num_samples": "num_generations", "out": "output_dir"}
+    defaults = {"dataset": "gsm8k,math500,olympiadbench", "split": "test", "num_generations": 32,
+                "answer_temperature": 0.0, "grading_workers": 2, "output_dir": "runs/eval"}
+    notes = {"num_samples": "Samples per problem in the sampled settings (greedy settings take one); pass@k for k <= this.",
+             "mode": "The CoT mode the model was trained with: its settings use temperature, noise_on and top_k "
+                     "(a sweep's model in its own settings); gamma is every sampled setting's.",
+             "temperature": "The trained mode's CoT temperature (default per mode: hard 1.0, soft 0.5, fuzzy 0.0001); "
+                            "hard_greedy stays at 0."}
+
+
+@dataclass(init=False)
+class OODConfig(Command):
+    """The out-of-domain check (METHOD.md §7): multiple-choice accuracy and answer NLL, against a base model."""
+
+    load: LoadConfig
+    data: DataConfig
+    check: ProtocolConfig
+    rollout: RolloutConfig
+    output: OutputConfig
+
+    exclude = ("split", "dataset_config", "question_key", "answer_key", "skip_bad", "answer_temperature",
+               "max_answer_length", "num_generations", "seed", "stop_at_eos", "share_prompt", "record_means",
+               "record_top_k", "seeds",
+               *(f.name for f in fields(PromptConfig)), *(f.name for f in fields(EngineConfig)))
+    aliases = {"datasets": "dataset", "out": "output_dir"}
+    defaults = {"dataset": "hellaswag,arc_challenge,mmlu", "batch_size": 32, "max_cot_length": 256,
+                "answer_temperature": 0.0, "output_dir": "runs/ood"}
+    notes = {"datasets": "Comma-separated: hellaswag, arc_challenge, arc_easy, mmlu, or .jsonl files in that schema.",
+             "batch_size": "Sequences (item x choice) per forward pass; items decoded together with protocol generate.",
+             "max_cot_length": "CoT length limit of protocol generate."}
+
+
+@dataclass(init=False)
+class GenerateConfig(Command):
+    """``softtokens generate``: answer questions with a CoT of any mode and show it."""
+
+    load: LoadConfig
+    cot: CoTConfig
+    rollout: RolloutConfig
+
+    exclude = ("base", "record_means", "record_top_k")
+    defaults = {"answer_temperature": 0.0}  # a greedy answer shows what the CoT led to
+
+
+@functools.cache
+def _docstrings(path: str) -> dict[str, dict[str, str]]:
+    """Class name -> {field: the string under it} for every class of a source file, parsed once."""
+    import ast
+
+    out = {}
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ClassDef):
+            out[node.name] = {a.target.id: str(b.value.value) for a, b in zip(node.body, node.body[1:])
+                              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                              and isinstance(b.value, ast.Constant)}
+    return out
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its docstring, read from the class source (the single place options are described)."""
+    import inspect
+
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if "__dataclass_fields__" in k.__dict__]):
+        docs |= _docstrings(inspect.getsourcefile(klass))[klass.__name__]
+    assert set(docs) == {f.name for f in fields(cls)}, f"every field of {cls.__name__} needs a docstring"
+    return docs
+
+
+@functools.cache
+def option_docs(cls) -> dict[str, str]:
+    """A command's option -> its description: the field's docstring, or the command's note."""
+    return {flat: cls.notes.get(flat) or field_docs(sections(cls)[attr])[field]
+            for flat, (attr, field) in layout(cls).items()}
+
+
+@functools.cache
+def option_types(cls) -> dict[str, object]:
+    """A command's option -> the type hint of its field."""
+    hints = {attr: typing.get_type_hints(kind) for attr, kind in sections(cls).items()}
+    return {flat: hints[attr][field] for flat, (attr, field) in layout(cls).items()}
+
+
+def option_defaults(cls) -> dict[str, object]:
+    """A command's option -> its default in this command."""
+    out = {}
+    for flat, (attr, field) in layout(cls).items():
+        f = sections(cls)[attr].__dataclass_fields__[field]
+        out[flat] = cls.defaults.get(field, f.default)
+    return out
 
 
 def config_from_dict(cls, values: dict, source: str = "config"):
-    """A config from a mapping (a YAML file, overrides), naming any unknown key or wrong type."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        import difflib
-
-        near = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in unknown}
-        suggest = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
-        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}" + (f" ({suggest})" if suggest else "")
-                         + f"; valid keys: {', '.join(sorted(known))}")
-    out = {}
-    for key, value in values.items():
+    """A command's config from a mapping (a YAML file, overrides; flat or nested), naming any unknown key or wrong
+    type."""
+    hints, out = option_types(cls), {}
+    for key, value in flatten(cls, values, source).items():
         kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
         if value is None and type(None) in typing.get_args(hints[key]):
             out[key] = None
@@ -560,48 +841,36 @@ def config_from_dict(cls, values: dict, source: str = "config"):
     return cls(**out)
 
 
-# TrainConfig's options by concern, for docs/CONFIG.md (a test keeps every field in exactly one section).
-TRAIN_SECTIONS = {
-    "Model and precision": ("model", "dtype", "mixed_precision", "device", "use_peft", "lora_r", "lora_alpha",
-                            "lora_dropout", "lora_target_modules", "disable_dropout", "gradient_checkpointing"),
-    "Data, prompt and reward": ("dataset", "val_size", "question_key", "answer_key", "split", "dataset_config",
-                                "skip_bad", "prompt_template", "chat_template", "reward", "reward_weights",
-                                "reward_timeout", "require_number", "grading_workers"),
-    "CoT": ("mode", "temperature", "gamma", "noise_on", "top_k"),
-    "Rollout and engine": ("prompts_per_step", "num_generations", "max_cot_length", "max_answer_length",
-                           "answer_temperature", "rollout_batch_size", "share_prompt", "seed", "seeds", "engine",
-                           "cuda_graphs", "compile_decoder", "attention_kernel"),
-    "Optimisation and schedule": ("estimator", "beta", "rollout_correction", "tis_cap", "learning_rate",
-                                  "warmup_steps", "max_steps", "adam_beta1", "adam_beta2", "weight_decay",
-                                  "max_grad_norm", "micro_batch_size", "skip_zero_advantage"),
-    "Checkpoints and resume": ("output_dir", "save_steps", "save_strategy", "push_to_hub", "resume",
-                               "resume_from_previous", "allow_unverified"),
-    "Logging": ("logging_steps", "report_to", "run_name", "log_completions"),
-    "Evaluation during training": ("eval_steps", "eval_before_after", "eval_dataset", "eval_mode", "ood_limit"),
-}
+COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "ood": OODConfig, "generate": GenerateConfig}
 
 
 def options_markdown() -> str:
-    """docs/CONFIG.md: every option of every command, with its default and its description (the field's docstring)."""
-    import dataclasses
-
-    def table(cls, names) -> list[str]:
-        docs, defaults = field_docs(cls), {f.name: f.default for f in dataclasses.fields(cls)}
-        return ["| option | default | what it does |", "|---|---|---|"] + [
-            f"| `{n}` | `{defaults[n]!r}` | {docs[n].replace('|', '/')} |" for n in names]
-
+    """docs/CONFIG.md: every option of every command by section, with its default and its description."""
     out = ["# Options", "",
-           "Every option, its default and what it does; generated from the config classes' docstrings "
-           "(`python -m softtokens.config > docs/CONFIG.md`; a test keeps this file current). In YAML an option is "
-           "a key (`learning_rate: 1e-5`), on the command line a flag (`--learning-rate 1e-5`, or "
-           "`--learning_rate`).", "", "## train (`TrainConfig`)", ""]
-    for section, names in TRAIN_SECTIONS.items():
-        out += [f"### {section}", "", *table(TrainConfig, names), ""]
-    for title, cls in (("eval (`EvalConfig`)", EvalConfig), ("ood (`OODConfig`)", OODConfig),
-                       ("generate: the CoT (`CoTConfig`)", CoTConfig),
-                       ("generate: the rollout and the engine (`RolloutConfig`)", RolloutConfig)):
-        out += [f"## {title}", "", *table(cls, [f.name for f in fields(cls)]), ""]
+           "Every option of every command, by section, with its default in that command and what it does; generated "
+           "from the config classes (`python -m softtokens.config > docs/CONFIG.md`; a test keeps this file current). "
+           "In YAML an option is a key, flat (`learning_rate: 1e-5`) or nested under its section "
+           "(`optim: {learning_rate: 1e-5}`); on the command line a flag (`--learning-rate 1e-5`, or "
+           "`--learning_rate`). A section is one dataclass of `softtokens/config.py`, declared once and shared by "
+           "the commands that use it; the options a resumed run may change are marked *resumable*.", ""]
+    for command, cls in COMMANDS.items():
+        docs, defaults, opts = option_docs(cls), option_defaults(cls), layout(cls)
+        out += [f"## {command} (`{cls.__name__}`)", ""]
+        for key, (attr, part) in section_names(cls).items():
+            kind = sections(cls)[attr]
+            names = [n for n, (a, f) in opts.items() if a == attr and _declaring(kind, f) is part]
+            if names:
+                out += [f"### {key}: {part.__doc__.split(chr(10))[0].rstrip('.')}", "",
+                        "| option | default | what it does |", "|---|---|---|"]
+                out += [f"| `{n}` | `{defaults[n]!r}` | {docs[n].replace('|', '/')}"
+                        + (" *resumable*" if opts[n][1] in kind.resumable else "") + " |" for n in names]
+                out.append("")
     return "\n".join(out)
+
+
+def _declaring(kind: type, field: str) -> type:
+    """The class in ``kind``'s bases whose body declares ``field``."""
+    return next(k for k in kind.__mro__ if field in k.__dict__.get("__annotations__", {}))
 
 
 if __name__ == "__main__":

@@ -21,47 +21,22 @@ from collections import Counter
 from pathlib import Path
 
 from softtokens import cot, jsonl
-from softtokens.config import CoTConfig, EvalConfig, split_names
+from softtokens.config import EvalConfig, split_names
 from softtokens.data import load_dataset, require_number
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
-from softtokens.outdir import FolderLock, differences, prepare, refuse_to_overwrite
+from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, check_rewards, reward_name, reward_spec, split_rewards
 from softtokens.rollout import generate_rollouts
 from softtokens.seeds import per_seed
+from softtokens.step import default_sigma
 from softtokens.errors import UsageError
 
-SETTINGS = {
-    "hard_greedy": dict(mode="hard", temperature=0.0),
-    "hard_sample": dict(mode="hard", temperature=1.0),
-    "soft_greedy": dict(mode="soft", noise=False),
-    "soft_sample": dict(mode="soft"),
-    "fuzzy_greedy": dict(mode="fuzzy", noise=False),
-    "fuzzy_sample": dict(mode="fuzzy"),
-}
 KS = (1, 2, 4, 8, 16, 32)
 # The paper's column order (Tables 3-5): greedy pass@1, sample pass@1, sample pass@n for hard, fuzzy, soft.
 PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
-# Keys of config.json that must match for --resume to continue a run.
-RESUME_KEYS = ("model", "datasets", "settings", "num_samples", "limit", "max_cot_length", "max_answer_length",
-               "seed", "gamma", "require_number", "question_key", "answer_key", "split", "dataset_config",
-               "prompt_template", "chat_template", "reward", "reward_weights")
-
-
-def setting_config(name: str, gamma: float) -> CoTConfig:
-    return CoTConfig(**SETTINGS[name], gamma=gamma)
-
-
-def parse_settings(spec: str) -> list[str]:
-    names = list(SETTINGS) if spec.strip() == "all" else split_names(spec)
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown or not names:
-        raise UsageError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)} or 'all'")
-    return names
-
-
 def _start(cfg: EvalConfig, run: dict) -> None:
     """Write config.json, or check that a resumed run is the same evaluation."""
     out = Path(cfg.out)
@@ -70,7 +45,7 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         if not cfg.resume:
             refuse_to_overwrite(out, "an evaluation", "--out")
         old = json.loads(saved.read_text())
-        diff = differences(old, run, RESUME_KEYS)
+        diff = cfg.resume_changes(old, run)
         if diff:
             raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(diff)})")
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
@@ -81,15 +56,15 @@ def _start(cfg: EvalConfig, run: dict) -> None:
 
 
 def check_eval(cfg: EvalConfig, reward_fn=None) -> dict:
-    """Everything about an evaluation that can be wrong before a model loads: the settings, each dataset
+    """Everything about an evaluation that can be wrong before a model loads (the config checked its values): each dataset
     (read through, so a missing column names its file and line), the reward's import and the output folder.
     Returns the datasets."""
-    parse_settings(cfg.settings)
     for r in split_rewards(reward_fn or cfg.reward):
         reward_spec(r)  # an import error first, before the datasets are read
     prepare(cfg.out, "--out")
     names = split_names(cfg.datasets)
-    datasets = {name: load_dataset(name, limit=cfg.limit, **cfg.load_options(reward_fn)) for name in names}
+    options = cfg.data.load_options(require_answer=not (reward_fn or cfg.reward))
+    datasets = {name: load_dataset(name, limit=cfg.limit, **options) for name in names}
     check_rewards(reward_fn or cfg.reward, cfg.reward_weights, next(iter(datasets.values())).problems,
                   cfg.reward_timeout)
     return datasets
@@ -105,10 +80,10 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     if cfg.seeds:
         datasets = datasets or check_eval(cfg, reward_fn)
         return {c.seed: evaluate(lm, c, progress, reward_fn, datasets) for c in per_seed(cfg, "out")}
-    settings = parse_settings(cfg.settings)
+    settings = cfg.inference.names()
     names = split_names(cfg.datasets)
     datasets = datasets or check_eval(cfg, reward_fn)
-    run = dataclasses.asdict(cfg) | {"model": lm.name, "settings": settings, "datasets": names,
+    run = cfg.flat() | {"model": lm.name, "settings": settings, "datasets": names,
                                      "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
                                      "reward": cfg.reward or ",".join(reward_name(r) for r in split_rewards(reward_fn)),
                                      "provenance": provenance(lm.name),
@@ -129,9 +104,11 @@ def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {r["index"] for r in jsonl.read(path, repair=True)}
     todo = [i for i in range(len(ds)) if i not in done]
-    cot_cfg = setting_config(setting, cfg.gamma)
+    cot_cfg = cfg.cot.setting(setting)
     n = cfg.num_samples if cot_cfg.sampled else 1
-    rcfg = cfg.rollout(n)
+    rcfg = dataclasses.replace(cfg.rollout, num_generations=n)
+    if cot_cfg.noise_on != "embedding":  # the run's sigma is RMS(E)'s; a model's own noise placement has its own
+        sigma = default_sigma(lm, cot_cfg)
     per_batch = max(1, cfg.batch_size // n)
     bar = None
     if progress:

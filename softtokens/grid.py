@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from softtokens.checkpoint import checkpoints
-from softtokens.config import EvalConfig, OODConfig, TrainConfig, check_seeds, config_from_dict, split_names
+from softtokens.config import EvalConfig, OODConfig, TrainConfig, check_seeds, config_from_dict, flatten, split_names
 from softtokens.seeds import format_mean_std
 from softtokens.errors import UsageError
 
@@ -125,7 +125,8 @@ def jobs(plan: GridPlan) -> list[Job]:
         except FileNotFoundError:
             raise FileNotFoundError(f"the plan names {config}, which does not exist") from None
         for seed in plan.seeds:
-            cfg = config_from_dict(TrainConfig, {**values, **plan.train, "seed": seed, "seeds": None, "resume": False,
+            given = {**flatten(TrainConfig, values, config), **flatten(TrainConfig, plan.train, "the plan's train")}
+            cfg = config_from_dict(TrainConfig, {**given, "seed": seed, "seeds": None, "resume": False,
                                                  "output_dir": str(Path(plan.out) / "train" / stem / f"seed-{seed}")},
                                    config)
             if cfg.save_strategy == "no":
@@ -241,6 +242,19 @@ def describe(plan: GridPlan, results: Path = Path("benchmarks/RESULTS.md")) -> s
     return "\n".join(lines)
 
 
+TRAINED_COT = ("mode", "temperature", "noise_on", "top_k")
+
+
+def trained_cot(plan: GridPlan, job: Job) -> dict:
+    """A sweep's model is evaluated in its own settings: its gamma, and unless the plan's eval section sets the CoT
+    (mode, temperature, noise_on, top_k), the settings of its mode at its temperature and noise placement."""
+    given = flatten(EvalConfig, plan.eval)
+    own = {"gamma": job.train.gamma}
+    if not any(k in given for k in TRAINED_COT):
+        own |= {k: getattr(job.train, k) for k in TRAINED_COT}
+    return own
+
+
 def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress: bool = True) -> str:
     """Run what is not done yet, in order, then write and return the tables."""
     from softtokens.evaluate import check_eval, evaluate
@@ -260,8 +274,9 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
             return
         lm = load_model(model, dtype=dtype, device=device)  # once for every stage
         if not _done(eval_out):
-            cfg = config_from_dict(EvalConfig, {**(own or {}), **plan.eval, "seed": seed, "out": str(eval_out),
-                                                "resume": True})
+            cfg = config_from_dict(EvalConfig, {**(own or {}), **flatten(EvalConfig, plan.eval), "seed": seed,
+                                                "out": str(eval_out), "resume": True, "model": model,
+                                                "device": device, "dtype": dtype})
             evaluate(lm, cfg, progress, datasets=check_eval(cfg))
             _mark(eval_out)
         for ood in todo:
@@ -274,9 +289,7 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
                            lambda protocol: _base_dir(plan, ood_stage(protocol), model), 0)
     for job in jobs(plan):
         continue_training(dataclasses.replace(job.train, resume=True), progress)  # skips a finished run
-        # a gamma sweep's model is evaluated at its own noise scale, unless the plan's eval section sets one
-        evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed,
-                           {"gamma": job.train.gamma})
+        evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed, trained_cot(plan, job))
     return write_tables(plan)
 
 

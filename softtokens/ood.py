@@ -314,18 +314,17 @@ def compare(model: str, cfg, device: str, dtype: str) -> str:
     """``softtokens ood``: score the model (and the base) into cfg.out; write ood.json, ood.md and ood.png and
     return the table."""
     from softtokens.models import load_model
-    from softtokens.outdir import FolderLock, differences, prepare, refuse_to_overwrite
+    from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 
     out = Path(cfg.out)
     if (out / "model").exists() and not cfg.resume:
         refuse_to_overwrite(out, "an OOD check", "--out")
     names = split_names(cfg.datasets)
-    run = {"model": model, "base": cfg.base, "datasets": names, "limit": cfg.limit, "protocol": cfg.protocol,
-           "max_cot_length": cfg.max_cot_length}
+    run = {k: v for k, v in cfg.flat().items() if k not in ("out", "resume")} | {"model": model, "datasets": names}
     runs = {}
     with FolderLock(prepare(out, "--out"), "--out"):
         saved = out / "config.json"
-        if saved.exists() and (diff := differences(json.loads(saved.read_text()), run, list(run))):
+        if saved.exists() and (diff := cfg.resume_changes(json.loads(saved.read_text()), run)):
             raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(diff)})")
         saved.write_text(json.dumps(run, indent=1))
         for role, name in (("model", model), ("base", cfg.base)):

@@ -7,31 +7,25 @@ killed before its first checkpoint has its partial files cleared and the run
 starts from step 0, so a scheduler that always restarts with ``--resume``
 never meets a dead end. A resumed run must be the same run:
 its config is compared with the saved ``config.yaml``, and only the fields in
-``config.RESUMABLE`` may differ. The last checkpoint must pass its SHA-256
+the options each config section calls resumable may differ
+(``Command.resume_changes``, the rule eval and ood follow too). The last checkpoint must pass its SHA-256
 check; with ``resume_from_previous`` a damaged one is set aside and the one
 before it is used.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import warnings
 from pathlib import Path
 
 from softtokens.checkpoint import CorruptCheckpoint, checkpoints, verify_checkpoint
-from softtokens.config import RESUMABLE, TrainConfig
-from softtokens.outdir import differences, refuse_to_overwrite
+from softtokens.config import TrainConfig
+from softtokens.outdir import refuse_to_overwrite
 from softtokens.errors import UsageError
 
 
 QUIET = ("output_dir", "resume", "resume_from_previous", "allow_unverified")  # not listed in the refusal: they say how to resume
-
-
-def changed_fields(saved: dict, cfg: TrainConfig) -> list[str]:
-    """'name: old -> new' for each field outside RESUMABLE that differs (a field the saved config lacks is not compared)."""
-    now = dataclasses.asdict(cfg)
-    return differences(saved, now, [k for k in now if k not in RESUMABLE])
 
 
 # What a run writes before its first checkpoint-<step>: cleared when --resume finds nothing to resume.
@@ -75,10 +69,10 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
         return None
     saved = out / "config.yaml"
     if saved.is_file():
-        changed = changed_fields(yaml.safe_load(saved.read_text()) or {}, cfg)
+        changed = cfg.resume_changes(yaml.safe_load(saved.read_text()) or {})
         if changed:
             raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(changed)}); only "
-                             f"{', '.join(f for f in RESUMABLE if f not in QUIET)} may change on resume")
+                             f"{', '.join(f for f in cfg.resumable() if f not in QUIET)} may change on resume")
     for i in range(len(found) - 1, -1, -1):
         try:
             verify_checkpoint(found[i], cfg.allow_unverified)

@@ -120,12 +120,12 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
                                                   TrainerState(step, cfg.max_steps))))
 
     dev = policy.lm.device
-    rollout_cfg = cfg.rollout(cfg.seed * 1_000_003 + step, G, cfg.answer_temperature)
+    rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.seed * 1_000_003 + step)
     t0 = _now(dev)
     with record_function("softtokens/rollout"):
         policy.sync_rollout()
         policy.rollout.model.eval()
-        rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot(), rollout_cfg, sigma,
+        rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot, rollout_cfg, sigma,
                                      rows=[divmod(j, G) for j in mine], on_batch=submit)
     t1 = _now(dev)
     with record_function("softtokens/grading"):
@@ -200,7 +200,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
         part = [rollouts[i] for i in rows]
         scores = policy.scorer(part, share_prompt=cfg.share_prompt)
         if weight:
-            seen += mismatch.rollout_stats(part, scores, cfg.cot().temperature)
+            seen += mismatch.rollout_stats(part, scores, cfg.cot.temperature)
             tokens += computed_tokens(policy.lm, part, cfg.share_prompt)
         weights = None
         if cfg.rollout_correction == "tis":
@@ -268,7 +268,8 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     greedy = (dataclasses.replace(cot_cfg, temperature=0.0) if cot_cfg.mode == "hard"
               else dataclasses.replace(cot_cfg, noise=False))
     mine = list(range(d.rank, len(problems), d.world))
-    rollouts = generate_rollouts(lm, [p.question for p in problems], greedy, cfg.rollout(cfg.seed, 1, 0.0),
+    rollouts = generate_rollouts(lm, [p.question for p in problems], greedy,
+                                 dataclasses.replace(cfg.rollout, num_generations=1, answer_temperature=0.0),
                                  rows=[(i, 0) for i in mine])
     grades = grader.grade([(problems[i].answer, r.completion) for i, r in zip(mine, rollouts)], [problems[i] for i in mine],
                           rollouts)
@@ -374,7 +375,8 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     with FolderLock(out, "output_dir") if main else nullcontext():
         start = start_point(cfg, out, main)
         # the data and the reward are checked before the model loads (minutes for a large hub model)
-        data = load_dataset(cfg.dataset if dataset is None else dataset, **cfg.load_options(reward_fn))
+        data = load_dataset(cfg.dataset if dataset is None else dataset,
+                            **cfg.data.load_options(require_answer=not (reward_fn or cfg.reward)))
         if cfg.val_size >= len(data):
             raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
         custom = bool(split_rewards(reward_fn or cfg.reward))
@@ -440,7 +442,7 @@ class Run:
     def validate_and_keep_best(self, grader, val_set: list[Problem], metrics: dict) -> None:
         """Greedy validation accuracy; a new best is saved as checkpoint-best."""
         self.policy.sync_rollout()
-        acc = greedy_accuracy(self.policy.rollout, grader, val_set, self.cfg.cot(), self.cfg, self.d)
+        acc = greedy_accuracy(self.policy.rollout, grader, val_set, self.cfg.cot, self.cfg, self.d)
         metrics["eval/greedy_accuracy"] = acc
         if self.state["best"] is None or acc > self.state["best"]["accuracy"]:
             self.state["best"] = {"accuracy": acc, "step": self.state["step"]}
@@ -536,7 +538,7 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
         if d.main:
             print(f"resuming from {start} at step {state['step']}")
     else:
-        sigma = default_sigma(policy.rollout, cfg.cot())
+        sigma = default_sigma(policy.rollout, cfg.cot)
         state = {"step": 0, "sigma": sigma, "best": None, "before": None, "schedule": fresh}
     ref = None
     if cfg.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it
@@ -546,10 +548,10 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
         if start is not None:
             set_aside_later(out, start)
         tmp = out / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg) | {"sigma": state["sigma"]}, sort_keys=False))
+        tmp.write_text(yaml.safe_dump(cfg.flat() | {"sigma": state["sigma"]}, sort_keys=False))
         tmp.replace(out / "config.yaml")
     barrier(d)
-    logger = MetricsLogger(out, state["step"], cfg.report_to, dataclasses.asdict(cfg), cfg.run_name) if d.main else None
+    logger = MetricsLogger(out, state["step"], cfg.report_to, cfg.flat(), cfg.run_name) if d.main else None
     return Run(cfg, out, d, policy, optimizer, scheduler, state, held_out, ref, logger,
                model_card(cfg, state["sigma"]), progress, warned=not d.main)
 
@@ -560,7 +562,7 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
     state, stopping = run.state, False
     train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
     strict = require_number(cfg.require_number, cfg.dataset, *([cfg.eval_dataset] if held_out else []))
-    with Grader(cfg.grading_workers, require_number=strict, reward=reward_fn or cfg.reward,
+    with Grader(cfg.grading_workers, cfg.grading_timeout, require_number=strict, reward=reward_fn or cfg.reward,
                 reward_weights=cfg.reward_weights, reward_timeout=cfg.reward_timeout) as grader, \
             StopFlag() as stop:
         run.check(grader, "before")

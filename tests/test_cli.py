@@ -23,21 +23,25 @@ GENERATE_FLAGS = [
 DATA_FLAGS = ["--answer-key", "--chat-template", "--dataset-config", "--prompt-template", "--question-key", "--reward",
               "--reward-timeout", "--reward-weights", "--skip-bad", "--split"]
 ENGINE_FLAGS = ["--attention-kernel", "--compile-decoder", "--cuda-graphs", "--engine"]
+# the prompt / stop options every rollout has, and the grading timeout: one section each, shared by train and eval
+ROLLOUT_FLAGS = ["--grading-timeout", "--length-prefill", "--marker", "--marker-prefill", "--share-prompt", "--stop-at-eos"]
+COT_FLAGS = ["--gamma", "--mode", "--noise-on", "--temperature", "--top-k"]
 FLAGS = {
     "generate": GENERATE_FLAGS,
-    "eval": sorted(DATA_FLAGS + ENGINE_FLAGS + ["--batch-size", "--datasets", "--device", "--dtype", "--gamma", "--grading-timeout",
-                    "--grading-workers", "--limit", "--max-answer-length", "--max-cot-length", "--model", "--num-samples",
-                    "--out", "--require-number", "--resume", "--save-cot-text", "--seed", "--seeds", "--settings", "--yes"]),
-    "train": sorted(DATA_FLAGS + ENGINE_FLAGS + ["--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta",
-              "--config", "--dataset", "--device", "--disable-dropout", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset", "--eval-mode", "--eval-steps", "--gamma",
-              "--gradient-checkpointing",
-              "--grading-workers", "--noise-on", "--seeds", "--top-k", "--learning-rate", "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r",
-              "--lora-target-modules", "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps",
-              "--micro-batch-size", "--mixed-precision", "--mode", "--model", "--num-generations", "--ood-limit",
-              "--output-dir", "--prompts-per-step", "--push-to-hub", "--report-to", "--require-number", "--resume",
-              "--resume-from-previous", "--rollout-batch-size",
-              "--rollout-correction", "--run-name", "--save-steps", "--save-strategy", "--seed", "--share-prompt", "--skip-zero-advantage", "--temperature", "--tis-cap", "--use-peft", "--val-size",
-              "--warmup-steps", "--weight-decay"]),
+    "eval": sorted(set(DATA_FLAGS + ENGINE_FLAGS + ROLLOUT_FLAGS + COT_FLAGS + [
+        "--batch-size", "--datasets", "--device", "--dtype", "--grading-workers", "--limit", "--max-answer-length",
+        "--max-cot-length", "--model", "--num-samples", "--out", "--require-number", "--resume", "--save-cot-text",
+        "--seed", "--seeds", "--settings", "--yes"])),
+    "train": sorted(set(DATA_FLAGS + ENGINE_FLAGS + ROLLOUT_FLAGS + COT_FLAGS + [
+        "--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta", "--config", "--dataset",
+        "--device", "--disable-dropout", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset",
+        "--eval-mode", "--eval-steps", "--gradient-checkpointing", "--grading-workers", "--seeds", "--learning-rate",
+        "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r", "--lora-target-modules",
+        "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps", "--micro-batch-size",
+        "--mixed-precision", "--model", "--num-generations", "--ood-limit", "--output-dir", "--prompts-per-step",
+        "--push-to-hub", "--report-to", "--require-number", "--resume", "--resume-from-previous",
+        "--rollout-batch-size", "--rollout-correction", "--run-name", "--save-steps", "--save-strategy", "--seed",
+        "--skip-zero-advantage", "--tis-cap", "--use-peft", "--val-size", "--warmup-steps", "--weight-decay"])),
     "ood": ["--base", "--batch-size", "--datasets", "--device", "--dtype", "--limit", "--max-cot-length", "--model",
             "--out", "--protocol", "--resume"],
     "grid": ["--device", "--dry-run", "--dtype"],

@@ -77,21 +77,141 @@ def test_values_checked_when_the_config_is_built():
 
 
 def test_config_md_lists_every_option_by_section():
-    import dataclasses
+    from softtokens.config import COMMANDS, layout, options_markdown
 
-    from softtokens.config import TRAIN_SECTIONS, options_markdown
+    text = options_markdown()
+    for cls in COMMANDS.values():
+        section = text.split(f"(`{cls.__name__}`)", 1)[1].split("\n## ", 1)[0]
+        assert sorted(n for n in layout(cls)) == sorted(line.split("`")[1] for line in section.splitlines()
+                                                        if line.startswith("| `")), cls.__name__
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == text, "run: python -m softtokens.config > docs/CONFIG.md"
 
-    names = [n for section in TRAIN_SECTIONS.values() for n in section]
-    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig)), "each option in one section"
-    assert (ROOT / "docs" / "CONFIG.md").read_text() == options_markdown(), \
-        "run: python -m softtokens.config > docs/CONFIG.md"
+
+def test_no_option_is_declared_in_two_config_classes():
+    import inspect
+
+    from softtokens import config
+
+    sections = [c for _, c in inspect.getmembers(config, inspect.isclass) if c.__module__ == config.__name__
+                and "__dataclass_fields__" in c.__dict__ and not issubclass(c, config.Command)]
+    declared = [(name, c.__name__) for c in sections for name in c.__dict__.get("__annotations__", {})]
+    names = [n for n, _ in declared]
+    assert len(sections) == 15 and not {n: c for n, c in declared if names.count(n) > 1}
+    for cls in config.COMMANDS.values():  # a command declares only which sections it holds
+        assert set(config.sections(cls).values()) <= set(sections)
+        assert not set(config.sections(cls)) & set(names), "a section's name is no option's"
 
 
-def test_engine_options_reach_train_and_eval_rollouts():
-    from softtokens.config import EvalConfig
+def test_a_command_passes_its_sections_down_whole():
+    from softtokens.config import CoTConfig, EvalConfig, RolloutConfig
 
-    kw = dict(engine="hf", cuda_graphs=False, compile_decoder=False, attention_kernel=False)
-    assert TrainConfig(**kw).rollout(0, 2, 1.0).engine_options() == kw
-    assert EvalConfig(**kw).rollout(4).engine_options() == kw
+    kw = dict(engine="hf", cuda_graphs=False, compile_decoder=False, attention_kernel=False, marker="So:")
+    train, ev = TrainConfig(**kw), EvalConfig(**kw)
+    assert isinstance(train.rollout, RolloutConfig) and isinstance(train.cot, CoTConfig)
+    for cfg in (train, ev):
+        assert all(getattr(cfg.rollout, k) == v for k, v in kw.items())
+    assert train.rollout.batch_size == train.rollout_batch_size == 64 and ev.rollout.answer_temperature == 0.0
+    assert (train.max_cot_length, ev.max_cot_length) == (128, 512), "each command's own default"
     with pytest.raises(ValueError, match="unknown engine 'fast'"):
         TrainConfig(engine="fast")
+
+
+def test_flat_and_nested_yaml_give_the_same_config():
+    flat = {"learning_rate": "1e-5", "engine": "hf", "chat_template": True, "max_cot_length": 64, "mode": "fuzzy",
+            "output_dir": "runs/x", "rollout_batch_size": 16}
+    nested = {"optim": {"learning_rate": 1e-5}, "engine": {"engine": "hf"}, "prompt": {"chat_template": True},
+              "rollout": {"max_cot_length": 64, "batch_size": 16}, "cot": {"mode": "fuzzy"},
+              "output": {"output_dir": "runs/x"}}
+    a, b = config_from_dict(TrainConfig, flat), config_from_dict(TrainConfig, nested)
+    assert a == b and a.flat() == b.flat() and a.learning_rate == 1e-5 and a.rollout.batch_size == 16
+    with pytest.raises(ValueError, match="optim has no option 'lr'"):
+        config_from_dict(TrainConfig, {"optim": {"lr": 1e-5}})
+    with pytest.raises(ValueError, match="learning_rate is given twice"):
+        config_from_dict(TrainConfig, {"learning_rate": 1e-5, "optim": {"learning_rate": 2e-5}})
+    with pytest.raises(ValueError, match="unknown key.*did you mean learning_rate"):
+        config_from_dict(TrainConfig, {"learnig_rate": 1e-5})
+    with pytest.raises(ValueError, match="unknown key.*batch_size"):  # train names it rollout_batch_size
+        config_from_dict(TrainConfig, {"batch_size": 8})
+
+
+def test_flags_take_the_nested_form_too(capsys):
+    from softtokens.cli import build_parser, main, normalise_flags
+    from softtokens.config import layout
+
+    def parsed(*argv):  # train's flags override a config file: those not given are None
+        args = build_parser().parse_args(normalise_flags(["train", *argv]))
+        return TrainConfig(**{k: getattr(args, k) for k in layout(TrainConfig) if getattr(args, k) is not None})
+
+    assert parsed("--optim.learning-rate", "1e-5", "--engine.engine=hf", "--rollout.batch_size", "8") == \
+        parsed("--learning-rate", "1e-5", "--engine=hf", "--rollout-batch-size", "8")
+    with pytest.raises(SystemExit):
+        main(["train", "--optim.lr", "1"])
+    assert "unknown flag --optim.lr" in capsys.readouterr().err
+
+
+def test_an_error_names_the_option_as_the_command_calls_it():
+    from softtokens.config import EvalConfig
+
+    with pytest.raises(ValueError, match="^num_samples must be >= 1"):
+        EvalConfig(num_samples=0)
+    with pytest.raises(ValueError, match="^rollout_batch_size must be >= 1"):
+        TrainConfig(rollout_batch_size=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dtype="fp8"), "unknown dtype 'fp8'"), (dict(lora_dropout=1.0), "lora_dropout must be in"),
+    (dict(mode="warm"), "unknown CoT mode"), (dict(max_cot_length=0), "max_cot_length must be >= 1"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0"), (dict(estimator="ppo"), "unknown estimator"),
+    (dict(save_strategy="epoch"), "unknown save_strategy"), (dict(report_to="mlflow"), "unknown report_to"),
+    (dict(eval_mode="warm"), "unknown eval_mode"), (dict(seeds=[1, 1]), "seeds repeats"),
+    (dict(grading_timeout=0), "grading_timeout must be > 0"), (dict(marker=" "), "marker must be non-empty"),
+    (dict(prompt_template="no slot"), "needs|must contain"), (dict(num_generations=1), "rloo needs"),
+])
+def test_each_section_checks_its_values_when_built(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+def test_a_bad_value_fails_in_the_cli_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from softtokens import cli, evaluate, models, ood, trainer
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    for module in (models, trainer, evaluate, ood):  # each module that holds the name (imported first, so kept)
+        if hasattr(module, "load_model"):
+            monkeypatch.setattr(module, "load_model", no_load)
+    (tmp_path / "c.yaml").write_text("optim:\n  learning_rate: -1\n")
+    for argv in (["train", "--config", str(tmp_path / "c.yaml")], ["eval", "--settings", "soft_warm"],
+                 ["eval", "--limit", "0"], ["ood", "--protocol", "choose"], ["generate", "--question", "q", "--gamma", "-1"],
+                 ["train", "--mode", "fuzzy", "--temperature", "0"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("softtokens: error: ") and err.count("\n") == 1, (argv, err)
+
+
+def test_eval_runs_a_sweep_model_in_its_own_settings():
+    from softtokens.config import EvalConfig
+
+    cfg = EvalConfig(mode="soft", temperature=0.1, noise_on="hidden", gamma=0.5)
+    soft, fuzzy, greedy = cfg.cot.setting("soft_sample"), cfg.cot.setting("fuzzy_sample"), cfg.cot.setting("soft_greedy")
+    assert (soft.temperature, soft.noise_on, soft.gamma, soft.noise) == (0.1, "hidden", 0.5, True)
+    assert (fuzzy.temperature, fuzzy.noise_on, fuzzy.gamma) == (1e-4, "embedding", 0.5)
+    assert (greedy.temperature, greedy.noise) == (0.1, False)
+    hard = EvalConfig(mode="hard", temperature=0.7)
+    assert hard.cot.setting("hard_sample").temperature == 0.7 and hard.cot.setting("hard_greedy").temperature == 0.0
+    default = EvalConfig()  # the paper's six settings
+    assert [default.cot.setting(s).temperature for s in ("soft_sample", "fuzzy_sample", "hard_sample")] == [0.5, 1e-4, 1.0]
+
+
+def test_a_resume_checks_each_section_the_same_way_in_train_eval_and_ood():
+    from softtokens.config import EvalConfig, OODConfig
+
+    for cls, may, may_not in ((TrainConfig, dict(max_steps=9, engine="hf", device="cpu"), dict(learning_rate=1.0)),
+                              (EvalConfig, dict(batch_size=8, engine="hf", out="x"), dict(num_samples=4)),
+                              (OODConfig, dict(batch_size=8, out="x"), dict(limit=3))):
+        saved = cls().flat()
+        assert cls(**may).resume_changes(saved) == [], cls.__name__
+        assert [c.split(":")[0] for c in cls(**may_not).resume_changes(saved)] == list(may_not), cls.__name__
+    old = TrainConfig().flat() | {"temperature": None}  # a config.yaml that kept the unresolved default
+    assert TrainConfig().resume_changes(old) == []

@@ -5,7 +5,7 @@ import pytest
 
 from softtokens import evaluate as ev
 from softtokens.outdir import FolderLock
-from softtokens.config import EvalConfig
+from softtokens.config import SETTINGS, EvalConfig
 from softtokens.report import report
 
 
@@ -28,7 +28,7 @@ def test_six_settings_end_to_end_write_every_output(llama, tmp_path):
         assert (out / name).exists(), name
     assert (out / "passk.png").read_bytes()[:4] == b"\x89PNG"
     for ds in ("gsm8k", "math500"):
-        assert set(results["datasets"][ds]) == set(ev.SETTINGS)
+        assert set(results["datasets"][ds]) == set(SETTINGS)
         hs = results["datasets"][ds]["hard_sample"]
         assert hs["problems"] == 3 and hs["samples_per_problem"] == 4 and set(hs["pass@k"]) == {"1", "2", "4"}
         assert set(results["datasets"][ds]["hard_greedy"]["pass@k"]) == {"1"}

@@ -268,7 +268,7 @@ def test_a_resume_is_the_same_run_and_a_folder_holds_one_run(model_dir, tmp_path
     use_reward(monkeypatch)
     run = tmp_path / "run"
     tr.train(_cfg(model_dir, run, max_steps=1), progress=False)
-    with pytest.raises(ValueError, match=r"another configuration \(learning_rate: 0.001 -> 0.5; seed: 0 -> 7\)"):
+    with pytest.raises(ValueError, match=r"another configuration \(seed: 0 -> 7; learning_rate: 0.001 -> 0.5\)"):
         tr.train(_cfg(model_dir, run, max_steps=2, learning_rate=0.5, seed=7, resume=True), progress=False)
     assert "learning_rate: 0.001" in (run / "config.yaml").read_text(), "a refused resume leaves config.yaml alone"
     with FolderLock(run, "output_dir"):  # another run holds the folder
@@ -524,7 +524,7 @@ def test_a_run_with_the_noise_elsewhere(model_dir, tmp_path, monkeypatch, noise_
     use_reward(monkeypatch)
     cfg = _cfg(model_dir, tmp_path / "run", max_steps=2, mode="soft", noise_on=noise_on, temperature=1.0)
     summary = tr.train(cfg, progress=False)
-    assert summary["sigma"] == pytest.approx(default_sigma(load_model(model_dir, device="cpu"), cfg.cot()))
+    assert summary["sigma"] == pytest.approx(default_sigma(load_model(model_dir, device="cpu"), cfg.cot))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
@@ -569,23 +569,24 @@ def test_dropout_is_off_when_scoring_so_a_model_scores_its_own_rollouts(family):
     dict(mode="fuzzy", temperature=0.01, gamma=1.0),
     dict(mode="soft", noise_on="topk_logits", top_k=50, temperature=1.0, chat_template=True,
          prompt_template="Q: {question}\nthink, then write \\boxed{} and 'quote' it. A:"),
-    dict(mode="hard", max_cot_length=64),
+    dict(mode="hard", max_cot_length=64, marker="So:", length_prefill=" So: \\boxed{"),
 ])
 def test_the_model_cards_command_runs_the_cot_as_trained(overrides):
     import shlex
 
     from softtokens.checkpoint import model_card
     from softtokens.cli import build_parser, config_from_args
+    from softtokens.config import GenerateConfig
 
     cfg = TrainConfig(model="m", **overrides)
     card = model_card(cfg, 0.05)
     line = card.split("```bash\n", 1)[1].split("\n```", 1)[0]
     args = build_parser().parse_args(shlex.split(line.replace("<this folder>", "ckpt"))[1:])
     assert args.model == "ckpt" and args.question == ["..."]
-    assert config_from_args(CoTConfig, args) == cfg.cot()
-    rollout = config_from_args(RolloutConfig, args)
-    assert (rollout.prompt_template, rollout.chat_template, rollout.max_cot_length) == \
-        (cfg.prompt_template, cfg.chat_template, cfg.max_cot_length)
+    run = config_from_args(GenerateConfig, args)
+    assert run.cot == cfg.cot
+    for name in ("prompt_template", "chat_template", "marker", "marker_prefill", "length_prefill", "max_cot_length"):
+        assert getattr(run, name) == getattr(cfg, name), name
 
 
 @pytest.mark.parametrize("kill_after", ["set_aside", "swapped_in"])
