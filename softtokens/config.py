@@ -850,8 +850,8 @@ def options_markdown() -> str:
            "Every option of every command, by section, with its default in that command and what it does; generated "
            "from the config classes (`python -m softtokens.config > docs/CONFIG.md`; a test keeps this file current). "
            "In YAML an option is a key, flat (`learning_rate: 1e-5`) or nested under its section "
-           "(`optim: {learning_rate: 1e-5}`); on the command line a flag (`--learning-rate 1e-5`, or "
-           "`--learning_rate`). A section is one dataclass of `softtokens/config.py`, declared once and shared by "
+           "(`optim: {learning_rate: 1e-5}`); on the command line a flag (`--learning-rate 1e-5`, "
+           "`--learning_rate` or `--optim.learning-rate`). A section is one dataclass of `softtokens/config.py`, declared once and shared by "
            "the commands that use it; the options a resumed run may change are marked *resumable*.", ""]
     for command, cls in COMMANDS.items():
         docs, defaults, opts = option_docs(cls), option_defaults(cls), layout(cls)
