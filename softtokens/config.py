@@ -606,8 +606,8 @@ class Command:
                 attr, name = opts[key]
                 given[attr][name] = value
         for attr, kind in sections(type(self)).items():
-            if attr in whole:
-                section = dataclasses.replace(whole[attr], **given[attr]) if given[attr] else whole[attr]
+            if attr in whole:  # copied, so that no two configs share a section
+                section = dataclasses.replace(whole[attr], **given[attr])
             else:
                 own = {f.name: self.defaults[f.name] for f in fields(kind) if f.name in self.defaults}
                 section = self._build(kind, own | given[attr])

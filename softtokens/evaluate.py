@@ -56,9 +56,9 @@ def _start(cfg: EvalConfig, run: dict) -> None:
 
 
 def check_eval(cfg: EvalConfig, reward_fn=None) -> dict:
-    """Everything about an evaluation that can be wrong before a model loads (the config checked its values): each dataset
-    (read through, so a missing column names its file and line), the reward's import and the output folder.
-    Returns the datasets."""
+    """Everything about an evaluation that can be wrong before a model loads, beyond the values its config
+    checked: each dataset (read through, so a missing column names its file and line), the reward's import and
+    the output folder. Returns the datasets."""
     for r in split_rewards(reward_fn or cfg.reward):
         reward_spec(r)  # an import error first, before the datasets are read
     prepare(cfg.out, "--out")

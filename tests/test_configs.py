@@ -1,5 +1,6 @@
 """The committed configs are what configs/generate.py writes, each one loads, and each grid plan is valid."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def test_flat_and_nested_yaml_give_the_same_config():
               "output": {"output_dir": "runs/x"}}
     a, b = config_from_dict(TrainConfig, flat), config_from_dict(TrainConfig, nested)
     assert a == b and a.flat() == b.flat() and a.learning_rate == 1e-5 and a.rollout.batch_size == 16
+    c = dataclasses.replace(a, seed=3)
+    assert c.seed == 3 and a.seed == 0 and c.optim == a.optim and c.optim is not a.optim, "no section is shared"
     with pytest.raises(ValueError, match="optim has no option 'lr'"):
         config_from_dict(TrainConfig, {"optim": {"lr": 1e-5}})
     with pytest.raises(ValueError, match="learning_rate is given twice"):
