@@ -37,8 +37,7 @@ SETTINGS = {
 
 
 def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
-    if noise_on not in cot.NOISE_ON:
-        raise UsageError(f"unknown noise_on {noise_on!r}: choose one of {', '.join(cot.NOISE_ON)}")
+    one_of("noise_on", noise_on, cot.NOISE_ON)
     if noise_on != "embedding" and mode == "hard":
         raise UsageError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
                          "(use mode soft or fuzzy, or noise_on embedding)")
@@ -564,7 +563,8 @@ def flatten(cls, values: dict, source: str = "config") -> dict:
     for key, value in values.items():
         if key in parts and isinstance(value, dict):
             attr, part = parts[key]
-            own = {flat for flat, (a, f) in opts.items() if a == attr and f in {g.name for g in fields(part)}}
+            names = {g.name for g in fields(part)}
+            own = {flat for flat, (a, f) in opts.items() if a == attr and f in names}
             by_field = {opts[flat][1]: flat for flat in own}
             for inner, v in value.items():
                 flat = inner if inner in own else by_field.get(inner)
@@ -607,11 +607,10 @@ class Command:
                 given[attr][name] = value
         for attr, kind in sections(type(self)).items():
             if attr in whole:  # copied, so that no two configs share a section
-                section = dataclasses.replace(whole[attr], **given[attr])
+                base = {f.name: getattr(whole[attr], f.name) for f in fields(kind)}
             else:
-                own = {f.name: self.defaults[f.name] for f in fields(kind) if f.name in self.defaults}
-                section = self._build(kind, own | given[attr])
-            object.__setattr__(self, attr, section)
+                base = {f.name: self.defaults[f.name] for f in fields(kind) if f.name in self.defaults}
+            object.__setattr__(self, attr, self._build(kind, base | given[attr]))
         self.__post_init__()
 
     def _build(self, kind: type, values: dict):
