@@ -122,15 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from softtokens.mismatch import near_tie_rate
-    from softtokens.models import check_context, load_model, resolve_device
     from softtokens.prompts import format_prompt
-    from softtokens.rollout import generate_rollouts
 
     run = config_from_args(GenerateConfig, args)
     cot_cfg, cfg = run.cot, dataclasses.replace(run.rollout, record_top_k=max(args.show_top_k, 0))
     for question in args.question:
-        format_prompt(question)  # an empty question fails here, before the model loads
+        format_prompt(question)  # an empty question fails here, before torch is imported or the model loads
+    from softtokens.mismatch import near_tie_rate
+    from softtokens.models import check_context, load_model, resolve_device
+    from softtokens.rollout import generate_rollouts
+
     check_context(run.model, cfg.max_cot_length + cfg.max_answer_length)
     device, dtype = resolve_device(run.device, run.dtype)
     lm = load_model(run.model, dtype=dtype, device=device)
@@ -167,11 +168,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    cfg = config_from_args(EvalConfig, args)  # a bad value fails here, before torch is imported
     from softtokens.evaluate import check_eval, evaluate
     from softtokens.models import check_context, load_model, resolve_device
     from softtokens.report import report
 
-    cfg = config_from_args(EvalConfig, args)
     datasets = check_eval(cfg)  # every input is checked before the model loads
     check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
@@ -189,8 +190,6 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     import yaml
-
-    from softtokens.trainer import Stopped, train
 
     values, source = {}, "flags"
     if args.config:
@@ -210,11 +209,13 @@ def cmd_train(args) -> int:
             source = str(saved)
     values = flatten(TrainConfig, values, source)  # a nested file: its flags still override it
     values |= {name: getattr(args, name) for name in layout(TrainConfig) if getattr(args, name) is not None}
-    cfg = config_from_dict(TrainConfig, values, source)
+    cfg = config_from_dict(TrainConfig, values, source)  # a bad value fails here, before torch is imported
+    from softtokens.trainer import Stopped, train
+
     try:
         summary = train(cfg)
     except Stopped as e:
-        again = sys.argv[1:] + ([] if cfg.resume else ["--resume"])
+        again = args.argv + ([] if cfg.resume else ["--resume"])
         print(f"softtokens: stopped at step {e.step} ({signal.Signals(e.signum).name}); the checkpoint is saved; "
               f"resume with: softtokens {' '.join(shlex.quote(a) for a in again)}", file=sys.stderr)
         return e.exit_code
@@ -224,10 +225,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_ood(args) -> int:
+    cfg = config_from_args(OODConfig, args)
     from softtokens.models import resolve_device
     from softtokens.ood import compare
 
-    cfg = config_from_args(OODConfig, args)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(compare(cfg.model, cfg, device, dtype))
     print(f"records, ood.json, ood.md and ood.png are in {cfg.out}")
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     check_flags(parser, argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as given, for the resume hint of a stopped run
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # train's own: checkpoint, then stop
     try:

@@ -18,9 +18,8 @@ import re
 import typing
 from dataclasses import dataclass, fields
 
-from softtokens import cot, prompts
+from softtokens import choices, prompts
 from softtokens.errors import UsageError
-from softtokens.estimators import CORRECTIONS
 
 PROTOCOLS = ("cloze", "generate")  # the OOD check's (ood.py)
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -37,7 +36,7 @@ SETTINGS = {
 
 
 def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
-    one_of("noise_on", noise_on, cot.NOISE_ON)
+    one_of("noise_on", noise_on, choices.NOISE_ON)
     if noise_on != "embedding" and mode == "hard":
         raise UsageError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
                          "(use mode soft or fuzzy, or noise_on embedding)")
@@ -208,7 +207,7 @@ class CoTConfig:
     """CoT mode: hard (sampled token), soft (p E + noise, tau 0.5) or fuzzy (p E + noise, tau 1e-4)."""
     temperature: float | None = None
     """CoT temperature tau; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001). 0 = argmax (hard only)."""
-    gamma: float = cot.DEFAULT_GAMMA
+    gamma: float = choices.DEFAULT_GAMMA
     """Noise scale: sigma = gamma * RMS of what the noise is added to (the input-embedding matrix by default), computed once from the initial model."""
     noise: bool = True
     """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
@@ -220,9 +219,9 @@ class CoTConfig:
     resumable = ()
 
     def __post_init__(self):
-        one_of("CoT mode", self.mode, cot.MODES)
+        one_of("CoT mode", self.mode, choices.MODES)
         if self.temperature is None:
-            self.temperature = cot.DEFAULT_TEMPERATURE[self.mode]
+            self.temperature = choices.DEFAULT_TEMPERATURE[self.mode]
         self.temperature = float(self.temperature)
         if self.mode == "hard" and self.temperature < 0:
             raise UsageError(f"temperature must be >= 0 for hard CoT (0 = greedy), got {self.temperature}")
@@ -378,8 +377,8 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        one_of("estimator", self.estimator, ("rloo", "grpo"))
-        one_of("rollout_correction", self.rollout_correction, CORRECTIONS)
+        one_of("estimator", self.estimator, choices.ESTIMATOR_NAMES)
+        one_of("rollout_correction", self.rollout_correction, choices.CORRECTIONS)
         if not self.tis_cap >= 1:
             raise UsageError(f"tis_cap must be >= 1 (a ratio of 1 is an unchanged rollout), got {self.tis_cap}")
         if not self.learning_rate > 0:
@@ -473,7 +472,7 @@ class ValidationConfig:
 
     def __post_init__(self):
         at_least(self, 0, "val_size", "eval_steps", "eval_before_after", "ood_limit")
-        one_of("eval_mode", self.eval_mode, cot.MODES)
+        one_of("eval_mode", self.eval_mode, choices.MODES)
 
 
 @dataclass

@@ -15,17 +15,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-MODES = ("hard", "soft", "fuzzy")
-
-# METHOD.md §2: the CoT temperature each mode trains (and samples) at.
-DEFAULT_TEMPERATURE = {"hard": 1.0, "soft": 0.5, "fuzzy": 1e-4}
-
-# METHOD.md §2: sigma = gamma * RMS(E), gamma = 0.33.
-DEFAULT_GAMMA = 0.33
-
-# METHOD.md §10: where a soft / fuzzy CoT step's Gaussian noise goes. The paper's default is the input embedding;
-# the others are its Table 7 ablation.
-NOISE_ON = ("embedding", "hidden", "logits", "topk_logits")
+from softtokens.choices import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, MODES, NOISE_ON  # noqa: F401  (cot.MODES ...)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

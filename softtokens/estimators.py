@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from softtokens.choices import ESTIMATOR_NAMES
 from softtokens.errors import UsageError
 
 
@@ -31,6 +32,7 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
+assert tuple(ESTIMATORS) == ESTIMATOR_NAMES, "choices.py names every estimator defined here"
 
 
 def policy_gradient_loss(advantages: torch.Tensor, loglik: torch.Tensor, total_rows: int,
@@ -58,7 +60,6 @@ def tis_weights(scored: torch.Tensor, rolled: torch.Tensor, cap: float) -> torch
     return log_ratio.exp().to(scored.dtype)
 
 
-CORRECTIONS = ("none", "tis")  # rollout_correction values (config.TrainConfig)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import yaml
 
-from softtokens.checkpoint import checkpoints
 from softtokens.config import EvalConfig, OODConfig, TrainConfig, check_seeds, config_from_dict, flatten, split_names
 from softtokens.seeds import format_mean_std
 from softtokens.errors import UsageError
@@ -153,6 +152,8 @@ def _mark(path: Path) -> None:
 
 def trained_model(cfg: TrainConfig) -> Path:
     """The checkpoint a run's evaluations use: checkpoint-best, or the last checkpoint when validation is off."""
+    from softtokens.checkpoint import checkpoints
+
     out = Path(cfg.output_dir)
     if (out / "checkpoint-best").is_dir():
         return out / "checkpoint-best"
@@ -222,6 +223,7 @@ def estimate_hours(cfg: TrainConfig, measured: list[dict]) -> tuple[float | None
 
 def describe(plan: GridPlan, results: Path = Path("benchmarks/RESULTS.md")) -> str:
     """The plan as --dry-run prints it: each run's stages and their state, and the estimated GPU-hours."""
+    from softtokens.checkpoint import checkpoints
     from softtokens.trainer import finished
 
     measured = measured_steps(results)

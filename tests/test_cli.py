@@ -57,8 +57,21 @@ def test_flags_are_frozen(command):
     assert flags == FLAGS[command], "a flag was renamed or added: update the README and this list deliberately"
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "softtokens.cli", *args], capture_output=True, text=True, timeout=300)
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """The command run in this process through ``cli.main(argv)``: its exit code, stdout and stderr, as a
+    subprocess would give them (an argparse exit included), without importing torch again for each call."""
+    import contextlib
+    import io
+
+    from softtokens.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return subprocess.CompletedProcess(["softtokens", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_generate_prints_cot_top_k_and_answer(model_dir):
@@ -294,6 +307,40 @@ def test_resume_with_only_the_output_dir_takes_the_saved_config(model_dir, tmp_p
     assert "resuming from" in again.stdout and checkpoints(out)[-1].name == "checkpoint-2"
     refused = run_cli("train", "--output-dir", str(out), "--resume", "--max-steps", "3", "--learning-rate", "1")
     assert refused.returncode == 2 and "learning_rate: 0.0001 -> 1.0" in refused.stderr
+
+
+def test_the_console_script_runs():
+    """The installed entry point (pyproject's [project.scripts]) is the CLI; every other test calls main()."""
+    from softtokens import __version__
+
+    script = Path(sys.executable).parent / "softtokens"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "softtokens.cli"]
+    out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"softtokens {__version__}", out.stderr
+
+
+def test_help_and_bad_values_answer_before_torch_is_imported():
+    """--help, each command's --help and a bad option value need neither torch nor transformers (a tenth of a
+    second, not the seconds their import takes): a fresh interpreter runs them and checks sys.modules."""
+    code = """
+import sys
+from softtokens.cli import main
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["train", "--learning-rate", "-5"],
+             ["eval", "--settings", "warm"], ["generate", "--mode", "sofft", "--question", "q"],
+             ["ood", "--protocol", "x"], ["train", "--num-generation", "3"]):
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    heavy = sorted({"torch", "transformers"} & set(sys.modules))
+    print("RESULT", " ".join(argv), rc, heavy, file=sys.stderr)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    results = [line.split() for line in out.stderr.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 8, out.stderr[-2000:]
+    for r in results:
+        assert r[-1] == "[]", f"{' '.join(r)}: imported torch or transformers"
+    assert [r[-2] for r in results] == ["0", "0", "0", "2", "2", "2", "2", "2"], out.stderr[-2000:]
 
 
 def test_every_command_has_a_help(capsys):
