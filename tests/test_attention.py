@@ -128,6 +128,7 @@ def test_kernel_matches_sdpa():
     _in_interpreter("kernel_matches_sdpa")
 
 
+@pytest.mark.slow
 def test_engine_with_kernel_matches_hf_engine():
     _in_interpreter("engine_with_kernel_matches_hf_engine")
 

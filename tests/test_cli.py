@@ -189,6 +189,7 @@ def _started(proc, marker: str, timeout: float = 240) -> str:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_sigterm_exits_143_after_saving(model_dir, tmp_path, command):
     """A preempted run must not look finished: a scheduler requeues on 143."""

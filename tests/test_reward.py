@@ -56,6 +56,7 @@ ADVERSARIAL = [
 ]
 
 
+@pytest.mark.slow
 def test_adversarial_answers_score_within_the_timeout():
     with Grader(workers=1, timeout=1) as grader:
         grades = grader.grade([("18", a) for a in ADVERSARIAL])  # the power would take sympy hours: the guard stops it
@@ -87,6 +88,7 @@ def _kill_workers(grader: Grader) -> None:
         os.kill(p.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_dead_worker_costs_only_its_chunk():
     """An out-of-memory kill of one worker breaks the pool: the Grader regrades in a new one, not the run."""
     pairs = [("7", "\\boxed{7}"), ("3", "\\boxed{4}"), ("5", "\\boxed{5}"), ("2", "no box")]
@@ -121,6 +123,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_parent():
     """kill -9 skips every handler: the workers notice the parent's death through its sentinel pipe."""
     proc = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=subprocess.PIPE, text=True)
@@ -144,6 +147,7 @@ print("rewards", [g.reward for g in grades], flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_grades(tmp_path):
     """spawn re-imports the parent's __main__ in every worker: a plain script would run again in each, then die
     in multiprocessing's bootstrapping check. The workers import softtokens.reward instead."""

@@ -118,20 +118,27 @@ def test_a_step_with_every_advantage_zero_scores_nothing_and_steps_like_zero_gra
     assert all(float(g.abs().max()) == 0 for g in grads.values()) and len(grads) == len(list(llama.model.parameters()))
 
 
-def test_embedded_smollm2_shares_prompts_exactly():
+def test_embedded_smollm2_shares_prompts_exactly(smollm2):
     """On the real model the two computations agree to float32 rounding: 1e-5 relative, or (soft CoTs, whose
     density gradient scales rounding by 1 / sigma^2) no further apart than float32 is from float64; in float64
     they agree to 1e-6 (HF's RMSNorm still rounds to float32 inside)."""
     import copy
 
-    from softtokens.models import CausalLM, load_model
+    from softtokens.models import CausalLM
 
-    lm = load_model("smollm2")
-    lm.model.requires_grad_(False)
+    lm = smollm2
     name = "model.layers.29.mlp.down_proj.weight"
+    lm.model.requires_grad_(False)
     lm.model.get_parameter(name).requires_grad_(True)  # one weight's gradient: enough, and fast
-    lm64 = CausalLM(copy.deepcopy(lm.model).double(), lm.tokenizer)
+    try:
+        lm64 = CausalLM(copy.deepcopy(lm.model).double(), lm.tokenizer)
+        _shares_prompts_exactly(lm, lm64, name)
+    finally:  # the session's model, as other tests find it
+        lm.model.requires_grad_(True)
+        lm.model.zero_grad(set_to_none=True)
 
+
+def _shares_prompts_exactly(lm, lm64, name):
     def rel(x, y):
         return float((x[name].double() - y[name].double()).norm() / y[name].double().norm())
 

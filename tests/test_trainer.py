@@ -56,6 +56,7 @@ def test_micro_batches_give_the_full_batch_gradient():
         torch.testing.assert_close(micro[n], full[n], rtol=0, atol=1e-5 * float(scale))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
 def test_reward_rises_and_every_parameter_moves(mode):
     lm = tiny_lm("llama", seed=1)
