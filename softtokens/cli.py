@@ -99,11 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(gen, GenerateConfig)
     ev = sub.add_parser("eval", allow_abbrev=False, help="score a model on maths sets in the six inference settings (pass@1, pass@k)")
     ev.add_argument("--yes", action="store_true", help="run a whole evaluation on a CPU without asking for --limit")
+    ev.add_argument("--dry-run", action="store_true", help="make every check the evaluation makes before it loads "
+                    "the model, print the resolved config and the rollouts it would decode, and exit")
     add_config_flags(ev, EvalConfig)
 
     tr = sub.add_parser("train", allow_abbrev=False, help="RL-train a model (RLOO) with hard, soft or fuzzy CoTs; checkpoints are HF models")
     tr.add_argument("--config", default=None, help="a YAML file of TrainConfig keys (configs/*.yaml); flags override it. "
                     "With --resume and no --config, output_dir's saved config.yaml is the base")
+    tr.add_argument("--dry-run", action="store_true", help="make every check the run makes before it loads the model "
+                    "(data, rewards, lengths, output folder, resume rule), print the resolved config by section, the "
+                    "batch and the steps, and exit: no model loaded, nothing written")
     add_config_flags(tr, TrainConfig, overrides=True)
 
     ood = sub.add_parser("ood", allow_abbrev=False, help="check a trained model kept its general skills (HellaSwag, ARC, MMLU) vs its base")
@@ -173,6 +178,11 @@ def cmd_eval(args) -> int:
     from softtokens.models import check_context, load_model, resolve_device
     from softtokens.report import report
 
+    if args.dry_run:
+        from softtokens.dry_run import eval_plan
+
+        print(eval_plan(cfg))
+        return 0
     datasets = check_eval(cfg)  # every input is checked before the model loads
     check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
@@ -210,6 +220,11 @@ def cmd_train(args) -> int:
     values = flatten(TrainConfig, values, source)  # a nested file: its flags still override it
     values |= {name: getattr(args, name) for name in layout(TrainConfig) if getattr(args, name) is not None}
     cfg = config_from_dict(TrainConfig, values, source)  # a bad value fails here, before torch is imported
+    if args.dry_run:
+        from softtokens.dry_run import train_plan
+
+        print(train_plan(cfg))
+        return 0
     from softtokens.trainer import Stopped, train
 
     try:

@@ -801,6 +801,15 @@ def option_defaults(cls) -> dict[str, object]:
     return out
 
 
+def by_section(cfg: Command) -> dict[str, dict]:
+    """A command's options nested under their sections, {section: {option: value}}: the nested form a --config
+    file may hold (what ``train --dry-run`` prints)."""
+    out: dict[str, dict] = {}
+    for flat, (attr, field) in layout(type(cfg)).items():
+        out.setdefault(attr, {})[flat] = getattr(getattr(cfg, attr), field)
+    return out
+
+
 def config_from_dict(cls, values: dict, source: str = "config"):
     """A command's config from a mapping (a YAML file, overrides; flat or nested), naming any unknown key or wrong
     type."""

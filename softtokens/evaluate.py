@@ -25,7 +25,7 @@ from softtokens.config import EvalConfig, split_names
 from softtokens.data import load_dataset, require_number
 from softtokens.mismatch import near_tie_rate
 from softtokens.models import CausalLM
-from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
+from softtokens.outdir import FolderLock, check_usable, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
 from softtokens.reward import Grader, check_rewards, reward_name, reward_spec, split_rewards
@@ -37,31 +37,39 @@ from softtokens.errors import UsageError
 KS = (1, 2, 4, 8, 16, 32)
 # The paper's column order (Tables 3-5): greedy pass@1, sample pass@1, sample pass@n for hard, fuzzy, soft.
 PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
+def resume_check(cfg: EvalConfig, run: dict) -> dict | None:
+    """The saved config.json of the evaluation in cfg.out (None for a new one), once the resume rule allows it:
+    a folder holding an evaluation goes on only with --resume, and only as the same evaluation."""
+    saved = Path(cfg.out) / "config.json"
+    if not saved.exists():
+        return None
+    if not cfg.resume:
+        refuse_to_overwrite(Path(cfg.out), "an evaluation", "--out")
+    old = json.loads(saved.read_text())
+    diff = cfg.resume_changes(old, run)
+    if diff:
+        raise UsageError(f"cannot resume {cfg.out} with another configuration ({'; '.join(diff)})")
+    return old
+
+
 def _start(cfg: EvalConfig, run: dict) -> None:
     """Write config.json, or check that a resumed run is the same evaluation."""
-    out = Path(cfg.out)
-    saved = out / "config.json"
-    if saved.exists():
-        if not cfg.resume:
-            refuse_to_overwrite(out, "an evaluation", "--out")
-        old = json.loads(saved.read_text())
-        diff = cfg.resume_changes(old, run)
-        if diff:
-            raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(diff)})")
+    old = resume_check(cfg, run)
+    if old is not None:
         run["sigma"] = old["sigma"]  # the noise scale of the run, not of a re-loaded model
         now, run["provenance"] = run["provenance"], old.get("provenance", run["provenance"])
         if versions(now) != versions(run["provenance"]):
             run["provenance"]["resumed"] = run["provenance"].get("resumed", []) + [now]
-    saved.write_text(json.dumps(run, indent=2))
+    (Path(cfg.out) / "config.json").write_text(json.dumps(run, indent=2))
 
 
-def check_eval(cfg: EvalConfig, reward_fn=None) -> dict:
+def check_eval(cfg: EvalConfig, reward_fn=None, create: bool = True) -> dict:
     """Everything about an evaluation that can be wrong before a model loads, beyond the values its config
     checked: each dataset (read through, so a missing column names its file and line), the reward's import and
-    the output folder. Returns the datasets."""
+    the output folder (created unless ``create`` is false: a dry run). Returns the datasets."""
     for r in split_rewards(reward_fn or cfg.reward):
         reward_spec(r)  # an import error first, before the datasets are read
-    prepare(cfg.out, "--out")
+    (prepare if create else check_usable)(cfg.out, "--out")
     names = split_names(cfg.datasets)
     options = cfg.data.load_options(require_answer=not (reward_fn or cfg.reward))
     datasets = {name: load_dataset(name, limit=cfg.limit, **options) for name in names}

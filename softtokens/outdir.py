@@ -34,6 +34,21 @@ def prepare(path: str | Path, what: str) -> Path:
     return path
 
 
+def check_usable(path: str | Path, what: str) -> None:
+    """What ``prepare`` checks, creating nothing (a dry run): the folder, or the nearest one above it that
+    exists, is a folder this process can write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder: choose another path")
+    above = path
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{what} {path}: a parent of it is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} is not writable: check its permissions or choose another path")
+
+
 def differences(saved: dict, now: dict, keys) -> list[str]:
     """'name: old -> new' for each of ``keys`` that differs (a key the saved run lacks is not compared): how
     train, eval and ood all say what a resume may not change."""

@@ -373,29 +373,52 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     if main:
         prepare(out, "output_dir")
     with FolderLock(out, "output_dir") if main else nullcontext():
-        start = start_point(cfg, out, main)
-        # the data and the reward are checked before the model loads (minutes for a large hub model)
-        data = load_dataset(cfg.dataset if dataset is None else dataset,
-                            **cfg.data.load_options(require_answer=not (reward_fn or cfg.reward)))
-        if cfg.val_size >= len(data):
-            raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
-        custom = bool(split_rewards(reward_fn or cfg.reward))
-        check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
-        if lm is None:  # a model passed in is checked by the rollout
-            check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
-        check_report_to(cfg.report_to)
-        held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
-            if cfg.eval_before_after else []
-        device, dtype = resolve_device(cfg.device, cfg.dtype)
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if (cfg.prompts_per_step * cfg.num_generations) % world:
-            raise UsageError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
-                             f"rows do not split evenly over {world} processes")
-        d, device = distributed.init(device, single=policy_plan(cfg, dtype, world)[1])
+        pre = preflight(cfg, out, main, dataset, reward_fn, lm)
+        d, device = distributed.init(pre.device, single=policy_plan(cfg, pre.dtype, pre.world)[1])
         try:
-            return _train(cfg, out, start, data, held_out, device, dtype, d, progress, reward_fn, lm, callbacks)
+            return _train(cfg, out, pre.start, pre.data, pre.held_out, device, pre.dtype, d, progress, reward_fn, lm,
+                          callbacks)
         finally:
             distributed.close()
+
+
+@dataclasses.dataclass
+class Preflight:
+    """What a run checks and resolves before it loads the model (``preflight``); ``train --dry-run`` prints it."""
+
+    start: Path | None  # the checkpoint a resume starts from; None for step 0
+    data: object  # data.Dataset: training and validation problems
+    held_out: list[Problem]  # the before / after check's problems
+    custom: bool  # user rewards grade, not Math-Verify
+    device: str
+    dtype: str
+    world: int  # processes (torchrun's WORLD_SIZE)
+
+
+def preflight(cfg: TrainConfig, out: Path, main: bool = True, dataset=None, reward_fn=None,
+              lm: CausalLM | None = None) -> Preflight:
+    """Every check a run makes before the model loads (minutes for a large hub model): the folder and the resume
+    rule, the data and its columns, the rewards called on two made-up completions, the lengths against the
+    model's context, the logger, the split over processes. Writes nothing unless ``main`` (a resume with no
+    checkpoint yet clears the killed run's partial files)."""
+    start = start_point(cfg, out, main)
+    data = load_dataset(cfg.dataset if dataset is None else dataset,
+                        **cfg.data.load_options(require_answer=not (reward_fn or cfg.reward)))
+    if cfg.val_size >= len(data):
+        raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
+    custom = bool(split_rewards(reward_fn or cfg.reward))
+    check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
+    if lm is None:  # a model passed in is checked by the rollout
+        check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
+    check_report_to(cfg.report_to)
+    held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
+        if cfg.eval_before_after else []
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if (cfg.prompts_per_step * cfg.num_generations) % world:
+        raise UsageError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
+                         f"rows do not split evenly over {world} processes")
+    return Preflight(start, data, held_out, custom, device, dtype, world)
 
 
 def finished(cfg: TrainConfig) -> dict | None:

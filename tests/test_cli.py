@@ -29,12 +29,12 @@ COT_FLAGS = ["--gamma", "--mode", "--noise-on", "--temperature", "--top-k"]
 FLAGS = {
     "generate": GENERATE_FLAGS,
     "eval": sorted(set(DATA_FLAGS + ENGINE_FLAGS + ROLLOUT_FLAGS + COT_FLAGS + [
-        "--batch-size", "--datasets", "--device", "--dtype", "--grading-workers", "--limit", "--max-answer-length",
+        "--batch-size", "--datasets", "--device", "--dry-run", "--dtype", "--grading-workers", "--limit", "--max-answer-length",
         "--max-cot-length", "--model", "--num-samples", "--out", "--require-number", "--resume", "--save-cot-text",
         "--seed", "--seeds", "--settings", "--yes"])),
     "train": sorted(set(DATA_FLAGS + ENGINE_FLAGS + ROLLOUT_FLAGS + COT_FLAGS + [
         "--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta", "--config", "--dataset",
-        "--device", "--disable-dropout", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset",
+        "--device", "--disable-dropout", "--dry-run", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset",
         "--eval-mode", "--eval-steps", "--gradient-checkpointing", "--grading-workers", "--seeds", "--learning-rate",
         "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r", "--lora-target-modules",
         "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps", "--micro-batch-size",
@@ -387,3 +387,88 @@ def test_trls_accuracy_reward_trains_from_the_cli_on_problem_and_solution(model_
     assert res.returncode == 0, res.stderr[-1500:]
     row = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == 1 and row["rollout/reward"] == 0.0, "a random tiny model is not right, and the call works"
+
+
+def _tree(path: Path) -> dict:
+    """Every file under ``path`` with its size and modification time (what a dry run must leave as it was)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")} if path.exists() else {}
+
+
+def test_train_dry_run_checks_prints_the_plan_and_loads_nothing(model_dir, tmp_path, monkeypatch):
+    import transformers
+    import yaml
+
+    from softtokens.config import TrainConfig, config_from_dict
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a dry run loaded the model"))
+    out = tmp_path / "new" / "run"
+    args = ["train", "--model", model_dir, "--dataset", "sums_train", "--val-size", "16", "--prompts-per-step", "4",
+            "--num-generations", "8", "--micro-batch-size", "12", "--rollout-batch-size", "16", "--max-steps", "20",
+            "--warmup-steps", "2", "--eval-steps", "5", "--learning-rate", "3e-5", "--output-dir", str(out)]
+    res = run_cli(*args, "--dry-run")
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert not (tmp_path / "new").exists(), "a dry run creates no folder"
+    text = res.stdout
+    assert "every check passed; no model was loaded and nothing was written" in text
+    assert "batch: 4 prompts x 8 generations = 32 rollouts a step; decoded 16 rows at a time (2 decode batches); " \
+           "scored in micro-batches of 12 (3 backward passes" in text
+    assert "steps: 20 (warm-up 2, then cosine to 0 at learning_rate 3e-05), 640 rollouts in all" in text
+    assert f"run in {out}: from step 0; soft CoT (tau 0.5, gamma 0.33)" in text
+    assert "data: 641 problems in sums_train: 625 to train, 16 held out" in text
+    assert "grading: Math-Verify 100 / 10 / 0, a plain number to be right (require_number)" in text
+    block = text.split("# the resolved config, by section (a --config file)\n", 1)[1].split("\n\n", 1)[0]
+    nested = yaml.safe_load(block)
+    assert set(nested) == {"load", "lora", "data", "grading", "cot", "rollout", "optim", "output", "checkpoint",
+                           "logging", "validation"}
+    again = config_from_dict(TrainConfig, nested)  # the printed config reads back as the same run
+    assert again.flat() == config_from_dict(TrainConfig, {"model": model_dir, "dataset": "sums_train", "val_size": 16,
+                                                         "prompts_per_step": 4, "num_generations": 8,
+                                                         "micro_batch_size": 12, "rollout_batch_size": 16,
+                                                         "max_steps": 20, "warmup_steps": 2, "eval_steps": 5,
+                                                         "learning_rate": 3e-5, "output_dir": str(out)}).flat()
+
+
+def test_train_dry_run_makes_the_runs_checks(model_dir, tmp_path):
+    """A bad dataset, a reward that fails on made-up completions, a folder that holds a run: each an error, as the
+    run would give it; a resumable folder is resumed on paper, and nothing in it changes."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "target": "1"}\n')
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def fails(completions, **kw): return [1 / 0]\n")
+    base = ["train", "--model", model_dir, "--val-size", "2", "--prompts-per-step", "1", "--num-generations", "2",
+            "--max-cot-length", "2", "--max-answer-length", "2", "--grading-workers", "0", "--learning-rate", "1e-4"]
+    for extra, message in ((["--dataset", str(bad)], "no answer column"),
+                           (["--dataset", "sums_train", "--reward", f"{rewards}:fails"], "reward fails raised ZeroDivisionError"),
+                           (["--dataset", "sums_train", "--max-cot-length", "100000"], "do not fit in the context"),
+                           (["--dataset", "sums_train", "--output-dir", str(bad)], "is a file, not a folder")):
+        res = run_cli(*base, *extra, "--dry-run")
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    out = tmp_path / "run"
+    first = run_cli(*base, "--dataset", "sums_train", "--max-steps", "1", "--eval-steps", "0", "--output-dir", str(out))
+    assert first.returncode == 0, first.stderr[-1500:]
+    before = _tree(out)
+    refused = run_cli(*base, "--dataset", "sums_train", "--max-steps", "3", "--output-dir", str(out), "--dry-run")
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    changed = run_cli(*base, "--dataset", "sums_train", "--max-steps", "3", "--learning-rate", "1", "--resume",
+                      "--output-dir", str(out), "--dry-run")
+    assert changed.returncode == 2 and "learning_rate: 0.0001 -> 1.0" in changed.stderr
+    resumed = run_cli(*base, "--dataset", "sums_train", "--max-steps", "3", "--resume", "--output-dir", str(out),
+                      "--dry-run")
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    assert "from checkpoint-1 at step 1" in resumed.stdout and "2 steps, 4 rollouts left" in resumed.stdout
+    assert _tree(out) == before, "a dry run writes nothing"
+
+
+def test_eval_dry_run_counts_the_rollouts(model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a dry run loaded the model"))
+    out = tmp_path / "ev"
+    res = run_cli("eval", "--model", model_dir, "--datasets", "gsm8k,sums_test", "--limit", "3", "--settings",
+                  "hard_greedy,soft_sample", "--num-samples", "4", "--out", str(out), "--dry-run")
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert "gsm8k hard_greedy: 3 problems x 1 = 3 rollouts" in res.stdout
+    assert "sums_test soft_sample: 3 problems x 4 = 12 rollouts" in res.stdout
+    assert "30 rollouts of up to 512 CoT tokens to decode" in res.stdout and not out.exists()
