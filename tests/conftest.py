@@ -71,6 +71,16 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _plots_where_asked(request, monkeypatch):
+    """A finished train() draws training.png (half a second of matplotlib a run): only tests marked ``plots`` get
+    it; elsewhere the run's closing report is skipped. ``softtokens report`` always draws."""
+    if request.node.get_closest_marker("plots") is None:
+        from softtokens import trainer
+
+        monkeypatch.setattr(trainer, "training_report", lambda out: "")
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny random Llama saved as a Hugging Face folder, for commands that load by path."""

@@ -80,7 +80,7 @@ def test_reward_rises_and_every_parameter_moves(mode):
 def _cfg(model_dir, out, **kw):
     base = dict(model=model_dir, dataset="gsm8k", val_size=3, prompts_per_step=2, num_generations=2, max_cot_length=4,
                 max_answer_length=2, learning_rate=1e-3, warmup_steps=1, max_steps=4, eval_steps=2, save_steps=10,
-                micro_batch_size=2, grading_workers=0, output_dir=str(out))
+                micro_batch_size=2, grading_workers=0, output_dir=str(out), report_to="none")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -395,6 +395,7 @@ def test_ood_hook_reports_before_and_after(model_dir, tmp_path):
     assert summary["ood"]["after"]["arc_challenge"]["items"] == 2
 
 
+@pytest.mark.plots
 def test_before_after_check_on_a_held_out_set(model_dir, tmp_path, capsys):
     """eval_before_after on any built-in set, in the chosen greedy mode, with its interval; training.png is written."""
     out = tmp_path / "run"
@@ -647,3 +648,20 @@ def test_python_api_takes_rows_and_a_transformers_model_and_logs_completions(mod
     MetricsLogger(tmp_path / "run", step=1, report_to="none")  # what a resume from checkpoint-1 does first
     samples = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 1, 1]
+
+
+def test_tensorboard_holds_every_logged_step(model_dir, tmp_path, monkeypatch):
+    """report_to tensorboard (the default; the other tests here log to metrics.jsonl only): each step's scalars, equal
+    to metrics.jsonl's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    use_reward(monkeypatch)
+    out = tmp_path / "run"
+    tr.train(_cfg(model_dir, out, max_steps=3, eval_steps=0, report_to="tensorboard"), progress=False)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("rollout/reward", "train/loss", "train/learning_rate"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2, 3], key
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in logged], rel=1e-6), key
