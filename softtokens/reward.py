@@ -342,12 +342,14 @@ class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
     def __init__(self, workers: int = 2, timeout: float = 5.0, require_number: bool = False, reward=None,
-                 reward_weights: list[float] | None = None, reward_timeout: float | None = 120.0):
+                 reward_weights: list[float] | None = None, reward_timeout: float | None = 120.0,
+                 guard_slack: float = 5.0):
         """``reward``: None (Math-Verify), 'module:function' / 'file.py:function', a function, or a list of
-        them (comma-separated in a string), summed with ``reward_weights``."""
+        them (comma-separated in a string), summed with ``reward_weights``. ``guard_slack``: the seconds a
+        Math-Verify chunk's guard allows beyond its calls' timeouts (a fresh worker starts and imports sympy)."""
         if workers < 0:
             raise UsageError(f"grading workers must be >= 0, got {workers}")
-        self.workers, self.timeout, self.require_number = workers, timeout, require_number
+        self.workers, self.timeout, self.require_number, self.guard_slack = workers, timeout, require_number, guard_slack
         rewards = split_rewards(reward)
         check_weights(rewards, reward_weights)
         specs = [reward_spec(r) for r in rewards]
@@ -416,7 +418,7 @@ class Grader:
         for rows, state, pool, fut in handle:
             zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:])
                            is not None) for r in rows]
-            limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + 5
+            limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + self.guard_slack
             for attempt in range(3):
                 try:
                     out += fut.result(timeout=limit)
