@@ -21,12 +21,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/softtokens train --config configs/demo.yaml
 
-test: setup
-	$(BIN)/python -m pytest -q
+# Two pytest-xdist workers, one torch thread each; the embedded model's tests share one worker, which loads it once
+# (tests/conftest.py). The time against one process is in benchmarks/RESULTS.md.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-# the suite without the slow tests (see tests/conftest.py); CI runs `make test`
+test: setup
+	$(PYTEST)
+
+# the suite without the slow tests (marked slow; see tests/conftest.py); CI runs `make test`
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/rollout.py

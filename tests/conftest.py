@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -9,11 +11,15 @@ from softtokens.models import tiny_lm
 # asks for). CI runs everything (`make test`).
 EMBEDDED = {"smollm2", "smollm2_bf16"}
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, so workers do not contend
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if EMBEDDED & set(item.fixturenames):
+        if EMBEDDED & set(item.fixturenames) or item.get_closest_marker("embedded"):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("embedded"))  # -n 2 --dist loadgroup: one worker loads it once
 
 
 QUESTIONS = [

@@ -44,7 +44,7 @@ def _real_scale(lm: CausalLM) -> CausalLM:
     return lm
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", pytest.param("smollm2", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["llama", "qwen2", pytest.param("smollm2", marks=pytest.mark.embedded)])
 def bf16_lm(request):
     if request.param == "smollm2":
         return request.getfixturevalue("smollm2_bf16")

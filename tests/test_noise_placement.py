@@ -131,7 +131,7 @@ def test_sigma_scales_with_gamma_and_the_noised_quantity(llama):
         assert b == pytest.approx(a / cot.DEFAULT_GAMMA) and a != pytest.approx(e)
 
 
-@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.slow) for d in ("float32", "bfloat16")])
+@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.embedded) for d in ("float32", "bfloat16")])
 def smollm2_in(request):
     """The embedded model in each dtype (conftest's session copies)."""
     return request.getfixturevalue({"float32": "smollm2", "bfloat16": "smollm2_bf16"}[request.param])
