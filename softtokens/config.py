@@ -442,8 +442,10 @@ class LoggingConfig:
     """W&B run name (default: the output folder's name, 'hard/seed-0' for a seed folder); the project is $WANDB_PROJECT, else softtokens."""
     log_completions: int = 0
     """Write the first N rollouts of each step (prompt, CoT text, answer, each reward, advantage) to completions.jsonl and a TensorBoard text panel (a W&B table); 0 = none."""
+    gradient_signal: bool = False
+    """Log how much of each step's gradient is signal (signal/): the gradient norms of the CoT and answer terms, and the cosine between the gradients of two halves of the step's groups (overall and per term). The update is unchanged; each micro-batch costs one more backward pass (benchmarks/signal.py)."""
 
-    resumable = ("logging_steps", "report_to", "run_name", "log_completions")
+    resumable = ("logging_steps", "report_to", "run_name", "log_completions", "gradient_signal")
 
     def __post_init__(self):
         at_least(self, 1, "logging_steps")

@@ -48,6 +48,7 @@ from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore,
 from softtokens.config import CoTConfig, TrainConfig
 from softtokens.data import IN_MEMORY, Problem, load_dataset, require_number
 from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
+from softtokens.gradient_signal import GradientSplit, halves
 from softtokens.metrics import MetricsLogger, check_report_to
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
 from softtokens.models import CausalLM, check_context, load_model, resolve_device
@@ -144,7 +145,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     t2 = _now(dev)
 
     with record_function("softtokens/scoring"):
-        loss_sum, kl_sum, seen, skipped, scored = backward(policy, ref, optimizer, rollouts, advantages, cfg, d)
+        done = backward(policy, ref, optimizer, rollouts, advantages, cfg, d, first_row=mine.start)
     t3 = _now(dev)
     with record_function("softtokens/optimizer"):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
@@ -158,10 +159,10 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     t4 = _now(dev)
 
     prefilled = prefill_tokens(rollouts, rollout_cfg)
-    losses = gather_objects((loss_sum, kl_sum, skipped, scored, prefilled), d)
-    seen = [row for part in gather_objects(seen, d) for row in part]
+    losses = gather_objects((done.loss, done.kl, done.skipped, done.tokens, prefilled), d)
+    seen = [row for part in gather_objects(done.seen, d) for row in part]
     return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
-                        (t0, t1, t2, t3, t4)) | reward_means(getattr(grader, "names", []), rows)
+                        (t0, t1, t2, t3, t4)) | reward_means(getattr(grader, "names", []), rows) | done.signal
 
 
 def reward_means(names: list[str], rows: list[RowStats]) -> dict:
@@ -177,26 +178,42 @@ def reward_means(names: list[str], rows: list[RowStats]) -> dict:
     return out
 
 
+@dataclasses.dataclass
+class Backward:
+    """What ``backward`` accumulated over this rank's rollouts."""
+
+    loss: float  # the summed loss
+    kl: float  # the summed KL term
+    seen: list[dict]  # the mismatch figures of each scored rollout
+    skipped: int  # rollouts not scored (advantage 0)
+    tokens: int  # tokens the scoring passes computed
+    signal: dict  # gradient_signal's figures (gradient_signal.py); empty when it is off
+
+
 def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, advantages: torch.Tensor,
-             cfg: TrainConfig, d: Dist = Dist()) -> tuple[float, float, list[dict], int, int]:
-    """Score this rank's rollouts in micro-batches and accumulate the gradient of the loss; returns the summed
-    loss and KL, the mismatch figures of each scored rollout, how many rollouts were skipped and how many
-    tokens the scoring passes computed.
+             cfg: TrainConfig, d: Dist = Dist(), first_row: int = 0) -> Backward:
+    """Score this rank's rollouts in micro-batches and accumulate the gradient of the loss.
 
     A rollout whose advantage is 0 adds 0 to the loss and its gradient when nothing else needs its gradient
     (no KL term): it is not scored, and the monitor leaves it out. Parameters no scored row reached get a zero
-    gradient, so AdamW steps exactly as after the full computation.
+    gradient, so AdamW steps exactly as after the full computation. With ``gradient_signal`` the CoT term and the
+    rest are backpropagated apart, and the rows (``first_row`` is this rank's first in the batch) in two halves
+    of the groups, into separate buffers whose sum is the same gradient (``gradient_signal.py``).
     """
     policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
     n, loss_sum, kl_sum, seen, tokens = len(rollouts), 0.0, 0.0, [], 0
+    split = GradientSplit(list(policy.parameters())) if cfg.gradient_signal else None
     needed = ref is not None or not cfg.skip_zero_advantage
     keep = [i for i, a in enumerate(advantages.tolist()) if a != 0 or needed]
-    parts = [keep[s : s + cfg.micro_batch_size] for s in range(0, len(keep), cfg.micro_batch_size)]
+    sets = halves([first_row + i for i in keep], cfg.num_generations) if split is not None else [keep]
+    sets = [[i - first_row for i in rows] for rows in sets] if split is not None else sets
+    parts = [(h, rows[s : s + cfg.micro_batch_size]) for h, rows in enumerate(sets)
+             for s in range(0, len(rows), cfg.micro_batch_size)]
     # Under FSDP every rank runs the same number of forward / backward passes (each is a collective): a rank
     # with fewer parts scores its first row again with weight 0.
     padding = max(gather_objects(len(parts), d)) - len(parts) if d.world > 1 else 0
-    for rows, weight in [(rows, 1.0) for rows in parts] + [([0], 0.0)] * padding:
+    for (half, rows), weight in [(part, 1.0) for part in parts] + [((0, [0]), 0.0)] * padding:
         part = [rollouts[i] for i in rows]
         scores = policy.scorer(part, share_prompt=cfg.share_prompt)
         if weight:
@@ -215,12 +232,20 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
                        torch.cat([ref_scores.cot_steps, ref_scores.answer_steps], 1).to(scores.cot_steps.dtype))
             loss = loss + weight * cfg.beta * kl.sum() / n
             kl_sum += weight * float(kl.detach().sum())
-        loss.backward()
+        if split is None:
+            loss.backward()
+        else:  # the CoT term, then the rest (answer and KL), each into its own buffer
+            cot_loss = policy_gradient_loss(advantages[rows] * weight, scores.cot, n, weights)
+            cot_loss.backward(retain_graph=True)
+            split.take("cot", half)
+            (loss - cot_loss).backward()
+            split.take("answer", half)
         loss_sum += float(loss.detach())
+    signal = split.finish() if split is not None else {}
     for p in policy.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return loss_sum, kl_sum, seen, n - len(keep), tokens
+    return Backward(loss_sum, kl_sum, seen, n - len(keep), tokens, signal)
 
 
 def _now(device) -> float:

@@ -35,7 +35,7 @@ FLAGS = {
     "train": sorted(set(DATA_FLAGS + ENGINE_FLAGS + ROLLOUT_FLAGS + COT_FLAGS + [
         "--adam-beta1", "--adam-beta2", "--allow-unverified", "--answer-temperature", "--beta", "--config", "--dataset",
         "--device", "--disable-dropout", "--dry-run", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset",
-        "--eval-mode", "--eval-steps", "--gradient-checkpointing", "--grading-workers", "--seeds", "--learning-rate",
+        "--eval-mode", "--eval-steps", "--gradient-checkpointing", "--gradient-signal", "--grading-workers", "--seeds", "--learning-rate",
         "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r", "--lora-target-modules",
         "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps", "--micro-batch-size",
         "--mixed-precision", "--model", "--num-generations", "--ood-limit", "--output-dir", "--prompts-per-step",

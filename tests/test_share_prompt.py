@@ -95,13 +95,12 @@ def test_sharing_and_skipping_leave_the_loss_and_gradient_unchanged(variant):
     rollouts = generate_rollouts(lm, QUESTIONS, CoTConfig("soft"), RolloutConfig(max_cot_length=8, max_answer_length=3,
                                                                                 num_generations=4))
     advantages = torch.tensor([1.0, 0, -2, 0, 0, 0, 0, 0, 3, 0, 1, -1])  # the second group all 0
-    (loss_a, _, seen_a, skipped_a, tokens_a), ga = _backward(policy, rollouts, advantages, share_prompt=False,
-                                                    skip_zero_advantage=False)
-    (loss_b, _, seen_b, skipped_b, tokens_b), gb = _backward(policy, rollouts, advantages)
-    assert (skipped_a, skipped_b) == (0, 7) and (len(seen_a), len(seen_b)) == (12, 5)
+    a, ga = _backward(policy, rollouts, advantages, share_prompt=False, skip_zero_advantage=False)
+    b, gb = _backward(policy, rollouts, advantages)
+    assert (a.skipped, b.skipped) == (0, 7) and (len(a.seen), len(b.seen)) == (12, 5)
     prompt = len(rollouts[0].prompt_ids)
-    assert tokens_b < tokens_a - 7 * prompt  # 7 rows not scored, and fewer prompts
-    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert b.tokens < a.tokens - 7 * prompt  # 7 rows not scored, and fewer prompts
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
     assert_same_grads(ga, gb)
 
 
@@ -113,8 +112,8 @@ def test_a_step_with_every_advantage_zero_scores_nothing_and_steps_like_zero_gra
     calls = []
     real = policy.scorer.forward
     policy.scorer.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
-    (loss, _, seen, skipped, tokens), grads = _backward(policy, rollouts, torch.zeros(4))
-    assert not calls and skipped == 4 and loss == 0 and not seen and tokens == 0
+    out, grads = _backward(policy, rollouts, torch.zeros(4))
+    assert not calls and out.skipped == 4 and out.loss == 0 and not out.seen and out.tokens == 0
     assert all(float(g.abs().max()) == 0 for g in grads.values()) and len(grads) == len(list(llama.model.parameters()))
 
 
