@@ -318,6 +318,8 @@ class RolloutConfig(PromptConfig, EngineConfig):
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
     record_top_k: int = 0
     """Keep the k most likely tokens of p and their probabilities at each CoT step (for reading soft CoTs)."""
+    antithetic: bool = False
+    """Soft / fuzzy CoTs: pair each noise draw with its negation inside a group (samples 2k and 2k + 1), and in training take each sample's RLOO baseline over the other pairs so the estimator stays unbiased (needs an even num_generations >= 4). Not in the paper."""
 
     resumable = EngineConfig.resumable + ("batch_size", "share_prompt", "record_means", "record_top_k")
 
@@ -368,6 +370,10 @@ class OptimConfig:
     """Recompute activations in the backward pass (large models)."""
     disable_dropout: bool = True
     """Set every dropout of the model (and of LoRA) to 0, as TRL does: scoring runs in train mode, and dropout there would score another policy than the one that sampled."""
+    cot_weight: float = 1.0
+    """[departure] lambda, the weight of the CoT term in the loss -(1/BG) sum A (lambda l_cot + l_answer): 1 is the paper's estimator, 0 trains the answer only, 1/d averages a soft step's density over its coordinates (METHOD.md §11)."""
+    mixture_embedding_grad: bool = True
+    """[departure] Let the CoT term's gradient reach E through a soft step's mean mu = p E (the paper's estimator); false treats E there as a constant (METHOD.md §11)."""
 
     resumable = ("max_steps", "micro_batch_size", "skip_zero_advantage", "gradient_checkpointing")
 
@@ -385,6 +391,8 @@ class OptimConfig:
             raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise UsageError(f"max_grad_norm must be > 0, or null for no clipping, got {self.max_grad_norm}")
+        if not self.cot_weight >= 0:
+            raise UsageError(f"cot_weight must be >= 0, got {self.cot_weight}")
 
 
 @dataclass
@@ -695,6 +703,12 @@ class TrainConfig(Command):
     def __post_init__(self):
         if self.estimator == "rloo" and self.num_generations < 2:
             raise UsageError("rloo needs num_generations >= 2")
+        if self.antithetic:
+            if self.mode == "hard" or not self.cot.sampled:
+                raise UsageError("antithetic pairs the noise of a sampled soft or fuzzy CoT: use mode soft or fuzzy")
+            if self.estimator != "rloo" or self.num_generations < 4 or self.num_generations % 2:
+                raise UsageError("antithetic needs estimator rloo and an even num_generations >= 4 (each sample's "
+                                 f"baseline leaves out its pair), got {self.estimator} with {self.num_generations}")
 
 
 @dataclass(init=False)
@@ -709,7 +723,7 @@ class EvalConfig(Command):
     rollout: RolloutConfig
     output: OutputConfig
 
-    exclude = ("base", "noise", "answer_temperature", "record_means", "record_top_k")
+    exclude = ("base", "noise", "answer_temperature", "record_means", "record_top_k", "antithetic")
     aliases = {"datasets": "dataset", "num_samples": "num_generations", "out": "output_dir"}
     defaults = {"dataset": "gsm8k,math500,olympiadbench", "split": "test", "num_generations": 32,
                 "answer_temperature": 0.0, "grading_workers": 2, "output_dir": "runs/eval"}
@@ -732,7 +746,7 @@ class OODConfig(Command):
 
     exclude = ("split", "dataset_config", "question_key", "answer_key", "skip_bad", "answer_temperature",
                "max_answer_length", "num_generations", "seed", "stop_at_eos", "share_prompt", "record_means",
-               "record_top_k", "seeds",
+               "record_top_k", "antithetic", "seeds",
                *(f.name for f in fields(PromptConfig)), *(f.name for f in fields(EngineConfig)))
     aliases = {"datasets": "dataset", "out": "output_dir"}
     defaults = {"dataset": "hellaswag,arc_challenge,mmlu", "batch_size": 32, "max_cot_length": 256,
@@ -750,7 +764,7 @@ class GenerateConfig(Command):
     cot: CoTConfig
     rollout: RolloutConfig
 
-    exclude = ("base", "record_means", "record_top_k")
+    exclude = ("base", "record_means", "record_top_k", "antithetic")
     defaults = {"answer_temperature": 0.0}  # a greedy answer shows what the CoT led to
 
 

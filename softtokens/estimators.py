@@ -24,6 +24,17 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1)
 
 
+def rloo_antithetic_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO for antithetic groups, whose samples 2k and 2k + 1 share their noise with opposite signs: each
+    sample's baseline is the mean of the other pairs' rewards, leaving out its partner, whose reward depends on
+    its own noise (a baseline that does would bias the estimator). (B, G) -> (B, G); G even, >= 4."""
+    G = rewards.shape[-1]
+    if G < 4 or G % 2:
+        raise UsageError(f"antithetic noise needs an even num_generations >= 4, got {G}")
+    partner = rewards.view(*rewards.shape[:-1], G // 2, 2).flip(-1).reshape(rewards.shape)
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards - partner) / (G - 2)
+
+
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(r - group mean) / (group std + eps); a group whose rewards are all equal gets 0. (B, G) -> (B, G)."""
     mean = rewards.mean(-1, keepdim=True)

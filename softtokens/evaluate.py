@@ -37,6 +37,8 @@ from softtokens.errors import UsageError
 KS = (1, 2, 4, 8, 16, 32)
 # The paper's column order (Tables 3-5): greedy pass@1, sample pass@1, sample pass@n for hard, fuzzy, soft.
 PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
+
+
 def resume_check(cfg: EvalConfig, run: dict) -> dict | None:
     """The saved config.json of the evaluation in cfg.out (None for a new one), once the resume rule allows it:
     a folder holding an evaluation goes on only with --resume, and only as the same evaluation."""

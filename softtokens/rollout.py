@@ -9,6 +9,7 @@ share, and the ``Rollout`` record.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -95,6 +96,12 @@ def generate_rollouts(
             row_draws(row_seed(cfg.seed, questions[qi], g), setup.noise_dim, cot_cfg, cfg, lm.device, torch.float32)
             for qi, g in batch
         ]
+        if cfg.antithetic:  # sample 2k + 1's CoT noise is sample 2k's negated; its answer draws stay its own
+            for k, (qi, g) in enumerate(batch):
+                if g % 2 and draws[k].eps is not None:
+                    pair = row_draws(row_seed(cfg.seed, questions[qi], g - 1), setup.noise_dim, cot_cfg, cfg,
+                                     lm.device, torch.float32)
+                    draws[k] = dataclasses.replace(draws[k], eps=-pair.eps)
         done = decode([prompt_ids[qi] for qi, _ in batch], draws, [(questions[qi], g) for qi, g in batch])
         if on_batch is not None:
             on_batch(done)

@@ -85,8 +85,8 @@ class Scorer(torch.nn.Module):
         self.lm = lm
 
     def forward(self, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False,
-                share_prompt: bool = True) -> Scores:
-        return score_rollouts(self.lm, rollouts, chunk_size, return_means, share_prompt)
+                share_prompt: bool = True, mixture_embedding_grad: bool = True) -> Scores:
+        return score_rollouts(self.lm, rollouts, chunk_size, return_means, share_prompt, mixture_embedding_grad)
 
 
 def shares_prompts(lm: CausalLM) -> bool:
@@ -156,9 +156,13 @@ def group_mask(segment: list[list[int]], dtype: torch.dtype, device) -> torch.Te
 
 def score_rollouts(
     lm: CausalLM, rollouts: list[Rollout], chunk_size: int = 1024, return_means: bool = False,
-    share_prompt: bool = True,
+    share_prompt: bool = True, mixture_embedding_grad: bool = True,
 ) -> Scores:
     """Log-likelihoods of rollouts in one forward pass; differentiable unless called under no_grad.
+
+    ``mixture_embedding_grad`` false (a departure, METHOD.md §11): a soft step's mean mu = p E takes E as a
+    constant, so the CoT term's gradient reaches the logits (and through them the model) but not E's rows by way
+    of mu; E still learns as the input embedding and (tied) the output head.
 
     ``share_prompt``: rollouts with the same prompt (a group's G rows) are packed into one sequence, the
     prompt once, and each continuation attends to the prompt and to itself only (a 4-D mask); the prompt's
@@ -208,10 +212,11 @@ def score_rollouts(
               torch.tensor([lay.before(i, T[i] + F[i] + k, P[i]) for i in range(N) for k in range(A[i])],
                            dtype=torch.long, device=dev))
     E = lm.embedding_matrix()
+    E_mix = E if mixture_embedding_grad else E.detach()
 
     def soft_chunk(h, target):
         z = lm.logits(h)
-        mu = cot.mixture(cot.cot_probs(z, tau), E)
+        mu = cot.mixture(cot.cot_probs(z, tau), E_mix)
         lp = cot.gaussian_log_density(target, mu, sigma) if sigma > 0 else torch.zeros_like(mu[:, 0])
         return lp, cot.entropy(z).detach(), cot.argmax(z.detach()), mu.detach() if return_means else mu[:, :0].detach()
 

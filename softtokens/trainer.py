@@ -47,7 +47,7 @@ from softtokens import distributed, mismatch, schedule
 from softtokens.checkpoint import checkpoints, model_card, push_to_hub, restore, save_checkpoint, save_model
 from softtokens.config import CoTConfig, TrainConfig
 from softtokens.data import IN_MEMORY, Problem, load_dataset, require_number
-from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, tis_weights
+from softtokens.estimators import ESTIMATORS, kl_k3, policy_gradient_loss, rloo_antithetic_advantages, tis_weights
 from softtokens.gradient_signal import GradientSplit, halves
 from softtokens.metrics import MetricsLogger, check_report_to
 from softtokens.distributed import Dist, any_rank, barrier, gather_objects
@@ -136,7 +136,8 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
              for g, r in zip(grades, rollouts)]
     rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
-    advantages = ESTIMATORS[cfg.estimator](rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
+    estimate = rloo_antithetic_advantages if cfg.antithetic else ESTIMATORS[cfg.estimator]
+    advantages = estimate(rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
     if samples is not None:
         samples += [{"prompt": p.question, "cot": r.cot_text, "answer": r.completion, "reward": g.reward,
                      **({f"reward/{n}": x for n, x in zip(grader.names, g.parts)} if g.parts else {}),
@@ -215,7 +216,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     padding = max(gather_objects(len(parts), d)) - len(parts) if d.world > 1 else 0
     for (half, rows), weight in [(part, 1.0) for part in parts] + [((0, [0]), 0.0)] * padding:
         part = [rollouts[i] for i in rows]
-        scores = policy.scorer(part, share_prompt=cfg.share_prompt)
+        scores = policy.scorer(part, share_prompt=cfg.share_prompt, mixture_embedding_grad=cfg.mixture_embedding_grad)
         if weight:
             seen += mismatch.rollout_stats(part, scores, cfg.cot.temperature)
             tokens += computed_tokens(policy.lm, part, cfg.share_prompt)
@@ -224,7 +225,9 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
             rolled = torch.stack([r.loglik for r in part])
             weights = tis_weights(scores.total, rolled, cfg.tis_cap)
         # Normalised by this rank's n rows: FSDP averages gradients over the ranks, which makes -(1/BG) sum A l.
-        loss = policy_gradient_loss(advantages[rows] * weight, scores.total, n, weights)
+        # the paper's l = l_cot + l_answer; cot_weight lambda != 1 is a departure (METHOD.md §11)
+        loglik = scores.total if cfg.cot_weight == 1 else cfg.cot_weight * scores.cot + scores.answer
+        loss = policy_gradient_loss(advantages[rows] * weight, loglik, n, weights)
         if ref is not None:
             with torch.no_grad():
                 ref_scores = score_rollouts(ref, part, share_prompt=cfg.share_prompt)
@@ -235,7 +238,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
         if split is None:
             loss.backward()
         else:  # the CoT term, then the rest (answer and KL), each into its own buffer
-            cot_loss = policy_gradient_loss(advantages[rows] * weight, scores.cot, n, weights)
+            cot_loss = policy_gradient_loss(advantages[rows] * weight, cfg.cot_weight * scores.cot, n, weights)
             cot_loss.backward(retain_graph=True)
             split.take("cot", half)
             (loss - cot_loss).backward()
