@@ -207,8 +207,9 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     split = GradientSplit(list(policy.parameters())) if cfg.gradient_signal else None
     needed = ref is not None or not cfg.skip_zero_advantage
     keep = [i for i, a in enumerate(advantages.tolist()) if a != 0 or needed]
-    sets = halves([first_row + i for i in keep], cfg.num_generations) if split is not None else [keep]
-    sets = [[i - first_row for i in rows] for rows in sets] if split is not None else sets
+    sets = [keep]
+    if split is not None:  # two halves of the batch's groups (first_row: this rank's first row in the batch)
+        sets = [[i - first_row for i in h] for h in halves([first_row + i for i in keep], cfg.num_generations)]
     parts = [(h, rows[s : s + cfg.micro_batch_size]) for h, rows in enumerate(sets)
              for s in range(0, len(rows), cfg.micro_batch_size)]
     # Under FSDP every rank runs the same number of forward / backward passes (each is a collective): a rank
