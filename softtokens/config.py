@@ -451,7 +451,7 @@ class LoggingConfig:
     log_completions: int = 0
     """Write the first N rollouts of each step (prompt, CoT text, answer, each reward, advantage) to completions.jsonl and a TensorBoard text panel (a W&B table); 0 = none."""
     gradient_signal: bool = False
-    """Log how much of each step's gradient is signal (signal/): the gradient norms of the CoT and answer terms, and the cosine between the gradients of two halves of the step's groups (overall and per term). The update is unchanged; each micro-batch costs one more backward pass (benchmarks/signal.py)."""
+    """Log how much of each step's gradient is signal (signal/): the gradient norms of the CoT and answer terms, and the cosine between the gradients of two halves of the step's groups (overall and per term). The update is unchanged; each micro-batch costs one more backward pass (benchmarks/grad_signal.py)."""
 
     resumable = ("logging_steps", "report_to", "run_name", "log_completions", "gradient_signal")
 

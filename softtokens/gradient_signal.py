@@ -7,7 +7,7 @@ and the batch's groups into two halves, each half an independent estimate of the
 cosine between the halves' gradients estimates the share of signal: with g_h = s + n_h and independent noise of
 equal size, E[cos] ~ |s|^2 / (|s|^2 + |n|^2), 0 for pure noise and 1 for none. The summed buffers are the step's
 gradient exactly, so measuring changes no update; it costs one more backward pass per micro-batch
-(``benchmarks/signal.py`` measures it), hence the option ``gradient_signal``.
+(``benchmarks/grad_signal.py`` measures it), hence the option ``gradient_signal``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How much of a step's gradient is signal, for hard / soft / fuzzy CoTs at the demo's setting and for the levers
 that change the estimator (gamma, fuzzy tau, samples per prompt), from a few steps: no whole training.
 
-    python benchmarks/signal.py [--config configs/demo.yaml] [--steps 3] [--recipes hard,soft,...] [--no-write]
+    python benchmarks/grad_signal.py [--config configs/demo.yaml] [--steps 3] [--recipes hard,soft,...] [--no-write]
 
 Each recipe trains the embedded model (loaded once, a fresh copy per recipe) for ``--steps`` steps with
 ``gradient_signal`` on (validation, checkpoints and logging off) and reads its metrics.jsonl: the gradient norms of
@@ -13,20 +13,16 @@ costs per step. Prints the table, appends it to benchmarks/RESULTS.md with the m
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import statistics
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], where this file would stand in for the standard library's `signal`
-# (which torch imports): the folder goes to the end of the path instead.
-sys.path.append(sys.path.pop(0))
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, add_no_write, machine, write_results  # noqa: E402
 
 from softtokens.config import TrainConfig, config_from_dict  # noqa: E402
@@ -95,7 +91,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = "\n".join([
         f"## Gradient signal per recipe ({machine()})", "",
-        f"`python benchmarks/signal.py --steps {args.steps}`: {Path(args.config).name} (smollm2 float32, "
+        f"`python benchmarks/grad_signal.py --steps {args.steps}`: {Path(args.config).name} (smollm2 float32, "
         f"B {base['prompts_per_step']} x G {base['num_generations']}, CoT <= {base['max_cot_length']} tokens, lr "
         f"{base['learning_rate']:g}), each recipe {args.steps} steps from the base model with `gradient_signal` on; "
         "means over the steps. Norms are of the loss's gradient, before clipping; a half cosine is between the "
