@@ -237,9 +237,13 @@ def embedded_model_path() -> Path:
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """'auto' device: CUDA when present; 'auto' dtype: bfloat16 on CUDA, float32 on CPU."""
+    """'auto' device: CUDA when present; 'auto' dtype: bfloat16 on CUDA, float32 on CPU. A CUDA device this torch
+    cannot reach is a one-line error here, before anything loads."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        raise UsageError(f"device {device}: torch {torch.__version__} has {build}; use --device cpu (or auto)")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, dtype

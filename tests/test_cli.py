@@ -292,6 +292,18 @@ def test_lengths_beyond_the_context_fail_before_the_model_loads(command, tmp_pat
     assert res.returncode == 2 and "do not fit in the context of smollm2 (8,192 tokens" in res.stderr, res.stderr[-800:]
 
 
+@pytest.mark.parametrize("command", [["train", "--dataset", "sums_train"], ["eval", "--datasets", "sums_test", "--limit", "1"],
+                                     ["generate", "--question", "What is 1 + 1?"]])
+def test_a_cuda_device_without_cuda_is_one_line(command, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = {"train": ["--output-dir", str(tmp_path / "o")], "eval": ["--out", str(tmp_path / "o")]}.get(command[0], [])
+    res = run_cli(*command, *out, "--device", "cuda")
+    assert res.returncode == 2 and "device cuda: torch" in res.stderr and "--device cpu" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_the_embedded_context_is_the_one_in_its_file():
     from gguf import GGUFReader
 
