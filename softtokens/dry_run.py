@@ -8,6 +8,7 @@ from pathlib import Path
 
 from softtokens.config import EvalConfig, TrainConfig, by_section
 from softtokens.outdir import check_usable
+from softtokens.reward import reward_name, split_rewards
 from softtokens.seeds import per_seed
 
 HEADER = "{command} --dry-run: every check passed; no model was loaded and nothing was written"
@@ -41,8 +42,8 @@ def _train_lines(cfg: TrainConfig, pre, strict: bool) -> list[str]:
     done = int(pre.start.name.split("-")[1]) if pre.start is not None else 0
     left = cfg.max_steps - done
     if pre.custom:
-        names = ", ".join(str(r).rpartition(":")[2] for r in cfg.grading.reward.split(",")) or "your reward"
-        grading = f"{names}" + (f" weighted {cfg.reward_weights}" if cfg.reward_weights else "") + \
+        names = ", ".join(reward_name(r) for r in split_rewards(cfg.reward)) or "your reward"
+        grading = names + (f" weighted {cfg.reward_weights}" if cfg.reward_weights else "") + \
             " (called on two made-up completions: fine)"
     else:
         grading = "Math-Verify 100 / 10 / 0" + (", a plain number to be right (require_number)" if strict else "")
@@ -81,18 +82,16 @@ def eval_plan(cfg: EvalConfig, reward_fn=None) -> str:
     """The dry run of ``eval``: the datasets, the rewards, the lengths and each folder's resume rule, then the
     rollouts each setting decodes."""
     from softtokens import jsonl
-    from softtokens.evaluate import check_eval, resume_check
+    from softtokens.evaluate import check_eval, resume_check, run_record
     from softtokens.models import check_context, resolve_device
 
-    check_usable(Path(cfg.out), "--out")
-    datasets = check_eval(cfg, reward_fn, create=False)
+    datasets = check_eval(cfg, reward_fn, create=False)  # the folder too, without creating it
     check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     lines = [HEADER.format(command="eval"), "", "# the resolved config, by section", _config_yaml(cfg), "",
              f"model {cfg.model} on {device} in {dtype}"]
     for run in per_seed(cfg, "out") if cfg.seeds else [cfg]:
-        resumed = resume_check(run, {**run.flat(), "model": run.model, "settings": run.inference.names(),
-                                     "datasets": list(datasets)})
+        resumed = resume_check(run, run_record(run, run.model))
         lines.append(f"evaluation in {run.out}: " + ("resumed, finished problems kept" if resumed else "new"))
         total = 0
         for name, ds in datasets.items():

@@ -71,8 +71,6 @@ def tis_weights(scored: torch.Tensor, rolled: torch.Tensor, cap: float) -> torch
     return log_ratio.exp().to(scored.dtype)
 
 
-
-
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-rollout KL(pi || ref) estimate: Schulman's k3 per step, summed. (N, T) x2 -> (N,).
 

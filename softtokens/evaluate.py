@@ -39,6 +39,12 @@ KS = (1, 2, 4, 8, 16, 32)
 PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
 
 
+def run_record(cfg: EvalConfig, model: str) -> dict:
+    """The options config.json keeps and a resume compares, with the model's name and the settings and datasets
+    as lists."""
+    return cfg.flat() | {"model": model, "settings": cfg.inference.names(), "datasets": split_names(cfg.datasets)}
+
+
 def resume_check(cfg: EvalConfig, run: dict) -> dict | None:
     """The saved config.json of the evaluation in cfg.out (None for a new one), once the resume rule allows it:
     a folder holding an evaluation goes on only with --resume, and only as the same evaluation."""
@@ -93,11 +99,10 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     settings = cfg.inference.names()
     names = split_names(cfg.datasets)
     datasets = datasets or check_eval(cfg, reward_fn)
-    run = cfg.flat() | {"model": lm.name, "settings": settings, "datasets": names,
-                                     "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
-                                     "reward": cfg.reward or ",".join(reward_name(r) for r in split_rewards(reward_fn)),
-                                     "provenance": provenance(lm.name),
-                                     "require_number": require_number(cfg.require_number, *names)}
+    run = run_record(cfg, lm.name) | {
+        "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
+        "reward": cfg.reward or ",".join(reward_name(r) for r in split_rewards(reward_fn)),
+        "provenance": provenance(lm.name), "require_number": require_number(cfg.require_number, *names)}
     del run["resume"], run["out"]
     with FolderLock(prepare(cfg.out, "--out"), "--out"), \
             Grader(cfg.grading_workers, cfg.grading_timeout, run["require_number"], reward_fn or cfg.reward,

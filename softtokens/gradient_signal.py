@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-TERMS = ("cot", "answer")
-
 
 def halves(rows: list[int], group_size: int) -> list[list[int]]:
     """Split row indices into two halves by group (rows i // group_size); with one group, by row."""
@@ -74,8 +72,8 @@ class GradientSplit:
             "signal/answer_half_cosine": self._cos(self._sum([("answer", 0)]), self._sum([("answer", 1)])),
             "signal/half_cosine": self._cos(first, second),
         }
-        whole = self._sum(list(self.parts))
-        for p, g in zip(self.params, whole):
-            p.grad = g if g is not None else torch.zeros_like(p)
+        for p, c, a in zip(self.params, cot, answer):  # the whole gradient: both terms, both halves
+            parts = [g for g in (c, a) if g is not None]
+            p.grad = sum(parts[1:], parts[0]) if parts else torch.zeros_like(p)
         self.parts.clear()
         return figures
