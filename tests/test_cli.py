@@ -475,6 +475,13 @@ def test_train_dry_run_makes_the_runs_checks(model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-1500:]
     assert "from checkpoint-1 at step 1" in resumed.stdout and "2 steps, 4 rollouts left" in resumed.stdout
     assert _tree(out) == before, "a dry run writes nothing"
+    killed = tmp_path / "killed"  # a run stopped before its first checkpoint: its resume would clear these files
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _tree(killed)
+    fresh = run_cli(*base, "--dataset", "sums_train", "--resume", "--output-dir", str(killed), "--dry-run")
+    assert fresh.returncode == 0 and f"run in {killed}: from step 0" in fresh.stdout, fresh.stderr[-1500:]
+    assert _tree(killed) == before, "a dry run clears nothing"
 
 
 def test_eval_dry_run_counts_the_rollouts(model_dir, tmp_path, monkeypatch):
