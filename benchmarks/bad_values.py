@@ -41,7 +41,7 @@ CASES = [
     ("cot", "train", ["--mode", "fuzzy", "--temperature", "0"], "temperature"),
     ("cot", "generate", ["--gamma", "-1", "--question", "q"], "gamma"),
     ("cot", "eval", ["--mode", "hard", "--noise-on", "hidden"], "noise_on"),
-    ("cot", "train", ["--noise-on", "topk_logits", "--top-k", "0"], "top_k"),
+    ("cot", "train", ["--noise-on", "topk_logits", "--noise-top-k", "0"], "noise_top_k"),
     ("prompt", "train", ["--prompt-template", "no slot here"], "prompt_template"),
     ("prompt", "generate", ["--marker", " ", "--question", "q"], "marker"),
     ("engine", "eval", ["--engine", "fast"], "engine"),

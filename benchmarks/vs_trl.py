@@ -34,7 +34,7 @@ from softtokens.data import load_dataset  # noqa: E402
 from softtokens.metrics import read_metrics  # noqa: E402
 from softtokens.models import load_model  # noqa: E402
 from softtokens.prompts import LENGTH_PREFILL, format_prompt  # noqa: E402
-from softtokens.trainer import problems_for_step, train  # noqa: E402
+from softtokens.trainer import problems_for_step, train, validation_size  # noqa: E402
 
 
 class StepClock:
@@ -80,6 +80,8 @@ def run_trl(cfg: TrainConfig, prompts: list[str], answers: list[str], steps: int
             temperature=1.0, max_steps=steps, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine",
             max_grad_norm=cfg.max_grad_norm or 0.0, logging_steps=1, save_strategy="no", report_to="none",
             seed=cfg.seed, disable_tqdm=True,
+            # GRPOConfig turns gradient checkpointing on by default; both trainers run as the config says
+            gradient_checkpointing=cfg.gradient_checkpointing,
         )
         data = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
         trainer = GRPOTrainer(model=lm.model, reward_funcs=boxed_match, args=args, train_dataset=data,
@@ -114,7 +116,8 @@ def main():
 
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
     cfg = dataclasses.replace(cfg, device="cpu", dtype="float32", beta=0.0)
-    train_set = load_dataset(cfg.dataset).problems[: -cfg.val_size or None]
+    data = load_dataset(cfg.dataset)
+    train_set = data.problems[: len(data) - validation_size(cfg, len(data))]
     # the problems softtokens' steps draw, in its order, so both trainers see the same prompts
     problems = [p for s in range(args.max_steps) for p in problems_for_step(train_set, s, cfg.prompts_per_step, cfg.seed)]
     prompts = [format_prompt(p.question, cfg.prompt_template) for p in problems]
@@ -137,7 +140,8 @@ def main():
         f"{cfg.micro_batch_size}, learning rate {cfg.learning_rate}, beta 0, float32; mean of steps 2-{args.max_steps}; "
         "TRL: max_completion_length "
         f"{results['TRL GRPOTrainer']['max_completion_length']}; softtokens: CoT <= {cfg.max_cot_length}, answer <= "
-        f"{cfg.max_answer_length}, share_prompt and skip_zero_advantage on (the defaults)",
+        f"{cfg.max_answer_length}, share_prompt and skip_zero_advantage on (the defaults); gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'} in both (TRL's GRPOConfig default is on: set equal here)",
         "",
         "| trainer | s / step | vs TRL | vs softtokens hard (same scoring rule) | mean completion tokens | rows skipped / step |",
         "|---|---:|---:|---:|---:|---:|",

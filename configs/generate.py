@@ -38,7 +38,7 @@ SEEDS = [0, 1, 2]
 ABLATION_MODEL, ABLATION_DATA = "meta-llama/Llama-3.2-3B-Instruct", "gsm8k"
 GAMMAS = [0.1, 0.33, 1.0, 3.0]  # Table 6, fuzzy
 FUZZY_TAUS = [0.0001, 0.001, 0.01, 0.1]  # Table 8
-# Table 7: (mode, noise_on, tau or None for the mode's default, top_k or None)
+# Table 7: (mode, noise_on, tau or None for the mode's default, noise_top_k or None)
 PLACEMENTS = [("fuzzy", "hidden", None, None), ("soft", "hidden", None, None), ("fuzzy", "logits", None, None),
               ("soft", "logits", None, None), ("soft", "topk_logits", 1.0, 5), ("soft", "topk_logits", 1.0, 50)]
 
@@ -79,7 +79,7 @@ def files() -> dict[str, str]:
     table7 = []
     for mode, noise_on, tau, k in PLACEMENTS:
         tag = f"{mode}_{noise_on}" + (f"-{k}" if k else "")
-        extra = dict(noise_on=noise_on) | ({"temperature": tau} if tau else {}) | ({"top_k": k} if k else {})
+        extra = dict(noise_on=noise_on) | ({"temperature": tau} if tau else {}) | ({"noise_top_k": k} if k else {})
         table7.append(config(f"ablations/noise-{tag}.yaml", f"Table 7: {mode} training, noise on the {noise_on}"
                              + (f" (k = {k}, tau = {tau:g})" if k else ""),
                              run_config(ABLATION_MODEL, ABLATION_DATA, mode, f"ablations/{short}_gsm8k_{tag}",

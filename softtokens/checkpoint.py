@@ -74,7 +74,7 @@ def generate_command(cfg, model: str = "<this folder>", question: str = "...") -
     words = ["softtokens", "generate", "--model", model, "--mode", cfg.mode, "--temperature", repr(cfg.cot.temperature),
              "--gamma", repr(cfg.gamma), "--noise-on", cfg.noise_on]
     if cfg.noise_on == "topk_logits":
-        words += ["--top-k", str(cfg.top_k)]
+        words += ["--noise-top-k", str(cfg.noise_top_k)]
     if cfg.prompt_template != prompts.PROMPT_TEMPLATE:
         words += ["--prompt-template", cfg.prompt_template]
     if cfg.chat_template:
@@ -86,13 +86,30 @@ def generate_command(cfg, model: str = "<this folder>", question: str = "...") -
     return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
 
 
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded GGUF was converted from
+
+
+def base_model_id(model: str) -> str | None:
+    """The hub id a model card names as its base_model: the hub id trained; the embedded model's original; for a
+    folder, the base_model its own card names (a softtokens checkpoint trained again); else None."""
+    if model == "smollm2":
+        return EMBEDDED_HUB_ID
+    card = Path(model) / "README.md"
+    if card.is_file():
+        text = card.read_text()
+        front = text.split("---")[1] if text.startswith("---") else ""
+        found = [line.split(":", 1)[1].strip() for line in front.splitlines() if line.startswith("base_model:")]
+        return found[0] if found and found[0] else None
+    return model if "/" in model and not Path(model).exists() and not model.endswith(".gguf") else None
+
+
 def model_card(cfg, sigma: float) -> str:
     """README.md of a checkpoint: what a user needs to run the model as it was trained."""
-    hub_id = "/" in cfg.model and not Path(cfg.model).exists()
-    front = ["---", "library_name: transformers", *([f"base_model: {cfg.model}"] if hub_id else []),
-             "tags:", "- softtokens", "- soft-thinking", "---"]
+    base = base_model_id(cfg.model)
+    front = ["---", "library_name: transformers", *([f"base_model: {base}"] if base else []),
+             "tags:", "- softtokens", "- soft-thinking", f"- {cfg.mode}-cot", "---"]
     rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot.temperature),
-            ("noise on", cfg.noise_on + (f" (k = {cfg.top_k})" if cfg.noise_on == "topk_logits" else "")),
+            ("noise on", cfg.noise_on + (f" (k = {cfg.noise_top_k})" if cfg.noise_on == "topk_logits" else "")),
             ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS of what is noised", f"{sigma:.6g}"),
             ("chat template", cfg.chat_template), ("stop marker", f'`"{cfg.marker}"`'),
             ("prefill after the marker", f'`"{cfg.marker_prefill}"`'),

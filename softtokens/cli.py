@@ -22,9 +22,35 @@ import typing
 from pathlib import Path
 
 from softtokens import __version__
-from softtokens.config import (COMMANDS, EvalConfig, GenerateConfig, OODConfig, TrainConfig, config_from_dict, flatten,
-                               layout, option_defaults, option_docs, option_types, parse_floats, parse_seeds)
+from softtokens.config import (COMMANDS, RENAMED, EvalConfig, GenerateConfig, OODConfig, TrainConfig, config_from_dict,
+                               flatten, layout, option_defaults, option_docs, option_types, parse_floats, parse_seeds,
+                               renamed)
 from softtokens.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors in one line and a pointer to --help, not the whole usage (every subcommand's too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+class Floats(argparse.Action):
+    """--reward-weights 1,0.5 or --reward-weights 1 0.5 (TRL's form): one list of floats."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, [x for v in values for x in parse_floats(v)])
+        except ValueError as e:
+            parser.error(f"argument {option_string}: {e}")
+
+
+class Joined(argparse.Action):
+    """A repeated --reward adds a reward (TRL's list of reward_funcs) instead of replacing the one before."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before and before != self.default else values)
 
 
 def _flag_type(hint):
@@ -46,10 +72,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, overrides: bool = Fal
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options")
         flag, kind = "--" + name.replace("_", "-"), _flag_type(hints[name])
-        if typing.get_origin(kind) is list:
-            kind = _floats_flag if typing.get_args(kind) == (float,) else _seeds_flag
         default = None if overrides else defaults[name]
-        if kind is bool:
+        if typing.get_origin(kind) is list and typing.get_args(kind) == (float,):
+            groups[section].add_argument(flag, nargs="+", action=Floats, default=default, metavar="W",
+                                         help=docs[name] + f" (default: {defaults[name]})")
+            continue
+        if typing.get_origin(kind) is list:
+            kind = _seeds_flag
+        if name == "reward":
+            groups[section].add_argument(flag, action=Joined, default=default,
+                                         help=docs[name] + " Repeat the flag for several.")
+        elif kind is bool:
             groups[section].add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[name])
         else:
             groups[section].add_argument(flag, type=kind, default=default,
@@ -60,13 +93,6 @@ def _seeds_flag(text: str) -> list[int]:
     try:
         return parse_seeds(text)
     except ValueError as e:  # argparse prints this message, not "invalid parse_seeds value"
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _floats_flag(text: str) -> list[float]:
-    try:
-        return parse_floats(text)
-    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -87,10 +113,10 @@ Flags take dashes or underscores (--learning-rate, --learning_rate). `softtokens
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softtokens", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="softtokens", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"softtokens {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="answer one or more questions with a hard, soft or fuzzy CoT and show it")
     gen.add_argument("--question", action="append", required=True, help="question text (repeat for several)")
@@ -174,8 +200,8 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = config_from_args(EvalConfig, args)  # a bad value fails here, before torch is imported
-    from softtokens.evaluate import check_eval, evaluate
-    from softtokens.models import check_context, load_model, resolve_device
+    from softtokens.evaluate import check_eval, evaluate_model
+    from softtokens.models import check_context, resolve_device
     from softtokens.report import report
 
     if args.dry_run:
@@ -191,8 +217,7 @@ def cmd_eval(args) -> int:
             cfg.num_samples if cfg.cot.setting(s).sampled else 1 for s in cfg.inference.names())
         raise UsageError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.max_cot_length} CoT tokens on a "
                          "CPU (days): pass --limit N to evaluate the first N problems of each set, or --yes to run it all")
-    lm = load_model(cfg.model, dtype=dtype, device=device)
-    evaluate(lm, cfg, datasets=datasets)
+    evaluate_model(cfg, datasets=datasets)
     print(report([cfg.out]))
     print(f"records, results.json, results.md, passk.png and entropy.png are in {cfg.out}")
     return 0
@@ -231,7 +256,9 @@ def cmd_train(args) -> int:
         summary = train(cfg)
     except Stopped as e:
         again = args.argv + ([] if cfg.resume else ["--resume"])
-        print(f"softtokens: stopped at step {e.step} ({signal.Signals(e.signum).name}); the checkpoint is saved; "
+        saved = (f"checkpoint-{e.step} is saved" if e.step and cfg.save_strategy != "no"
+                 else "nothing was trained yet" if not e.step else "no checkpoint is kept (save_strategy no)")
+        print(f"softtokens: stopped at step {e.step} ({signal.Signals(e.signum).name}); {saved}; "
               f"resume with: softtokens {' '.join(shlex.quote(a) for a in again)}", file=sys.stderr)
         return e.exit_code
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
@@ -304,24 +331,33 @@ def normalise_flags(argv: list[str]) -> list[str]:
                     name = "--" + next(iter(flatten(command, {section: {option: None}})))
                 except UsageError:
                     pass
+            elif section in RENAMED and command is not None and RENAMED[section][0] in layout(command):
+                name = "--" + renamed(section, "flags")
             a = name.replace("_", "-") + eq + value
         out.append(a)
     return out
 
 
 def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """An unknown flag is an error that suggests the nearest real one."""
+    """An unknown flag is an error: TRL's name for an option gets the softtokens one (``trl_names``), any other
+    the nearest real flag."""
     import difflib
 
-    _, unknown = parser.parse_known_args(argv)
-    flags = [a for a in unknown if a.startswith("--")]
-    if not flags:
-        return
+    from softtokens.trl_names import trl_hint
+
     sub = parser._subparsers._group_actions[0].choices.get(next((a for a in argv if not a.startswith("-")), ""), parser)
     known = [s for action in sub._actions for s in action.option_strings if s.startswith("--")]
-    name = flags[0].split("=", 1)[0]
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+    if not flags:
+        _, unknown = parser.parse_known_args(argv)
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
+    if not flags:
+        return
+    name = flags[0]
+    if hint := trl_hint(name):
+        sub.error(hint)
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    sub.error(f"unknown flag {name}" + (f"; did you mean {near[0]}?" if near else f" (see {sub.prog} --help)"))
+    sub.error(f"unknown flag {name}" + (f"; did you mean {near[0]}?" if near else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import sys
 import typing
 from dataclasses import dataclass, fields
 
@@ -35,13 +36,13 @@ SETTINGS = {
 }
 
 
-def check_noise_on(mode: str, noise_on: str, top_k: int) -> None:
+def check_noise_on(mode: str, noise_on: str, noise_top_k: int) -> None:
     one_of("noise_on", noise_on, choices.NOISE_ON)
     if noise_on != "embedding" and mode == "hard":
         raise UsageError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
                          "(use mode soft or fuzzy, or noise_on embedding)")
-    if top_k < 1:
-        raise UsageError(f"top_k must be >= 1, got {top_k}")
+    if noise_top_k < 1:
+        raise UsageError(f"noise_top_k must be >= 1, got {noise_top_k}")
 
 
 def check_seeds(seeds: list[int] | None) -> None:
@@ -56,7 +57,7 @@ def check_seeds(seeds: list[int] | None) -> None:
 def at_least(section, minimum: int, *names: str) -> None:
     """Each named field of ``section`` is >= ``minimum``; the error names the field."""
     for name in names:
-        if getattr(section, name) < minimum:
+        if getattr(section, name) is not None and getattr(section, name) < minimum:
             raise UsageError(f"{name} must be >= {minimum}, got {getattr(section, name)}")
 
 
@@ -196,7 +197,8 @@ class GradingConfig:
         at_least(self, 0, "grading_workers")
         from softtokens.reward import check_weights, split_rewards
 
-        check_weights(split_rewards(self.reward), self.reward_weights)
+        if self.reward:  # without one, the weights may be for the functions given to train(reward_fn=): checked there
+            check_weights(split_rewards(self.reward), self.reward_weights)
 
 
 @dataclass
@@ -212,8 +214,8 @@ class CoTConfig:
     noise: bool = True
     """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
     noise_on: str = "embedding"
-    """Where the noise goes (METHOD.md §10): embedding (the paper), hidden (the final hidden state), logits, or topk_logits (the top_k logits, the rest -inf); all but embedding run on the HF engine."""
-    top_k: int = 5
+    """Where the noise goes (METHOD.md §10): embedding (the paper), hidden (the final hidden state), logits, or topk_logits (the noise_top_k logits, the rest -inf); all but embedding run on the HF engine."""
+    noise_top_k: int = 5
     """Logits kept by noise_on topk_logits (the paper: 5 or 50, at tau 1.0)."""
 
     resumable = ()
@@ -232,7 +234,7 @@ class CoTConfig:
             )
         if not self.gamma >= 0:
             raise UsageError(f"gamma must be >= 0, got {self.gamma}")
-        check_noise_on(self.mode, self.noise_on, self.top_k)
+        check_noise_on(self.mode, self.noise_on, self.noise_top_k)
 
     @property
     def sampled(self) -> bool:
@@ -246,7 +248,7 @@ class CoTConfig:
         its temperature (not hard_greedy's 0) and noise placement; every sampled setting keeps gamma."""
         own = dict(SETTINGS[name], gamma=self.gamma)
         if own["mode"] == self.mode:
-            own |= dict(noise_on=self.noise_on, top_k=self.top_k)
+            own |= dict(noise_on=self.noise_on, noise_top_k=self.noise_top_k)
             if own.get("temperature") != 0.0:
                 own["temperature"] = self.temperature
         return CoTConfig(**own)
@@ -369,7 +371,7 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (large models)."""
     disable_dropout: bool = True
-    """Set every dropout of the model (and of LoRA) to 0, as TRL does: scoring runs in train mode, and dropout there would score another policy than the one that sampled."""
+    """Set every dropout of the model (and of LoRA) to 0: scoring runs in train mode, and dropout there would score another policy than the one that sampled (TRL's GRPOConfig defaults to false, its DPO config to true)."""
     cot_weight: float = 1.0
     """[departure] lambda, the weight of the CoT term in the loss -(1/BG) sum A (lambda l_cot + l_answer): 1 is the paper's estimator, 0 trains the answer only, 1/d averages a soft step's density over its coordinates (METHOD.md §11)."""
     mixture_embedding_grad: bool = True
@@ -465,8 +467,8 @@ class LoggingConfig:
 class ValidationConfig:
     """What training evaluates while it runs."""
 
-    val_size: int = 100
-    """[choice] Problems held out from the end of the training set for greedy validation."""
+    val_size: int | None = None
+    """[choice] Problems held out from the end of the training set for greedy validation. Unset: 100, at most a tenth of the data, and none when eval_steps is 0; config.yaml records the number used."""
     eval_steps: int = 100
     """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
     eval_before_after: int = 0
@@ -477,11 +479,15 @@ class ValidationConfig:
     """CoT mode of the before / after check, greedy: hard is the trained model deployed as a plain checkpoint."""
     ood_limit: int = 0
     """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
+    metric_for_best_model: str = "accuracy"
+    """What checkpoint-best follows (higher is better), as TRL's option: accuracy (greedy validation), reward (its mean reward) or one user reward by its function's name."""
 
     resumable = ("eval_steps",)
 
     def __post_init__(self):
         at_least(self, 0, "val_size", "eval_steps", "eval_before_after", "ood_limit")
+        if not self.metric_for_best_model.strip():
+            raise UsageError("metric_for_best_model must be accuracy, reward or a reward's name")
         one_of("eval_mode", self.eval_mode, choices.MODES)
 
 
@@ -558,6 +564,10 @@ def section_names(cls) -> dict[str, tuple[str, type]]:
 def _unknown(cls, keys, source: str) -> UsageError:
     import difflib
 
+    from softtokens.trl_names import trl_hint
+
+    if hint := next((h for k in keys if (h := trl_hint(str(k)))), None):  # TRL's name for an option: one line
+        return UsageError(f"{source}: {hint}")
     known = list(layout(cls))
     near = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in keys}
     suggest = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
@@ -565,10 +575,25 @@ def _unknown(cls, keys, source: str) -> UsageError:
                       + f"; valid keys: {', '.join(sorted(known))} (or nested under {', '.join(section_names(cls))})")
 
 
+# an option's former name -> (its name, what it is): the old name still works, with a one-line note
+RENAMED = {"top_k": ("noise_top_k", "the logits that get noise under noise_on topk_logits, not a sampling option")}
+
+
+def renamed(key: str, source: str) -> str:
+    """An option's current name; a former one is taken with a note on stderr."""
+    if key not in RENAMED:
+        return key
+    new, what = RENAMED[key]
+    print(f"softtokens: note: {source}: {key} is now {new} ({what})", file=sys.stderr)
+    return new
+
+
 def flatten(cls, values: dict, source: str = "config") -> dict:
     """The flat form of a mapping that may nest options under their section (``optim: {learning_rate: 1e-5}``)."""
     opts, parts, out = layout(cls), section_names(cls), {}
     unknown = []
+    values = {renamed(k, source) if isinstance(k, str) and k not in opts and k not in parts else k: v
+              for k, v in values.items()}
     for key, value in values.items():
         if key in parts and isinstance(value, dict):
             attr, part = parts[key]
@@ -576,6 +601,7 @@ def flatten(cls, values: dict, source: str = "config") -> dict:
             own = {flat for flat, (a, f) in opts.items() if a == attr and f in names}
             by_field = {opts[flat][1]: flat for flat in own}
             for inner, v in value.items():
+                inner = inner if inner in own or inner in by_field else renamed(inner, source)
                 flat = inner if inner in own else by_field.get(inner)
                 if flat is None:
                     raise UsageError(f"{source}: {key} has no option {inner!r}; its options: {', '.join(sorted(own))}")
@@ -647,6 +673,11 @@ class Command:
         if where is None:
             raise AttributeError(f"{type(self).__name__} has no option {name!r}")
         setattr(getattr(self, where[0]), where[1], value)
+
+    def checked(self):
+        """This config built again from its values, each checked as when it was constructed: a field set after
+        construction (``cfg.learning_rate = -5``) fails here, naming the option, as it would have then."""
+        return config_from_dict(type(self), self.flat(), type(self).__name__)
 
     def flat(self) -> dict:
         """Every option by its flat name: what config.yaml / config.json keep and a resume compares."""
@@ -728,7 +759,7 @@ class EvalConfig(Command):
     defaults = {"dataset": "gsm8k,math500,olympiadbench", "split": "test", "num_generations": 32,
                 "answer_temperature": 0.0, "grading_workers": 2, "output_dir": "runs/eval"}
     notes = {"num_samples": "Samples per problem in the sampled settings (greedy settings take one); pass@k for k <= this.",
-             "mode": "The CoT mode the model was trained with: its settings use temperature, noise_on and top_k "
+             "mode": "The CoT mode the model was trained with: its settings use temperature, noise_on and noise_top_k "
                      "(a sweep's model in its own settings); gamma is every sampled setting's.",
              "temperature": "The trained mode's CoT temperature (default per mode: hard 1.0, soft 0.5, fuzzy 0.0001); "
                             "hard_greedy stays at 0."}

@@ -31,6 +31,7 @@ def train_plan(cfg: TrainConfig, dataset=None, reward_fn=None) -> str:
         out = Path(run.output_dir)
         check_usable(out, "output_dir")
         pre = preflight(run, out, main=False, dataset=dataset, reward_fn=reward_fn)
+        run = pre.cfg
         lines += _train_lines(run, pre, require_number(run.require_number, run.dataset,
                                                         *([run.eval_dataset] if pre.held_out else [])))
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from softtokens.models import CausalLM
 from softtokens.outdir import FolderLock, check_usable, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
-from softtokens.reward import Grader, check_rewards, reward_name, reward_spec, split_rewards
+from softtokens.reward import Grader, check_rewards, reward_record, reward_spec, split_rewards
 from softtokens.rollout import generate_rollouts
 from softtokens.seeds import per_seed
 from softtokens.step import default_sigma
@@ -93,6 +93,7 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     ``datasets``: what ``check_eval`` returned, to skip loading them again.
     With ``cfg.seeds``, one evaluation per seed in out/seed-N; returns {seed: summary}.
     """
+    cfg = cfg.checked()  # a field set after construction is checked as the constructor checks it
     if cfg.seeds:
         datasets = datasets or check_eval(cfg, reward_fn)
         return {c.seed: evaluate(lm, c, progress, reward_fn, datasets) for c in per_seed(cfg, "out")}
@@ -101,7 +102,7 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
     datasets = datasets or check_eval(cfg, reward_fn)
     run = run_record(cfg, lm.name) | {
         "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
-        "reward": cfg.reward or ",".join(reward_name(r) for r in split_rewards(reward_fn)),
+        "reward": reward_record(reward_fn or cfg.reward),
         "provenance": provenance(lm.name), "require_number": require_number(cfg.require_number, *names)}
     del run["resume"], run["out"]
     with FolderLock(prepare(cfg.out, "--out"), "--out"), \
@@ -112,6 +113,18 @@ def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=Non
             for setting in settings:
                 _evaluate_one(lm, cfg, run["sigma"], grader, name, ds, setting, progress)
     return summarize(cfg.out)
+
+
+def evaluate_model(cfg: EvalConfig, progress: bool = True, reward_fn=None, datasets: dict | None = None) -> dict:
+    """Load ``cfg.model`` and evaluate it (``evaluate``): what ``softtokens eval`` runs, from Python. Every input is
+    checked before the model loads."""
+    from softtokens.models import check_context, load_model, resolve_device
+
+    cfg = cfg.checked()
+    datasets = datasets or check_eval(cfg, reward_fn)
+    check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    return evaluate(load_model(cfg.model, dtype=dtype, device=device), cfg, progress, reward_fn, datasets)
 
 
 def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, ds, setting: str, progress: bool):

@@ -244,12 +244,12 @@ def describe(plan: GridPlan, results: Path = Path("benchmarks/RESULTS.md")) -> s
     return "\n".join(lines)
 
 
-TRAINED_COT = ("mode", "temperature", "noise_on", "top_k")
+TRAINED_COT = ("mode", "temperature", "noise_on", "noise_top_k")
 
 
 def trained_cot(plan: GridPlan, job: Job) -> dict:
     """A sweep's model is evaluated in its own settings: its gamma, and unless the plan's eval section sets the CoT
-    (mode, temperature, noise_on, top_k), the settings of its mode at its temperature and noise placement."""
+    (mode, temperature, noise_on, noise_top_k), the settings of its mode at its temperature and noise placement."""
     given = flatten(EvalConfig, plan.eval)
     own = {"gamma": job.train.gamma}
     if not any(k in given for k in TRAINED_COT):

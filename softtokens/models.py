@@ -272,8 +272,38 @@ def model_context(name: str) -> int | None:
         return None
 
 
+def is_hub_id(name: str) -> bool:
+    """'org/name' (or 'name') that is not the embedded model, a .gguf file or a path on this machine."""
+    return (name != EMBEDDED_MODEL and not name.endswith(".gguf") and not os.path.exists(name)
+            and not name.startswith((".", "/", "~")) and name.count("/") <= 1)
+
+
+def check_hub_model(name: str) -> None:
+    """A hub id that is neither in the local cache nor on a reachable hub fails in one line after one try
+    (transformers' own download retries for about a minute and prints every retry)."""
+    import huggingface_hub as hub
+
+    if isinstance(hub.try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise FileNotFoundError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        hub.model_info(name, timeout=10)
+    except (hub.errors.RepositoryNotFoundError, hub.errors.GatedRepoError) as e:
+        what = "is gated: accept its licence and log in (hf auth login)" if isinstance(e, hub.errors.GatedRepoError) \
+            else "is not on the Hugging Face hub (or is private: log in with hf auth login)"
+        raise FileNotFoundError(f"model {name!r} {what}") from None
+    except Exception as e:  # noqa: BLE001  no network, DNS, proxy: one line, not a minute of retries
+        raise FileNotFoundError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                                f"({type(e).__name__}: {str(e)[:80]}): download it where the hub is reachable, or "
+                                "pass a local folder") from None
+
+
 def check_context(name: str, tokens: int) -> None:
-    """A CoT and answer budget the model's context cannot hold fails before the model loads."""
+    """A CoT and answer budget the model's context cannot hold fails before the model loads; so does a hub id
+    that cannot be found (``check_hub_model``)."""
+    if is_hub_id(name):
+        check_hub_model(name)
     context = model_context(name)
     if context is not None and tokens >= context:
         raise UsageError(f"max_cot_length + max_answer_length = {tokens:,} tokens do not fit in the context of "
@@ -303,6 +333,7 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: str = "float32", device: str =
         raise FileNotFoundError(f"no model at {name}: not a file or directory")
     else:
         source = name  # a hub id such as 'meta-llama/Llama-3.2-3B-Instruct'
+        check_hub_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -225,8 +225,25 @@ def _smooth(ys: list[float], k: int) -> list[float]:
     return [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
 
 
-def training_report(run_dir: str | Path) -> str:
-    """training.png (the curves against the step, the before / after check) and a one-line summary.
+def training_panels(run_dir: Path, all_rows: list[list[dict]]) -> dict:
+    """TRAINING_PANELS, the reward panel named after the run's own rewards with a curve for each (the names
+    config.yaml records; the rewards/<name>/mean metrics)."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    seeds = seed_folders(run_dir)
+    saved = saved if saved.is_file() else (seeds[0] / "config.yaml" if seeds else saved)
+    reward = (yaml.safe_load(saved.read_text()) or {}).get("reward") if saved.is_file() else None
+    parts = sorted({k for rows in all_rows for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    if not reward and not parts:
+        return TRAINING_PANELS
+    names = ", ".join(x.rpartition(":")[2] for x in str(reward or "").split(",") if x.strip()) or "your rewards"
+    return TRAINING_PANELS | {"reward": (f"mean reward (weighted sum of {names})", ("rollout/reward", *parts))}
+
+
+def training_report(run_dir: str | Path, out: str | Path | None = None) -> str:
+    """training.png (the curves against the step, the before / after check) and a one-line summary; the figure
+    goes to ``out`` (a file, or a folder for training.png) when given, else into the run's folder.
 
     A folder of seed-N runs gets one figure of them all: the mean curve and the seeds' min-to-max band."""
     import json
@@ -240,9 +257,10 @@ def training_report(run_dir: str | Path) -> str:
     all_rows = [read_metrics(d) for d in runs]
     summary_path = Path(run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    plt, fig, axes = _grid(len(TRAINING_PANELS), cols=4, size=(4.5, 3.4))
+    panels = training_panels(Path(run_dir), all_rows)
+    plt, fig, axes = _grid(len(panels), cols=4, size=(4.5, 3.4))
     k = max(1, min(len(rows) for rows in all_rows) // 10)
-    for ax, (title, (ylabel, keys)) in zip(axes, TRAINING_PANELS.items()):
+    for ax, (title, (ylabel, keys)) in zip(axes, panels.items()):
         for n, key in enumerate(keys):
             scale = 100 if key in PERCENT_KEYS else 1
             per_run = [[(r["step"], scale * r[key]) for r in rows if key in r] for rows in all_rows]
@@ -250,6 +268,10 @@ def training_report(run_dir: str | Path) -> str:
             if not per_run:
                 continue
             label = key.split("/")[-1].replace("_", " ").replace("stop ", "ended on ")
+            if key.startswith("rewards/"):
+                label = key.split("/")[1]
+            elif key == "rollout/reward" and len(keys) > 1:
+                label = "weighted sum"
             colour = f"C{n}"
             if key.startswith("eval/"):
                 colour = "C3"
@@ -282,13 +304,17 @@ def training_report(run_dir: str | Path) -> str:
     seeds = f" ({len(runs)} seeds: mean, band min to max)" if len(runs) > 1 else ""
     fig.suptitle(f"{run_dir}{seeds}")
     fig.tight_layout()
-    fig.savefig(Path(run_dir) / "training.png", dpi=100)
+    path = Path(out) if out is not None else Path(run_dir)
+    path = path / "training.png" if path.suffix != ".png" else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     lasts = [rows[-1] for rows in all_rows]
     reward = format_mean_std([r["rollout/reward"] for r in lasts], scale=1)
-    accuracy = format_mean_std([r["rollout/accuracy"] for r in lasts], scale=1, digits=3)
-    return (f"{run_dir}{seeds}: {len(all_rows[0])} logged steps, last step {lasts[0]['step']}: reward {reward}, "
-            f"accuracy {accuracy}; curves in {run_dir}/training.png")
+    accs = [r["rollout/accuracy"] for r in lasts if "rollout/accuracy" in r]
+    accuracy = f", accuracy {format_mean_std(accs, scale=1, digits=3)}" if accs else ""
+    return (f"{run_dir}{seeds}: {len(all_rows[0])} logged steps, last step {lasts[0]['step']}: reward {reward}"
+            f"{accuracy}; curves in {path}")
 
 
 def is_training(folder: str | Path) -> bool:
@@ -314,7 +340,9 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
     out = out or (run_dirs[0] if len(run_dirs) == 1 else None)
     run_dirs = expand(run_dirs)
     training = [d for d in run_dirs if is_training(d)]
-    lines = [training_report(d) for d in training]
+    # with --out: out/training.png for one training folder, out/<folder>-training.png for several
+    lines = [training_report(d, None if out is None else Path(out) / "training.png" if len(training) == 1
+                             else Path(out) / f"{Path(d).name}-training.png") for d in training]
     run_dirs = [d for d in run_dirs if d not in training]
     if not run_dirs:
         return "\n".join(lines)

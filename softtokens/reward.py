@@ -8,8 +8,9 @@ message when the question is a chat) and every dataset column arrives under its
 own name, the answer column included. softtokens adds ``answers=`` (the graded
 ``\\boxed{...}`` text) and ``cot_modes=``. A reward returns one float per
 completion, or None where it does not apply; it may return ``(rewards,
-correct)`` to set the accuracy metrics, otherwise a total reward above 0
-counts as correct. Several rewards are summed with ``reward_weights`` (None
+correct)`` to set the accuracy metrics; otherwise a completion is right when
+Math-Verify finds its answer equal to the gold column's, and where there is
+no gold answer accuracy is not reported (a reward's value is never a verdict). Several rewards are summed with ``reward_weights`` (None
 entries left out), as in TRL. A reward is named ``package.module:function`` or
 ``path/to/file.py:function`` and runs in the grading workers, under a time
 limit (``reward_timeout``): a reward that does not return stops the run with
@@ -58,7 +59,8 @@ MAX_CHARS = 20_000  # the graded text is short; anything longer is cut to its ta
 @dataclass(frozen=True)
 class Grade:
     reward: float
-    correct: bool
+    correct: bool | None
+    """None: unknown (a user's reward gave no verdicts and the row has no gold answer)."""
     boxed: bool
     parts: tuple = ()
     """With user rewards: each reward's value for this completion (None where it did not apply)."""
@@ -145,8 +147,17 @@ def grade_one(gold: str, completion: str, timeout: float = 5.0, require_number: 
     return Grade(CORRECT if ok else BOXED, ok, True)
 
 
+_IMPORTING: list[str] = []  # reward files being imported now (a file that starts training at import is refused)
+
+
+def importing_reward() -> str | None:
+    """The reward file being imported, if any: ``train`` called from it would start a run inside the run."""
+    return _IMPORTING[-1] if _IMPORTING else None
+
+
 def load_reward(spec: str):
-    """The function named by 'package.module:function' or 'path/to/file.py:function'; a clear error otherwise."""
+    """The function named by 'package.module:function' or 'path/to/file.py:function'; a clear error otherwise.
+    The file of the script now running (``__main__``) is not imported again: its functions are taken from it."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise UsageError(f"reward {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
@@ -156,15 +167,21 @@ def load_reward(spec: str):
             if not path.is_file():
                 raise UsageError(f"reward {spec!r}: no file {where}")
             key = f"softtokens_reward_{abs(hash(str(path)))}"
+            running = getattr(sys.modules.get("__main__"), "__file__", None)
+            if running and Path(running).resolve() == path:
+                sys.modules[key] = sys.modules["__main__"]
             if key not in sys.modules:
                 found = importlib.util.spec_from_file_location(key, path)
                 module = importlib.util.module_from_spec(found)
                 sys.modules[key] = module
+                _IMPORTING.append(where)
                 try:
                     found.loader.exec_module(module)
                 except BaseException:
                     del sys.modules[key]
                     raise
+                finally:
+                    _IMPORTING.pop()
             module = sys.modules[key]
         else:
             module = importlib.import_module(where)
@@ -233,9 +250,11 @@ def call_reward(fn, name: str, rows: list[RewardRow], state: TrainerState | None
 
 
 def combine(rewards: list[tuple[str, object]], weights: list[float] | None, rows: list[RewardRow],
-            state: TrainerState | None = None) -> list[Grade]:
-    """Every reward on the batch, summed with its weight (None entries left out, as TRL's nansum); the verdicts
-    of the first reward that gives some, else total > 0."""
+            state: TrainerState | None = None, timeout: float = 5.0, require_number: bool = False) -> list[Grade]:
+    """Every reward on the batch, summed with its weight (None entries left out, as TRL's nansum). Whether a
+    completion is right: the verdicts of the first reward that gives some; else Math-Verify's on the gold answer
+    where the row has one; else unknown (None), and no accuracy is reported. A reward's value is never read as
+    a verdict: a reward that is positive for wrong answers would otherwise report them right."""
     weights = weights or [1.0] * len(rewards)
     values, verdicts = [], None
     for name, fn in rewards:
@@ -246,9 +265,34 @@ def combine(rewards: list[tuple[str, object]], weights: list[float] | None, rows
     for i, row in enumerate(rows):
         parts = tuple(v[i] for v in values)
         total = sum(w * x for w, x in zip(weights, parts) if x is not None)
-        grades.append(Grade(total, verdicts[i] if verdicts is not None else total > 0,
-                            last_boxed(row.answer[-MAX_CHARS:]) is not None, parts))
+        if verdicts is not None:
+            correct = verdicts[i]
+        elif row.gold:
+            correct = grade_one(row.gold, row.answer, timeout, require_number).correct
+        else:
+            correct = None
+        grades.append(Grade(total, correct, last_boxed(row.answer[-MAX_CHARS:]) is not None, parts))
     return grades
+
+
+def reward_record(reward) -> str:
+    """What config.yaml records of the rewards given to ``train(reward_fn=)``, so that the run can be resumed
+    and reloaded: each function as 'package.module:function', or 'path/to/script.py:function' for one defined in
+    the script that runs (a resume from the command line imports that file: keep its training call under
+    ``if __name__ == "__main__":``). A lambda or a nested function is recorded by its name, which only a resume
+    that passes the function again can use."""
+    out = []
+    for r in split_rewards(reward):
+        if isinstance(r, str):
+            out.append(r)
+            continue
+        spec, _ = reward_spec(r)
+        name = getattr(r, "__qualname__", None) or getattr(r, "__name__", "reward")
+        script = getattr(sys.modules.get(getattr(r, "__module__", None) or ""), "__file__", None)
+        if spec is None and script and "." not in name:
+            spec = f"{Path(script).resolve()}:{name}"
+        out.append(spec or f"{getattr(r, '__module__', '?')}:{name}")
+    return ",".join(out)
 
 
 def reward_name(reward) -> str:
@@ -304,7 +348,7 @@ def _grade_many(rows: list, timeout: float, require_number: bool = False, reward
     for spec in rewards:
         if spec not in _LOADED:
             _LOADED[spec] = load_reward(spec)
-    return combine([(spec, _LOADED[spec]) for spec in rewards], weights, rows, state)
+    return combine([(spec, _LOADED[spec]) for spec in rewards], weights, rows, state, timeout, require_number)
 
 
 def _exit_with_parent() -> None:
@@ -386,7 +430,7 @@ class Grader:
         rows = reward_rows(pairs, problems, rollouts) if custom else list(pairs)
         if self._local is not None:
             with time_limit(self.reward_timeout, f"reward {', '.join(n for n, _ in self._local)}"):
-                return combine(self._local, self.weights, rows, state)
+                return combine(self._local, self.weights, rows, state, self.timeout, self.require_number)
         if self.workers == 0:
             if not custom and threading.current_thread() is not threading.main_thread():
                 raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
@@ -507,16 +551,16 @@ def reward_rows(pairs: list[tuple[str, str]], problems: list, rollouts: list | N
     return rows
 
 
-def check_rewards(reward, weights: list[float] | None, problems: list, timeout: float | None = 120.0) -> None:
+def check_rewards(reward, weights: list[float] | None, problems: list, timeout: float | None = 120.0) -> list[Grade]:
     """Call the user's rewards once, in this process, on two made-up completions of the dataset's first rows
     (a right boxed answer and an empty one): a reward that raises, hangs, returns the wrong length, a string or
-    NaN fails here, in one line, before the model loads."""
+    NaN fails here, in one line, before the model loads. Returns their grades (none without user rewards)."""
     from softtokens.data import is_chat
     from softtokens.prompts import ANSWER_PREFIX
 
     rewards = split_rewards(reward)
     if not rewards or not problems:
-        return
+        return []
     check_weights(rewards, weights)
     fns = named_rewards(rewards)
     p = problems[0]
@@ -525,7 +569,7 @@ def check_rewards(reward, weights: list[float] | None, problems: list, timeout: 
                       is_chat(p.question)) for a in answers]
     try:
         with time_limit(timeout, f"reward {', '.join(n for n, _ in fns)}"):
-            combine(fns, weights, rows, TrainerState(0, 1))
+            return combine(fns, weights, rows, TrainerState(0, 1))
     except ValueError as e:
         raise type(e)(f"{e} (checked on made-up completions of the dataset's first row, before the model loads)") \
             from None

@@ -145,7 +145,7 @@ class RolloutSetup:
     def noise_dim(self) -> int:
         """Coordinates of one step's noise: d on the embedding or hidden state, V on the logits, k on the top k."""
         c = self.cot_cfg
-        return {"logits": self.E.shape[0], "topk_logits": min(c.top_k, self.E.shape[0])}.get(c.noise_on,
+        return {"logits": self.E.shape[0], "topk_logits": min(c.noise_top_k, self.E.shape[0])}.get(c.noise_on,
                                                                                            self.E.shape[1])
 
 

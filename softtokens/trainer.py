@@ -55,12 +55,14 @@ from softtokens.models import CausalLM, check_context, load_model, resolve_devic
 from softtokens.ood import TABLE2, ood_eval, table2
 from softtokens.outdir import FolderLock, prepare
 from softtokens.passk import wilson_interval
+from softtokens.prompts import LENGTH_PREFILL
 from softtokens.report import training_report
 from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
 from softtokens.resume import set_aside_later, start_point
-from softtokens.reward import Grader, TrainerState, check_rewards, reward_name, split_rewards
+from softtokens.reward import (Grader, TrainerState, check_rewards, importing_reward, reward_name, reward_record,
+                               split_rewards)
 from softtokens.rollout import generate_rollouts, prefill_tokens
 from softtokens.scoring import computed_tokens, score_rollouts
 from softtokens.seeds import per_seed
@@ -79,6 +81,9 @@ def problems_for_step(problems: list[Problem], step: int, per_step: int, seed: i
         perm = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(problems[int(perm[i])])
     return out
+
+
+FLAT_STEPS = 3  # steps in a row a user reward gives every completion the same value before one warning
 
 
 class RowStats(NamedTuple):
@@ -163,19 +168,23 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     losses = gather_objects((done.loss, done.kl, done.skipped, done.tokens, prefilled), d)
     seen = [row for part in gather_objects(done.seen, d) for row in part]
     return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
-                        (t0, t1, t2, t3, t4)) | reward_means(getattr(grader, "names", []), rows) | done.signal
+                        (t0, t1, t2, t3, t4)) | reward_stats(getattr(grader, "names", []), rows) | done.signal
 
 
-def reward_means(names: list[str], rows: list[RowStats]) -> dict:
-    """rewards/<name>/mean of each user reward over the rows it applied to (TRL's names), given several."""
-    if len(names) < 2:
-        return {}
+def reward_keys(names: list[str]) -> list[str]:
+    """rewards/<name> of each user reward (TRL's names); a name given twice gets its position."""
+    return [f"rewards/{n}" if names.count(n) == 1 else f"rewards/{n}_{i}" for i, n in enumerate(names)]
+
+
+def reward_stats(names: list[str], rows: list[RowStats]) -> dict:
+    """rewards/<name>/mean and /std of each user reward over the rows it applied to, as TRL logs them."""
     out = {}
-    for i, name in enumerate(names):
+    for i, key in enumerate(reward_keys(names)):
         values = [row.parts[i] for row in rows if len(row.parts) > i and row.parts[i] is not None]
-        key = f"rewards/{name}/mean" if names.count(name) == 1 else f"rewards/{name}_{i}/mean"
-        if values:  # a step where it applied to no row has no mean
-            out[key] = sum(values) / len(values)
+        if values:  # a step where it applied to no row has none
+            mean = sum(values) / len(values)
+            out[f"{key}/mean"] = mean
+            out[f"{key}/std"] = math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))
     return out
 
 
@@ -273,7 +282,9 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
         "train/learning_rate": lr, "train/skipped_nonfinite": int(not finite),
         "train/kl": sum(x[1] for x in losses) / N if kl else 0.0,
         "train/rows_skipped": sum(x[2] for x in losses),
-        "rollout/reward": float(rewards.mean()), "rollout/accuracy": sum(row.correct for row in rows) / N,
+        "rollout/reward": float(rewards.mean()), "rollout/reward_std": float(rewards.std(unbiased=False)),
+        "rollout/frac_reward_zero_std": float((rewards.std(dim=1, unbiased=False) == 0).float().mean()),
+        **accuracy_metric([row.correct for row in rows]),
         "rollout/boxed_rate": sum(row.boxed for row in rows) / N,
         "rollout/cot_length": sum(row.cot_length for row in rows) / N,
         "rollout/entropy": sum(row.entropy_sum for row in rows) / max(1, sum(row.cot_length for row in rows)),
@@ -287,9 +298,40 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
     }
 
 
-def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_cfg: CoTConfig, cfg: TrainConfig,
-                    d: Dist = Dist(), examples: list | None = None) -> float:
-    """Accuracy with a noise-free CoT (hard: argmax tokens; soft / fuzzy: no noise) and greedy answers.
+def accuracy_metric(verdicts: list) -> dict:
+    """rollout/accuracy over the rows whose verdict is known; none when no row's is (a user's reward that gives no
+    verdicts, on data without gold answers)."""
+    known = [v for v in verdicts if v is not None]
+    return {"rollout/accuracy": sum(known) / len(known)} if known else {}
+
+
+@dataclasses.dataclass
+class GreedyScores:
+    """A greedy check's results over every rank: how many right of those with a verdict, the mean reward and each
+    user reward's mean."""
+
+    right: int
+    known: int  # problems with a verdict (all of them, unless a user's reward gives none and there is no gold)
+    n: int
+    reward: float
+    rewards: dict  # rewards/<name> -> mean over the problems it applied to
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.right / self.known if self.known else None
+
+    def metric(self, name: str) -> float | None:
+        """metric_for_best_model's value: accuracy, reward, or one user reward by name (rewards/<name>)."""
+        if name == "accuracy":
+            return self.accuracy
+        if name == "reward":
+            return self.reward
+        return self.rewards.get(name if name.startswith("rewards/") else f"rewards/{name}")
+
+
+def greedy_scores(lm: CausalLM, grader: Grader, problems: list[Problem], cot_cfg: CoTConfig, cfg: TrainConfig,
+                  d: Dist = Dist(), examples: list | None = None) -> GreedyScores:
+    """Scores with a noise-free CoT (hard: argmax tokens; soft / fuzzy: no noise) and greedy answers.
 
     Ranks take every world-th problem and pool their counts; ``examples`` gets one dict per rollout of this
     rank (question, CoT text, answer, correct, CoT length, stop reason).
@@ -305,26 +347,39 @@ def greedy_accuracy(lm: CausalLM, grader: Grader, problems: list[Problem], cot_c
     if examples is not None:
         examples += [{"question": r.question, "cot": r.cot_text, "answer": r.completion, "correct": g.correct,
                       "cot_length": r.cot_length, "stop": r.stop_reason} for r, g in zip(rollouts, grades)]
-    return sum(gather_objects(sum(g.correct for g in grades), d)) / len(problems)
+    rows = [(g.reward, g.correct, g.parts) for g in grades]
+    rows = [row for part in gather_objects(rows, d) for row in part]
+    stats = reward_stats(getattr(grader, "names", []),
+                         [RowStats(r, bool(c), False, 0, "", 0.0, 0, parts) for r, c, parts in rows])
+    known = [c for _, c, _ in rows if c is not None]
+    return GreedyScores(sum(known), len(known), len(rows), sum(r for r, _, _ in rows) / max(1, len(rows)),
+                        {k[: -len("/mean")]: v for k, v in stats.items() if k.endswith("/mean")})
 
 
 def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: TrainConfig, d: Dist, when: str,
                    say) -> dict:
     """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset, its
-    95% interval, the CoT's mean length and stop reasons, and ten examples (this rank's)."""
+    95% interval, the CoT's mean length and stop reasons, and ten examples (this rank's). Without verdicts (a
+    user's reward that gives none, no gold answers) its accuracy is None and the mean reward is reported."""
     examples = []
-    acc = greedy_accuracy(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
-    low, high = wilson_interval(round(acc * len(problems)), len(problems))
-    say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
-        f"on {len(problems)} held-out problems")
+    scores = greedy_scores(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
+    acc, (low, high) = scores.accuracy, wilson_interval(scores.right, max(1, scores.known))
+    if acc is None:
+        say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy mean reward {scores.reward:.3f} on {scores.n} held-out "
+            "problems (no accuracy: the reward gives no verdicts and the data no gold answers)")
+        low = high = None
+    else:
+        say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
+            f"on {scores.known} held-out problems")
     length = sum(e["cot_length"] for e in examples) / max(1, len(examples))
     stops = {k: sum(e["stop"] == k for e in examples) for k in ("marker", "length", "eos")}
     say(f"    CoT: mean length {length:.1f} tokens (limit {cfg.max_cot_length}); stops: "
         + ", ".join(f"{k} {v}" for k, v in stops.items())
         + (" -- the CoT has collapsed: the answer follows an almost empty chain of thought" if length < 2 else ""))
+    verdict = {True: "right", False: "wrong", None: ""}
     for e in examples[:3]:
-        say(f"    {e['question']!r}  CoT {e['cot']!r}  answer {e['answer']!r}  {'right' if e['correct'] else 'wrong'}")
-    return {"accuracy": acc, "ci": [low, high], "cot_length": length, "stops": stops,
+        say(f"    {e['question']!r}  CoT {e['cot']!r}  answer {e['answer']!r}  {verdict[e['correct']]}".rstrip())
+    return {"accuracy": acc, "ci": [low, high], "reward": scores.reward, "cot_length": length, "stops": stops,
             "examples": [{k: e[k] for k in ("question", "cot", "answer", "correct")} for e in examples[:10]]}
 
 
@@ -347,10 +402,12 @@ class Stopped(Exception):
 
 
 class StopFlag:
-    """SIGINT / SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT stops at once."""
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT stops at once.
+    Outside the step loop (the before / after checks) there is no step to finish: the run stops at once, its
+    checkpoints as they are (``Stopped`` at ``state``'s step)."""
 
-    def __init__(self):
-        self.set, self.signum, self._old = False, signal.SIGTERM, {}
+    def __init__(self, state: dict):
+        self.set, self.signum, self._old, self.state, self.in_loop = False, signal.SIGTERM, {}, state, False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -361,6 +418,9 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if not self.in_loop:
+            self.set, self.signum = True, signum
+            raise Stopped(self.state["step"], signum)
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.set, self.signum = True, signum
@@ -385,7 +445,17 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
     With ``cfg.seeds``: one run per seed in output_dir/seed-N, in turn; returns {seed: summary}.
+    The config is checked again here (a field set after construction), and config.yaml names the rewards of
+    ``reward_fn`` (``reward.reward_record``) so that the run can be resumed.
     """
+    if (where := importing_reward()) is not None:
+        raise UsageError(f"{where} starts training when it is imported as a reward file: put its train() call under "
+                         "if __name__ == \"__main__\":")
+    cfg = cfg.checked()
+    if reward_fn is not None:
+        if not split_rewards(reward_fn):
+            raise UsageError("reward_fn is empty: give a reward function or a list of them")
+        cfg = dataclasses.replace(cfg, reward=reward_record(reward_fn))
     if model is not None:
         if lm is not None or tokenizer is None:
             raise UsageError("train(model=...) needs the model's tokenizer= (and no lm=)")
@@ -403,6 +473,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
         prepare(out, "output_dir")
     with FolderLock(out, "output_dir") if main else nullcontext():
         pre = preflight(cfg, out, main, dataset, reward_fn, lm)
+        cfg = pre.cfg
         d, device = distributed.init(pre.device, single=policy_plan(cfg, pre.dtype, pre.world)[1])
         try:
             return _train(cfg, out, pre.start, pre.data, pre.held_out, device, pre.dtype, d, progress, reward_fn, lm,
@@ -415,6 +486,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
 class Preflight:
     """What a run checks and resolves before it loads the model (``preflight``); ``train --dry-run`` prints it."""
 
+    cfg: TrainConfig  # the config as the run records it: val_size resolved
     start: Path | None  # the checkpoint a resume starts from; None for step 0
     data: object  # data.Dataset: training and validation problems
     held_out: list[Problem]  # the before / after check's problems
@@ -430,13 +502,16 @@ def preflight(cfg: TrainConfig, out: Path, main: bool = True, dataset=None, rewa
     rule, the data and its columns, the rewards called on two made-up completions, the lengths against the
     model's context, the logger, the split over processes. Writes nothing unless ``main`` (a resume with no
     checkpoint yet clears the killed run's partial files)."""
-    start = start_point(cfg, out, main)
     data = load_dataset(cfg.dataset if dataset is None else dataset,
                         **cfg.data.load_options(require_answer=not (reward_fn or cfg.reward)))
-    if cfg.val_size >= len(data):
-        raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({len(data)})")
+    cfg = dataclasses.replace(cfg, val_size=validation_size(cfg, len(data)))
+    start = start_point(cfg, out, main)
     custom = bool(split_rewards(reward_fn or cfg.reward))
-    check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
+    if cfg.reward_weights is not None and not custom:
+        raise UsageError(f"reward_weights {cfg.reward_weights} weigh the rewards, but none is given: set reward (or "
+                         "pass train(reward_fn=[...])), or drop reward_weights")
+    grades = check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
+    check_best_metric(cfg.metric_for_best_model, reward_fn or cfg.reward, grades, cfg.eval_steps and cfg.val_size)
     if lm is None:  # a model passed in is checked by the rollout
         check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
     check_report_to(cfg.report_to)
@@ -447,7 +522,35 @@ def preflight(cfg: TrainConfig, out: Path, main: bool = True, dataset=None, rewa
     if (cfg.prompts_per_step * cfg.num_generations) % world:
         raise UsageError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
                          f"rows do not split evenly over {world} processes")
-    return Preflight(start, data, held_out, custom, device, dtype, world)
+    return Preflight(cfg, start, data, held_out, custom, device, dtype, world)
+
+
+DEFAULT_VAL_SIZE = 100
+
+
+def validation_size(cfg: TrainConfig, n: int) -> int:
+    """Problems held out for validation: val_size when set; unset, none without validation (eval_steps 0) and
+    otherwise 100, at most a tenth of the n problems. One that leaves nothing to train on names the option."""
+    if cfg.val_size is None:
+        return min(DEFAULT_VAL_SIZE, n // 10) if cfg.eval_steps else 0
+    if cfg.val_size >= n:
+        raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({n} rows): set "
+                         f"--val-size below {n} (a tenth is {n // 10}), or leave it unset")
+    return cfg.val_size
+
+
+def check_best_metric(name: str, reward, grades: list, validating: bool) -> None:
+    """metric_for_best_model names something validation measures: accuracy needs verdicts (Math-Verify's, or a
+    user reward's own), a reward's name one of the rewards."""
+    names = [reward_name(r) for r in split_rewards(reward)]
+    if name in ("accuracy", "reward") or name.removeprefix("rewards/") in names:
+        if name == "accuracy" and validating and grades and all(g.correct is None for g in grades):
+            raise UsageError("metric_for_best_model accuracy needs verdicts, but the reward gives none and the data "
+                             "have no gold answers: return (rewards, correct) from the reward, or set "
+                             "metric_for_best_model to reward")
+        return
+    raise UsageError(f"metric_for_best_model {name!r}: choose accuracy, reward"
+                     + (" or a reward's name (" + ", ".join(names) + ")" if names else " (no user reward is set)"))
 
 
 def finished(cfg: TrainConfig) -> dict | None:
@@ -486,37 +589,50 @@ class Run:
     progress: bool
     bar: object = None
     warned: bool = False
+    flat: dict = dataclasses.field(default_factory=dict)  # rewards/<name> -> steps in a row it gave every row alike
 
     def say(self, text: str) -> None:
         if self.d.main:
             (self.bar.write if self.bar is not None else print)(text)
 
     def validate_and_keep_best(self, grader, val_set: list[Problem], metrics: dict) -> None:
-        """Greedy validation accuracy; a new best is saved as checkpoint-best."""
+        """Greedy validation; a new best of metric_for_best_model (higher is better) is saved as checkpoint-best."""
         self.policy.sync_rollout()
-        acc = greedy_accuracy(self.policy.rollout, grader, val_set, self.cfg.cot, self.cfg, self.d)
-        metrics["eval/greedy_accuracy"] = acc
-        if self.state["best"] is None or acc > self.state["best"]["accuracy"]:
-            self.state["best"] = {"accuracy": acc, "step": self.state["step"]}
+        scores = greedy_scores(self.policy.rollout, grader, val_set, self.cfg.cot, self.cfg, self.d)
+        if scores.accuracy is not None:
+            metrics["eval/greedy_accuracy"] = scores.accuracy
+        metrics["eval/greedy_reward"] = scores.reward
+        metrics |= {f"eval/{k}": v for k, v in scores.rewards.items()}
+        name, value = self.cfg.metric_for_best_model, scores.metric(self.cfg.metric_for_best_model)
+        best = self.state["best"]
+        if value is not None and (best is None or value > best.get("value", best.get("accuracy"))):
+            self.state["best"] = {"metric": name, "value": value, "accuracy": scores.accuracy, "step": self.state["step"]}
             if self.cfg.save_strategy != "no":
                 save_model(self.out / "checkpoint-best", self.policy, self.d, self.card)
 
     def log(self, metrics: dict, last: bool) -> None:
         """metrics.jsonl / TensorBoard / W&B, the progress bar, and the mismatch warning (once)."""
         step = self.state["step"]  # a validation accuracy is logged whatever the step
-        logged = step % self.cfg.logging_steps == 0 or last or "eval/greedy_accuracy" in metrics
+        logged = step % self.cfg.logging_steps == 0 or last or "eval/greedy_reward" in metrics
         if self.logger is not None and logged:
             self.logger.log(step, metrics)
         if not self.warned and (text := mismatch.warning(metrics)):
             self.warned = True
             self.say(f"warning: step {step}: {text}")
+        for key in (k[: -len("/std")] for k in metrics if k.startswith("rewards/") and k.endswith("/std")):
+            self.flat[key] = self.flat.get(key, 0) + 1 if metrics[f"{key}/std"] == 0 else 0
+            if self.flat[key] == FLAT_STEPS:
+                self.say(f"warning: step {step}: {key.removeprefix('rewards/')} gave every completion "
+                         f"{metrics[f'{key}/mean']:g} for {FLAT_STEPS} steps, which teaches nothing (advantage 0). "
+                         f"Completions include the prefill{LENGTH_PREFILL!r}: a check for \\boxed{{ passes on every one")
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{metrics['rollout/reward']:.1f}", loss=f"{metrics['train/loss']:.3g}")
             self.bar.update(1)
             if logged:
-                val = metrics.get("eval/greedy_accuracy")
-                self.say(f"step {step}: reward {metrics['rollout/reward']:.1f}, accuracy {metrics['rollout/accuracy']:.3f}, "
-                         f"CoT length {metrics['rollout/cot_length']:.0f}"
+                val, acc = metrics.get("eval/greedy_accuracy"), metrics.get("rollout/accuracy")
+                self.say(f"step {step}: reward {metrics['rollout/reward']:.1f}, "
+                         + (f"accuracy {acc:.3f}, " if acc is not None else "")
+                         + f"CoT length {metrics['rollout/cot_length']:.0f}"
                          + (f", greedy validation {val:.3f}" if val is not None else ""))
 
     def save_and_prune(self) -> None:
@@ -530,7 +646,16 @@ class Run:
                 shutil.rmtree(old)
 
     def check(self, grader, when: str, summary: dict | None = None) -> None:
-        """The before / after checks: held-out accuracy (eval_before_after) and the OOD sets (ood_limit)."""
+        """The before / after checks: held-out accuracy (eval_before_after) and the OOD sets (ood_limit). A signal
+        here stops the run at once (``StopFlag``), its logs closed."""
+        try:
+            self._check(grader, when, summary)
+        except Stopped:
+            if self.logger is not None:
+                self.logger.close()
+            raise
+
+    def _check(self, grader, when: str, summary: dict | None = None) -> None:
         cfg, d = self.cfg, self.d
         before = self.out / "ood-before"
         held = cfg.eval_before_after and (when == "after" or self.state["before"] is None)
@@ -616,13 +741,14 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
     strict = require_number(cfg.require_number, cfg.dataset, *([cfg.eval_dataset] if held_out else []))
     with Grader(cfg.grading_workers, cfg.grading_timeout, require_number=strict, reward=reward_fn or cfg.reward,
                 reward_weights=cfg.reward_weights, reward_timeout=cfg.reward_timeout) as grader, \
-            StopFlag() as stop:
+            StopFlag(state) as stop:
         run.check(grader, "before")
         if progress and d.main:
             from tqdm import tqdm
 
             run.bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
         try:
+            stop.in_loop = True
             while state["step"] < cfg.max_steps and not stopping:
                 problems = problems_for_step(train_set, state["step"], cfg.prompts_per_step, cfg.seed)
                 samples = [] if cfg.log_completions and run.logger is not None else None
@@ -641,6 +767,7 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
                 if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stopping:
                     run.save_and_prune()
         finally:  # an error's message then starts a line of its own, not the progress bar's
+            stop.in_loop = False
             if run.bar is not None:
                 run.bar.close()
                 run.bar = None

@@ -15,8 +15,8 @@ GENERATE_FLAGS = [
     "--cuda-graphs", "--device",
     "--dtype", "--engine", "--gamma", "--json",
     "--length-prefill", "--marker", "--marker-prefill", "--max-answer-length", "--max-cot-length", "--mode",
-    "--model", "--noise", "--noise-on", "--num-generations", "--prompt-template", "--question", "--seed",
-    "--share-prompt", "--show-top-k", "--stop-at-eos", "--temperature", "--top-k",
+    "--model", "--noise", "--noise-on", "--noise-top-k", "--num-generations", "--prompt-template", "--question",
+    "--seed", "--share-prompt", "--show-top-k", "--stop-at-eos", "--temperature",
 ]
 
 
@@ -25,7 +25,7 @@ DATA_FLAGS = ["--answer-key", "--chat-template", "--dataset-config", "--prompt-t
 ENGINE_FLAGS = ["--attention-kernel", "--compile-decoder", "--cuda-graphs", "--engine"]
 # the prompt / stop options every rollout has, and the grading timeout: one section each, shared by train and eval
 ROLLOUT_FLAGS = ["--grading-timeout", "--length-prefill", "--marker", "--marker-prefill", "--share-prompt", "--stop-at-eos"]
-COT_FLAGS = ["--gamma", "--mode", "--noise-on", "--temperature", "--top-k"]
+COT_FLAGS = ["--gamma", "--mode", "--noise-on", "--temperature", "--noise-top-k"]
 FLAGS = {
     "generate": GENERATE_FLAGS,
     "eval": sorted(set(DATA_FLAGS + ENGINE_FLAGS + ROLLOUT_FLAGS + COT_FLAGS + [
@@ -38,8 +38,8 @@ FLAGS = {
         "--device", "--disable-dropout", "--dry-run", "--dtype", "--estimator", "--eval-before-after", "--eval-dataset",
         "--eval-mode", "--eval-steps", "--gradient-checkpointing", "--gradient-signal", "--grading-workers", "--seeds", "--learning-rate",
         "--log-completions", "--logging-steps", "--lora-alpha", "--lora-dropout", "--lora-r", "--lora-target-modules",
-        "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps", "--micro-batch-size",
-        "--mixed-precision", "--mixture-embedding-grad", "--model", "--num-generations", "--ood-limit", "--output-dir", "--prompts-per-step",
+        "--max-answer-length", "--max-cot-length", "--max-grad-norm", "--max-steps", "--metric-for-best-model",
+        "--micro-batch-size", "--mixed-precision", "--mixture-embedding-grad", "--model", "--num-generations", "--ood-limit", "--output-dir", "--prompts-per-step",
         "--push-to-hub", "--report-to", "--require-number", "--resume", "--resume-from-previous",
         "--rollout-batch-size", "--rollout-correction", "--run-name", "--save-steps", "--save-strategy", "--seed",
         "--skip-zero-advantage", "--tis-cap", "--use-peft", "--val-size", "--warmup-steps", "--weight-decay"])),

@@ -41,7 +41,7 @@ def test_the_ablations_are_the_papers():
     assert sorted(c["gamma"] for c in cfgs.values() if "gamma" in c) == [0.1, 1.0, 3.0]
     assert sorted(c["temperature"] for r, c in cfgs.items() if "tau" in r) == [0.001, 0.01, 0.1]
     topk = [c for c in cfgs.values() if c.get("noise_on") == "topk_logits"]
-    assert sorted(c["top_k"] for c in topk) == [5, 50] and all(c["temperature"] == 1.0 and c["mode"] == "soft"
+    assert sorted(c["noise_top_k"] for c in topk) == [5, 50] and all(c["temperature"] == 1.0 and c["mode"] == "soft"
                                                                for c in topk)
 
 

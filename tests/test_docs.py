@@ -28,3 +28,16 @@ def test_every_doc_command_parses_and_names_files_that_exist(tmp_path):
             if flag in cli and "/" in cli[cli.index(flag) + 1]:
                 path = cli[cli.index(flag) + 1].split(":")[0]
                 assert (ROOT / path).exists(), f"{where}: {path} does not exist"
+
+
+def test_the_trl_table_in_the_docs_is_the_one_the_cli_answers_with():
+    from softtokens.trl_names import TRL_NAMES, markdown
+
+    text = (ROOT / "docs" / "TRAINING.md").read_text()
+    assert markdown() in text, "copy softtokens.trl_names.markdown() into docs/TRAINING.md (Coming from TRL)"
+    from softtokens.config import TrainConfig, layout
+
+    ours = set(layout(TrainConfig))
+    for trl, (names, _) in TRL_NAMES.items():
+        assert trl not in ours, f"{trl} is an option here: it needs no entry"
+        assert all(n.strip() in ours for n in names.split(",") if n.strip()), f"{trl} names an option we lack"

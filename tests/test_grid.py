@@ -112,6 +112,6 @@ def test_a_sweep_model_is_evaluated_in_its_own_settings(model_dir, tmp_path):
     plan = load_plan(_plan(tmp_path, model_dir))
     soft = next(j for j in grid.jobs(plan) if j.name == "tiny_soft")
     soft.train.cot.temperature, soft.train.cot.noise_on = 0.1, "hidden"
-    assert grid.trained_cot(plan, soft) == dict(gamma=1.0, mode="soft", temperature=0.1, noise_on="hidden", top_k=5)
+    assert grid.trained_cot(plan, soft) == dict(gamma=1.0, mode="soft", temperature=0.1, noise_on="hidden", noise_top_k=5)
     told = load_plan(_plan(tmp_path, model_dir, eval=dict(datasets="gsm8k", limit=2, cot=dict(mode="fuzzy"))))
     assert grid.trained_cot(told, soft) == dict(gamma=1.0), "the plan's eval sets the CoT: only gamma is carried"

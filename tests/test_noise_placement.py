@@ -21,7 +21,7 @@ PLACES = [("hidden", "soft"), ("hidden", "fuzzy"), ("logits", "soft"), ("logits"
 
 def _cot(noise_on, mode, **kw):
     temperature = 1.0 if noise_on == "topk_logits" else None  # the paper's top-k runs are soft at tau 1
-    return CoTConfig(mode, temperature, noise_on=noise_on, top_k=5, **kw)
+    return CoTConfig(mode, temperature, noise_on=noise_on, noise_top_k=5, **kw)
 
 
 @pytest.mark.parametrize("noise_on,mode", PLACES)

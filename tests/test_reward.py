@@ -193,7 +193,8 @@ def test_a_local_function_is_called_in_process_and_checked():
 
     with Grader(workers=1, reward=length) as grader:
         grades = grader.grade([("", "\\boxed{ab}"), ("", "")], _problems(["x", "y"]))
-    assert [g.reward for g in grades] == [10.0, 0.0] and [g.correct for g in grades] == [True, False]
+    assert [g.reward for g in grades] == [10.0, 0.0]
+    assert [g.correct for g in grades] == [None, None], "no gold answer and no verdicts: unknown, not reward > 0"
     assert seen == {"prompts": ["capital 0?", "capital 1?"], "target": ["x", "y"]}
 
 

@@ -457,8 +457,9 @@ def test_a_custom_reward_in_a_full_run(model_dir, tmp_path):
     tr.train(spec, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "spec" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["rollout/reward"] <= 1 for r in rows)
-    with pytest.raises(ValueError, match="reward: .* -> ''"):
-        tr.train(dataclasses.replace(spec, reward="", max_steps=3, resume=True), progress=False)
+    other = f"{Path(__file__).resolve().parent / 'data' / 'trl_rewards.py'}:reward_len"
+    with pytest.raises(ValueError, match="reward: .*exact_match.* -> .*reward_len"):
+        tr.train(dataclasses.replace(spec, reward=other, max_steps=3, resume=True), progress=False)
     trl = Path(__file__).resolve().parent / "data" / "trl_rewards.py"
     several = _cfg(model_dir, tmp_path / "several", reward=[f"{trl}:reward_len", f"{trl}:step_reward"],
                    reward_weights=[0.5, 2.0], **kw)
@@ -569,7 +570,7 @@ def test_dropout_is_off_when_scoring_so_a_model_scores_its_own_rollouts(family):
 
 @pytest.mark.parametrize("overrides", [
     dict(mode="fuzzy", temperature=0.01, gamma=1.0),
-    dict(mode="soft", noise_on="topk_logits", top_k=50, temperature=1.0, chat_template=True,
+    dict(mode="soft", noise_on="topk_logits", noise_top_k=50, temperature=1.0, chat_template=True,
          prompt_template="Q: {question}\nthink, then write \\boxed{} and 'quote' it. A:"),
     dict(mode="hard", max_cot_length=64, marker="So:", length_prefill=" So: \\boxed{"),
 ])
