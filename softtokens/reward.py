@@ -382,6 +382,24 @@ def _workers_skip_user_main():
         main.__spec__ = old
 
 
+@dataclass
+class Chunk:
+    """Rows out for grading in one worker: what a regrade needs, and the future of their grades."""
+
+    rows: list
+    state: TrainerState | None
+    pool: cf.ProcessPoolExecutor
+    future: cf.Future
+
+
+@dataclass
+class Handle:
+    """What ``Grader.submit`` returns, whatever grades: the grades themselves (inline), or the chunks out."""
+
+    grades: list[Grade] | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+
+
 class Grader:
     """Grades (gold, completion) pairs off the calling thread, so generation can go on meanwhile."""
 
@@ -418,8 +436,8 @@ class Grader:
         return self._pool
 
     def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
-               state: TrainerState | None = None):
-        """Start grading (gold, completion) pairs; returns a handle for ``result``. Inline graders grade now.
+               state: TrainerState | None = None) -> "Handle":
+        """Start grading (gold, completion) pairs; ``result`` gives the grades. Inline graders grade now.
 
         ``problems`` (one per pair) give user rewards their prompts and columns, ``rollouts`` the whole
         completions and their token ids, ``state`` the training step.
@@ -430,58 +448,59 @@ class Grader:
         rows = reward_rows(pairs, problems, rollouts) if custom else list(pairs)
         if self._local is not None:
             with time_limit(self.reward_timeout, f"reward {', '.join(n for n, _ in self._local)}"):
-                return combine(self._local, self.weights, rows, state, self.timeout, self.require_number)
+                return Handle(combine(self._local, self.weights, rows, state, self.timeout, self.require_number))
         if self.workers == 0:
             if not custom and threading.current_thread() is not threading.main_thread():
                 raise RuntimeError("inline grading (workers=0) needs the main thread: Math-Verify's timeouts use signals")
             with time_limit(self.reward_timeout if custom else None, f"reward {', '.join(self.names)}"):
-                return _grade_many(rows, self.timeout, self.require_number, self.reward or (), self.weights, state)
+                return Handle(_grade_many(rows, self.timeout, self.require_number, self.reward or (), self.weights,
+                                          state))
         # Math-Verify goes out in chunks over the workers; user rewards see the whole batch in one call, as in TRL
         chunk = max(1, len(rows) // (4 * self.workers)) if not custom else max(1, len(rows))
-        return [self._submit(rows[i : i + chunk], state) for i in range(0, len(rows), chunk)]
+        return Handle(chunks=[self._submit(rows[i : i + chunk], state) for i in range(0, len(rows), chunk)])
 
-    def _submit(self, rows: list, state: TrainerState | None = None):
+    def _submit(self, rows: list, state: TrainerState | None = None) -> "Chunk":
         for _ in range(2):
             pool = self._executor()
             try:
                 with _workers_skip_user_main():  # submit starts the workers
-                    return rows, state, pool, pool.submit(_grade_many, rows, self.timeout, self.require_number,
-                                                          self.reward or (), self.weights, state)
+                    return Chunk(rows, state, pool, pool.submit(_grade_many, rows, self.timeout, self.require_number,
+                                                                self.reward or (), self.weights, state))
             except cf.process.BrokenProcessPool:  # a worker died while the pool was idle
                 self._kill()
         raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")
 
-    def result(self, handle) -> list[Grade]:
+    def result(self, handle: "Handle") -> list[Grade]:
         """The grades of a submitted batch. A Math-Verify chunk that outlives its guard (3 calls per pair, each
         under the timeout) scores 0 and its worker is killed; a user reward that outlives reward_timeout stops
         the run (RewardTimeout). A chunk lost to a dead worker is regraded in a fresh pool, twice at most (then
         it scores 0: its input kills workers)."""
-        if self.workers == 0 or self._local is not None:
-            return handle
-        out = []
-        for rows, state, pool, fut in handle:
-            zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:])
-                           is not None) for r in rows]
-            limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + self.guard_slack
-            for attempt in range(3):
-                try:
-                    out += fut.result(timeout=limit)
-                except cf.TimeoutError:
+        if handle.grades is not None:
+            return handle.grades
+        return [g for chunk in handle.chunks for g in self._chunk_result(chunk)]
+
+    def _chunk_result(self, chunk: "Chunk") -> list[Grade]:
+        rows = chunk.rows
+        limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + self.guard_slack
+        zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:]) is not None)
+                 for r in rows]
+        for attempt in range(3):
+            try:
+                return chunk.future.result(timeout=limit)
+            except cf.TimeoutError:
+                self._kill()
+                if self.custom:
+                    raise RewardTimeout(f"reward {', '.join(self.names)} did not return within reward_timeout "
+                                        f"{limit:g} s (a batch of {len(rows)} completions): fix it, or raise "
+                                        "reward_timeout") from None
+                return zeros
+            except (cf.process.BrokenProcessPool, cf.CancelledError):
+                if attempt == 2:
+                    break
+                if self._pool is chunk.pool:  # the pool that lost it is broken for good: start a new one
                     self._kill()
-                    if self.custom:
-                        raise RewardTimeout(f"reward {', '.join(self.names)} did not return within reward_timeout "
-                                            f"{limit:g} s (a batch of {len(rows)} completions): fix it, or raise "
-                                            "reward_timeout") from None
-                    out += zeros
-                except (cf.process.BrokenProcessPool, cf.CancelledError):
-                    if attempt < 2:
-                        if self._pool is pool:  # the pool that lost it is broken for good: start a new one
-                            self._kill()
-                        _, _, pool, fut = self._submit(rows, state)
-                        continue
-                    out += zeros
-                break
-        return out
+                chunk = self._submit(rows, chunk.state)
+        return zeros
 
     def grade(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
               state: TrainerState | None = None) -> list[Grade]:
@@ -514,11 +533,11 @@ class RewardFunction:
     def __init__(self, fn):
         self.fn = fn
 
-    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts=None, state=None):
-        return self.fn(pairs)
+    def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts=None, state=None) -> Handle:
+        return Handle(self.fn(pairs))
 
-    def result(self, handle) -> list[Grade]:
-        return handle
+    def result(self, handle: Handle) -> list[Grade]:
+        return handle.grades
 
     def grade(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts=None, state=None) -> list[Grade]:
         return self.fn(pairs)
