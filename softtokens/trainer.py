@@ -105,18 +105,72 @@ def _share(n: int, d: Dist) -> range:
     return range(d.rank * per, (d.rank + 1) * per)
 
 
+@dataclasses.dataclass
+class Graded:
+    """A step's rollouts with their grades, the rows' stats over every rank and this rank's advantages."""
+
+    rollouts: list
+    grades: list
+    rows: list[RowStats]  # every rank's rows, in global order
+    rewards: torch.Tensor  # (B, G)
+    advantages: torch.Tensor  # this rank's rows
+
+
+@dataclasses.dataclass
+class Optimised:
+    """What clipping and the optimiser step leave to log."""
+
+    grad_norm: float  # before clipping
+    finite: bool  # False: the step was skipped
+    lr: float  # the rate this step used
+
+
+@dataclasses.dataclass
+class PhaseTimes:
+    """Seconds in each phase of a step (on CUDA, after its queued work ran)."""
+
+    rollout: float
+    grading: float
+    scoring: float
+    optimizer: float
+
+
 def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grader, cfg: TrainConfig,
                sigma: float, problems: list[Problem], step: int, d: Dist = Dist(), samples: list | None = None) -> dict:
-    """Rollouts, rewards, advantages, loss, backward, clip, finite check, optimiser step.
+    """One step, phase by phase: roll out and grade, score and backward, clip and optimise, the metrics.
 
     Each rank rolls out and scores its share of the B x G rows; rewards are gathered so every group's
-    baseline sees the whole group. ``grader`` is a ``Grader`` (or a ``RewardFunction`` for experiments);
-    each decoded batch is submitted at once, so grading overlaps the decoding of the next batch.
+    baseline sees the whole group. ``grader`` is a ``Grader`` (or a ``RewardFunction`` for experiments).
     ``samples``: gets this rank's first ``log_completions`` rollouts as dicts to read.
     """
+    mine = _share(len(problems) * cfg.num_generations, d)
+    rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.seed * 1_000_003 + step)
+    dev = policy.lm.device
+    t0 = _now(dev)
+    graded, t1 = roll_out_and_grade(policy, grader, cfg, rollout_cfg, sigma, problems, step, mine, d)
+    if samples is not None:
+        samples += completion_samples(graded, [problems[j // cfg.num_generations] for j in mine],
+                                      getattr(grader, "names", []), cfg.log_completions)
+    t2 = _now(dev)
+    with record_function("softtokens/scoring"):
+        done = backward(policy, ref, optimizer, graded.rollouts, graded.advantages, cfg, d, first_row=mine.start)
+    t3 = _now(dev)
+    with record_function("softtokens/optimizer"):
+        opt = optimise(policy, optimizer, scheduler, cfg.max_grad_norm)
+    t4 = _now(dev)
+    dones = gather_objects(done, d)
+    prefilled = sum(gather_objects(prefill_tokens(graded.rollouts, rollout_cfg), d))
+    return (step_metrics(cfg, graded, dones, prefilled, sigma, opt, ref is not None, d.world,
+                         PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+            | reward_stats(getattr(grader, "names", []), graded.rows) | done.signal)
+
+
+def roll_out_and_grade(policy: Policy, grader, cfg: TrainConfig, rollout_cfg, sigma: float, problems: list[Problem],
+                       step: int, mine: range, d: Dist) -> tuple[Graded, float]:
+    """This rank's rollouts, each decoded batch submitted for grading at once (grading overlaps the decoding of
+    the next batch); then the grades, every rank's rewards and this rank's advantages. Also returns the time the
+    rollouts ended."""
     B, G = len(problems), cfg.num_generations
-    N = B * G
-    mine = _share(N, d)
     owners, handles = [problems[j // G] for j in mine], []
 
     def submit(batch):
@@ -125,15 +179,12 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
         handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows, batch,
                                                   TrainerState(step, cfg.max_steps))))
 
-    dev = policy.lm.device
-    rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.seed * 1_000_003 + step)
-    t0 = _now(dev)
     with record_function("softtokens/rollout"):
         policy.sync_rollout()
         policy.rollout.model.eval()
         rollouts = generate_rollouts(policy.rollout, [p.question for p in problems], cfg.cot, rollout_cfg, sigma,
                                      rows=[divmod(j, G) for j in mine], on_batch=submit)
-    t1 = _now(dev)
+    ended = _now(policy.lm.device)
     with record_function("softtokens/grading"):
         grades = [g for _, h in handles for g in grader.result(h)]
     stats = [RowStats(g.reward, g.correct, g.boxed, r.cot_length, r.stop_reason, float(r.cot_entropy.sum()),
@@ -143,32 +194,28 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
     estimate = rloo_antithetic_advantages if cfg.antithetic else ESTIMATORS[cfg.estimator]
     advantages = estimate(rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
-    if samples is not None:
-        samples += [{"prompt": p.question, "cot": r.cot_text, "answer": r.completion, "reward": g.reward,
-                     **({f"reward/{n}": x for n, x in zip(grader.names, g.parts)} if g.parts else {}),
-                     "advantage": float(a), "cot_length": r.cot_length, "stop": r.stop_reason}
-                    for p, r, g, a in list(zip(owners, rollouts, grades, advantages.tolist()))[: cfg.log_completions]]
-    t2 = _now(dev)
+    return Graded(rollouts, grades, rows, rewards, advantages), ended
 
-    with record_function("softtokens/scoring"):
-        done = backward(policy, ref, optimizer, rollouts, advantages, cfg, d, first_row=mine.start)
-    t3 = _now(dev)
-    with record_function("softtokens/optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
-        finite = math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-    t4 = _now(dev)
 
-    prefilled = prefill_tokens(rollouts, rollout_cfg)
-    losses = gather_objects((done.loss, done.kl, done.skipped, done.tokens, prefilled), d)
-    seen = [row for part in gather_objects(done.seen, d) for row in part]
-    return step_metrics(cfg, rows, rewards, losses, seen, sigma, grad_norm, finite, lr, ref is not None, d,
-                        (t0, t1, t2, t3, t4)) | reward_stats(getattr(grader, "names", []), rows) | done.signal
+def completion_samples(graded: Graded, owners: list[Problem], names: list[str], n: int) -> list[dict]:
+    """This rank's first n rollouts as dicts to read (log_completions)."""
+    return [{"prompt": p.question, "cot": r.cot_text, "answer": r.completion, "reward": g.reward,
+             **({f"reward/{name}": x for name, x in zip(names, g.parts)} if g.parts else {}),
+             "advantage": float(a), "cot_length": r.cot_length, "stop": r.stop_reason}
+            for p, r, g, a in list(zip(owners, graded.rollouts, graded.grades, graded.advantages.tolist()))[:n]]
+
+
+def optimise(policy: Policy, optimizer, scheduler, max_grad_norm: float | None) -> Optimised:
+    """Clip, step (skipped when the gradient is not finite), zero the gradients, advance the schedule."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+    finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return Optimised(grad_norm, finite, lr)
 
 
 def reward_keys(names: list[str]) -> list[str]:
@@ -268,20 +315,22 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, losses: list, seen: list[dict],
-                 sigma: float, grad_norm: float, finite: bool, lr: float, kl: bool, d: Dist, times: tuple) -> dict:
-    """The step's row in metrics.jsonl, from every rank's rows: train/, rollout/, mismatch/ and time/."""
+def step_metrics(cfg: TrainConfig, graded: Graded, dones: list[Backward], prefilled: int, sigma: float,
+                 opt: Optimised, kl: bool, world: int, times: PhaseTimes) -> dict:
+    """The step's row in metrics.jsonl, from every rank's rows and backward passes: train/, rollout/, mismatch/
+    and time/."""
+    rows, rewards = graded.rows, graded.rewards
     N = len(rows)
-    t0, t1, t2, t3, t4 = times
+    seen = [row for done in dones for row in done.seen]
     capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / max(1, len(seen))
     tokens = sum(row.generated for row in rows)
-    scored = sum(x[3] for x in losses)
+    scored = sum(done.tokens for done in dones)
     stops = [row.stop for row in rows]
     return {
-        "train/loss": sum(x[0] for x in losses) / d.world, "train/grad_norm": grad_norm,
-        "train/learning_rate": lr, "train/skipped_nonfinite": int(not finite),
-        "train/kl": sum(x[1] for x in losses) / N if kl else 0.0,
-        "train/rows_skipped": sum(x[2] for x in losses),
+        "train/loss": sum(done.loss for done in dones) / world, "train/grad_norm": opt.grad_norm,
+        "train/learning_rate": opt.lr, "train/skipped_nonfinite": int(not opt.finite),
+        "train/kl": sum(done.kl for done in dones) / N if kl else 0.0,
+        "train/rows_skipped": sum(done.skipped for done in dones),
         "rollout/reward": float(rewards.mean()), "rollout/reward_std": float(rewards.std(unbiased=False)),
         "rollout/frac_reward_zero_std": float((rewards.std(dim=1, unbiased=False) == 0).float().mean()),
         **accuracy_metric([row.correct for row in rows]),
@@ -291,9 +340,10 @@ def step_metrics(cfg: TrainConfig, rows: list[RowStats], rewards: torch.Tensor, 
         **{f"rollout/stop_{k}": stops.count(k) / N for k in ("marker", "length", "eos")},
         "rollout/sigma": sigma,
         **mismatch.summarize(seen), "mismatch/tis_capped": capped if cfg.rollout_correction == "tis" else 0.0,
-        "time/rollout_s": t1 - t0, "time/grading_s": t2 - t1, "time/scoring_s": t3 - t2, "time/optimizer_s": t4 - t3,
-        "time/rollout_tokens_per_s": tokens / (t1 - t0), "time/scoring_tokens_per_s": scored / max(t3 - t2, 1e-9),
-        "time/generated_tokens": tokens, "time/prefill_tokens": sum(x[4] for x in losses), "time/scored_tokens": scored,
+        "time/rollout_s": times.rollout, "time/grading_s": times.grading, "time/scoring_s": times.scoring,
+        "time/optimizer_s": times.optimizer, "time/rollout_tokens_per_s": tokens / times.rollout,
+        "time/scoring_tokens_per_s": scored / max(times.scoring, 1e-9),
+        "time/generated_tokens": tokens, "time/prefill_tokens": prefilled, "time/scored_tokens": scored,
         "time/scored_positions": sum(row["steps"] + row["answer_steps"] for row in seen),
     }
 
