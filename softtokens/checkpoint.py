@@ -270,7 +270,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     return weights, state
 
 
-def check_weights(path: Path, saved: dict, model) -> None:
+def check_saved_weights(path: Path, saved: dict, model) -> None:
     """A checkpoint must hold exactly this model's tensors, at its shapes: never a silent partial load."""
     own = model.state_dict()
     missing = set(own) - set(saved)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import signal
 import sys
@@ -261,7 +260,9 @@ def cmd_train(args) -> int:
         print(f"softtokens: stopped at step {e.step} ({signal.Signals(e.signum).name}); {saved}; "
               f"resume with: softtokens {' '.join(shlex.quote(a) for a in again)}", file=sys.stderr)
         return e.exit_code
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+    from softtokens.distributed import Dist
+
+    if Dist.from_env().main:  # under torchrun, one summary
         print(json.dumps(summary))
     return 0
 

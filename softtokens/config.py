@@ -195,10 +195,10 @@ class GradingConfig:
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         at_least(self, 0, "grading_workers")
-        from softtokens.reward import check_weights, split_rewards
+        from softtokens.reward import check_reward_weights, split_rewards
 
         if self.reward:  # without one, the weights may be for the functions given to train(reward_fn=): checked there
-            check_weights(split_rewards(self.reward), self.reward_weights)
+            check_reward_weights(split_rewards(self.reward), self.reward_weights)
 
 
 @dataclass

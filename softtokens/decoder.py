@@ -174,10 +174,11 @@ class StaticDecoder:
         delta = torch.zeros_like(x)
         for i, L in enumerate(self.layers[:layers]):
             kc, vc = caches or (self.k_cache[i], self.v_cache[i])
-            x, q, k, v = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
-                              self.n_heads, self.n_kv, self.head_dim, kernel=kernel)
+            x, q, new_kv = f_in(x, delta, L.norm_in, L.w_qkv, L.b_qkv, kc, vc, rows, pos, cos, sin, self.eps,
+                                self.n_heads, self.n_kv, self.head_dim, kernel=kernel)
             if kernel:  # which also rotates q and k and writes k and v into the cache
-                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin, k, v, self.locks, self.splits)
+                o = attention.decode_attention(q, kc, vc, lengths, self.cos, self.sin, *new_kv, self.locks,
+                                               self.splits)
             else:
                 o = F.scaled_dot_product_attention(q, kc[:R, :, :span], vc[:R, :, :span], attn_mask=mask)
             x, delta = f_out(x, o, L.wo, L.norm_post, L.w_gate_up, L.w_down, self.eps)
@@ -212,19 +213,19 @@ def rope(x, cos, sin):  # x (R, n, heads, hd); cos, sin (R, n, 1, hd)
 def attn_in(x, delta, norm_in, w_qkv, b_qkv, k_cache, v_cache, rows, pos, cos, sin, eps: float, n_heads: int,
             n_kv: int, hd: int, kernel: bool = False):
     """The residual add of the previous block's MLP, norm, q/k/v, RoPE, and this block's keys and values
-    written into its cache. Returns the residual stream, q as (R, KV, G*n, hd) for attention, and None, None.
-    With ``kernel`` (one position per row), nothing is rotated or written: q (R, KV, G, hd), k and v
-    (R, KV, hd) come back as views of the projection, for ``attention.decode_attention`` to do both."""
+    written into its cache. Returns the residual stream, q as (R, KV, G*n, hd) for attention, and None.
+    With ``kernel`` (one position per row), nothing is rotated or written: q (R, KV, G, hd) and the new (k, v)
+    (R, KV, hd) each) come back as views of the projection, for ``attention.decode_attention`` to do both."""
     R, n, _ = x.shape
     x = x + delta  # the previous block's MLP output, added here so the add fuses with this norm
     qkv = F.linear(rms_norm(x, norm_in, eps), w_qkv, b_qkv)
     q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
     if kernel:
-        return x, q.view(R, n_kv, n_heads // n_kv, hd), k.view(R, n_kv, hd), v.view(R, n_kv, hd)
+        return x, q.view(R, n_kv, n_heads // n_kv, hd), (k.view(R, n_kv, hd), v.view(R, n_kv, hd))
     k_cache[rows, :, pos] = rope(k.view(R, n, n_kv, hd), cos, sin)  # (R, n, kv, hd) into slots pos
     v_cache[rows, :, pos] = v.view(R, n, n_kv, hd)
     q = rope(q.view(R, n, n_heads, hd), cos, sin)
-    return x, q.transpose(1, 2).reshape(R, n_kv, (n_heads // n_kv) * n, hd), None, None
+    return x, q.transpose(1, 2).reshape(R, n_kv, (n_heads // n_kv) * n, hd), None
 
 
 def mlp_out(x, o, wo, norm_post, w_gate_up, w_down, eps: float):

@@ -29,6 +29,14 @@ class Dist:
         """Rank 0 writes files, logs and the progress bar."""
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """This process's place as torchrun's variables give it, before (or without) a process group: what a run
+        needs to know before it starts one (who writes the folder, how the rows split)."""
+        if not launched():
+            return cls()
+        return cls(*(int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
+
     @property
     def group(self) -> bool:
         """Whether a process group is up (several ranks, or one rank sharding for mixed precision)."""

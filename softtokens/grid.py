@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from softtokens.config import EvalConfig, OODConfig, TrainConfig, check_seeds, c
 from softtokens.seeds import format_mean_std
 from softtokens.errors import UsageError
 
-DONE = ".done"  # written into a stage's folder when the stage finished
+DONE_MARKER = ".done"  # written into a stage's folder when the stage finished
 
 
 @dataclass
@@ -143,11 +142,11 @@ def _base_dir(plan: GridPlan, stage: str, model: str) -> Path:
 
 
 def _done(path: Path) -> bool:
-    return (path / DONE).exists()
+    return (path / DONE_MARKER).exists()
 
 
 def _mark(path: Path) -> None:
-    (path / DONE).write_text("")
+    (path / DONE_MARKER).write_text("")
 
 
 def trained_model(cfg: TrainConfig) -> Path:
@@ -259,12 +258,13 @@ def trained_cot(plan: GridPlan, job: Job) -> dict:
 
 def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress: bool = True) -> str:
     """Run what is not done yet, in order, then write and return the tables."""
+    from softtokens.distributed import Dist
     from softtokens.evaluate import check_eval, evaluate
     from softtokens.models import load_model, resolve_device
     from softtokens.ood import ood_eval
     from softtokens.trainer import continue_training
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if Dist.from_env().world > 1:
         raise UsageError("softtokens grid runs in one process: train a run on several GPUs with torchrun "
                          "softtokens train, then run the grid once to evaluate it")
     oods = ood_configs(plan)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from softtokens.checkpoint import check_weights, read_checkpoint
+from softtokens.checkpoint import check_saved_weights, read_checkpoint
 from softtokens.config import TrainConfig
 from softtokens.distributed import Dist
 from softtokens.models import _DTYPES, CausalLM, disable_dropout, load_model, set_activation_checkpointing
@@ -121,7 +121,7 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
     if resume is not None:
         weights, state = read_checkpoint(resume)
         if not cfg.use_peft:  # a LoRA checkpoint's folder holds the merged model; its adapters are in the state
-            check_weights(resume, weights, lm.model)
+            check_saved_weights(resume, weights, lm.model)
             lm.model.load_state_dict(weights, strict=False)
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(lm.model)

@@ -249,9 +249,6 @@ def training_report(run_dir: str | Path, out: str | Path | None = None) -> str:
     import json
 
     from softtokens.metrics import read_metrics
-    from softtokens.passk import wilson_interval
-
-    from matplotlib.ticker import MaxNLocator
 
     runs = seed_folders(run_dir) or [Path(run_dir)]
     all_rows = [read_metrics(d) for d in runs]
@@ -259,46 +256,10 @@ def training_report(run_dir: str | Path, out: str | Path | None = None) -> str:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     panels = training_panels(Path(run_dir), all_rows)
     plt, fig, axes = _grid(len(panels), cols=4, size=(4.5, 3.4))
-    k = max(1, min(len(rows) for rows in all_rows) // 10)
     for ax, (title, (ylabel, keys)) in zip(axes, panels.items()):
-        for n, key in enumerate(keys):
-            scale = 100 if key in PERCENT_KEYS else 1
-            per_run = [[(r["step"], scale * r[key]) for r in rows if key in r] for rows in all_rows]
-            per_run = [pts for pts in per_run if pts]
-            if not per_run:
-                continue
-            label = key.split("/")[-1].replace("_", " ").replace("stop ", "ended on ")
-            if key.startswith("rewards/"):
-                label = key.split("/")[1]
-            elif key == "rollout/reward" and len(keys) > 1:
-                label = "weighted sum"
-            colour = f"C{n}"
-            if key.startswith("eval/"):
-                colour = "C3"
-                _mean_and_band(ax, [x for x, _ in per_run[0]], [[y for _, y in pts] for pts in per_run],
-                               dict(color=colour), marker="o", label="greedy validation")
-                continue
-            if len(per_run) == 1:
-                ax.plot(*zip(*per_run[0]), ".", alpha=0.35, color=colour)
-            smooth = [_smooth([y for _, y in pts], k) if k > 1 else [y for _, y in pts] for pts in per_run]
-            _mean_and_band(ax, [x for x, _ in per_run[0]], smooth, dict(color=colour),
-                           label=label + (f" ({k}-step mean)" if k > 1 else ""))
-        if title == "accuracy" and summary.get("after") is not None and summary.get("before") is not None:
-            n = summary.get("held_out", {}).get("n")
-            for step, acc, name in ((0, summary["before"], "held-out before"),
-                                    (all_rows[0][-1]["step"], summary["after"], "held-out after")):
-                err = None
-                if n:
-                    low, high = wilson_interval(round(acc * n), n)
-                    err = [[100 * max(0.0, acc - low)], [100 * max(0.0, high - acc)]]
-                ax.errorbar([step], [100 * acc], yerr=err, fmt="s", capsize=4, label=f"{name} ({100 * acc:.0f}%)")
-        if any(key in PERCENT_KEYS for key in keys):
-            ax.set_ylim(-2, 102)
-        if not ax.lines and not ax.collections:
-            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, color="grey")
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _training_panel(ax, title, ylabel, keys, all_rows)
+        if title == "accuracy":
+            _held_out_points(ax, summary, all_rows[0][-1]["step"])
         if len(ax.get_legend_handles_labels()[0]) > 1 or title == "accuracy" and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     seeds = f" ({len(runs)} seeds: mean, band min to max)" if len(runs) > 1 else ""
@@ -315,6 +276,56 @@ def training_report(run_dir: str | Path, out: str | Path | None = None) -> str:
     accuracy = f", accuracy {format_mean_std(accs, scale=1, digits=3)}" if accs else ""
     return (f"{run_dir}{seeds}: {len(all_rows[0])} logged steps, last step {lasts[0]['step']}: reward {reward}"
             f"{accuracy}; curves in {path}")
+
+
+def _training_panel(ax, title: str, ylabel: str, keys: tuple, all_rows: list[list[dict]]) -> None:
+    """One panel of training.png: each metric's curve (a moving average where the run is long enough; the mean
+    and the seeds' band for several runs), validation as points."""
+    from matplotlib.ticker import MaxNLocator
+
+    k = max(1, min(len(rows) for rows in all_rows) // 10)
+    for n, key in enumerate(keys):
+        scale = 100 if key in PERCENT_KEYS else 1
+        per_run = [[(r["step"], scale * r[key]) for r in rows if key in r] for rows in all_rows]
+        per_run = [pts for pts in per_run if pts]
+        if not per_run:
+            continue
+        if key.startswith("eval/"):
+            _mean_and_band(ax, [x for x, _ in per_run[0]], [[y for _, y in pts] for pts in per_run],
+                           dict(color="C3"), marker="o", label="greedy validation")
+            continue
+        label = key.split("/")[-1].replace("_", " ").replace("stop ", "ended on ")
+        if key.startswith("rewards/"):
+            label = key.split("/")[1]
+        elif key == "rollout/reward" and len(keys) > 1:
+            label = "weighted sum"
+        if len(per_run) == 1:
+            ax.plot(*zip(*per_run[0]), ".", alpha=0.35, color=f"C{n}")
+        smooth = [_smooth([y for _, y in pts], k) if k > 1 else [y for _, y in pts] for pts in per_run]
+        _mean_and_band(ax, [x for x, _ in per_run[0]], smooth, dict(color=f"C{n}"),
+                       label=label + (f" ({k}-step mean)" if k > 1 else ""))
+    if any(key in PERCENT_KEYS for key in keys):
+        ax.set_ylim(-2, 102)
+    if not ax.lines and not ax.collections:
+        ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _held_out_points(ax, summary: dict, last_step: int) -> None:
+    """The before / after check on the accuracy panel, with its 95% interval (when both were measured)."""
+    from softtokens.passk import wilson_interval
+
+    if summary.get("after") is None or summary.get("before") is None:
+        return
+    n = summary.get("held_out", {}).get("n")
+    for step, acc, name in ((0, summary["before"], "held-out before"), (last_step, summary["after"], "held-out after")):
+        err = None
+        if n:
+            low, high = wilson_interval(round(acc * n), n)
+            err = [[100 * max(0.0, acc - low)], [100 * max(0.0, high - acc)]]
+        ax.errorbar([step], [100 * acc], yerr=err, fmt="s", capsize=4, label=f"{name} ({100 * acc:.0f}%)")
 
 
 def is_training(folder: str | Path) -> bool:

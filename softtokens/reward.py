@@ -413,7 +413,7 @@ class Grader:
             raise UsageError(f"grading workers must be >= 0, got {workers}")
         self.workers, self.timeout, self.require_number, self.guard_slack = workers, timeout, require_number, guard_slack
         rewards = split_rewards(reward)
-        check_weights(rewards, reward_weights)
+        check_reward_weights(rewards, reward_weights)
         specs = [reward_spec(r) for r in rewards]
         self.names = [reward_name(r) for r in rewards]
         self.weights, self.reward_timeout = reward_weights, reward_timeout
@@ -550,7 +550,7 @@ def named_rewards(rewards: list) -> list[tuple[str, object]]:
             else (f"{getattr(r, '__module__', '?')}:{getattr(r, '__qualname__', 'reward')}", r) for r in rewards]
 
 
-def check_weights(rewards: list, weights: list[float] | None) -> None:
+def check_reward_weights(rewards: list, weights: list[float] | None) -> None:
     if weights is not None and len(weights) != len(rewards):
         raise UsageError(f"reward_weights has {len(weights)} weights for {len(rewards)} reward(s): give one per reward")
 
@@ -580,7 +580,7 @@ def check_rewards(reward, weights: list[float] | None, problems: list, timeout: 
     rewards = split_rewards(reward)
     if not rewards or not problems:
         return []
-    check_weights(rewards, weights)
+    check_reward_weights(rewards, weights)
     fns = named_rewards(rewards)
     p = problems[0]
     answers = [ANSWER_PREFIX + (p.answer or "0") + "}", ANSWER_PREFIX + "}"]

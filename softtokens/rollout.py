@@ -20,7 +20,7 @@ from softtokens.data import is_chat
 from softtokens.engine import static_engine
 from softtokens.hf_engine import decode_batch
 from softtokens.models import CausalLM
-from softtokens.step import Rollout, RolloutSetup, prepare, row_draws, row_seed
+from softtokens.step import Rollout, RolloutSetup, rollout_setup, row_draws, row_seed
 from softtokens.errors import UsageError
 
 
@@ -78,7 +78,7 @@ def generate_rollouts(
         questions = [questions]
     if not questions:
         raise UsageError("no questions given")
-    setup = prepare(lm, cot_cfg, cfg, sigma)
+    setup = rollout_setup(lm, cot_cfg, cfg, sigma)
     prompt_ids = encode_prompts(lm, questions, cfg)
     if rows is None:
         rows = [(qi, g) for qi in range(len(questions)) for g in range(cfg.num_generations)]

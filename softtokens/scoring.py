@@ -19,6 +19,7 @@ in the forward or the backward pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -114,7 +115,7 @@ class Layout(NamedTuple):
         return prompt_len - 1 if j == 0 else self.offset[i] + j - 1
 
 
-def layout(rollouts: list[Rollout], soft: bool, share: bool) -> Layout:
+def pack_layout(rollouts: list[Rollout], soft: bool, share: bool) -> Layout:
     groups: dict = {}
     for i, r in enumerate(rollouts):
         groups.setdefault(tuple(r.prompt_ids) if share else i, []).append(i)
@@ -136,7 +137,7 @@ def layout(rollouts: list[Rollout], soft: bool, share: bool) -> Layout:
 def computed_tokens(lm: CausalLM, rollouts: list[Rollout], share_prompt: bool = True) -> int:
     """Tokens a ``score_rollouts`` call runs through the decoder (padding left out): what its FLOPs scale with."""
     soft = bool(rollouts) and rollouts[0].mode != "hard"
-    return sum(len(seq) for seq in layout(rollouts, soft, share_prompt and shares_prompts(lm)).seqs)
+    return sum(len(seq) for seq in pack_layout(rollouts, soft, share_prompt and shares_prompts(lm)).seqs)
 
 
 def group_mask(segment: list[list[int]], dtype: torch.dtype, device) -> torch.Tensor:
@@ -152,6 +153,35 @@ def group_mask(segment: list[list[int]], dtype: torch.dtype, device) -> torch.Te
     eye = torch.eye(S, dtype=torch.bool, device=device)
     allowed = (causal & (k >= 0) & ((k == 0) | (k == q))) | eye
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@dataclass
+class Scored:
+    """Where the scored inputs sit: for each CoT step and answer token, its rollout and the packed position of the
+    state that predicts it; and the row lengths."""
+
+    T: list[int]  # CoT steps per rollout
+    A: list[int]  # answer tokens per rollout
+    cot_row: torch.Tensor  # (sum T,) rollout of each CoT step
+    cot_at: tuple  # (packed row, column) of the state before each CoT step
+    ans_row: torch.Tensor  # (sum A,)
+    ans_at: tuple
+
+    @classmethod
+    def of(cls, rollouts: list[Rollout], lay: Layout, dev) -> "Scored":
+        N, P = len(rollouts), [len(r.prompt_ids) for r in rollouts]
+        T, F = [r.cot_length for r in rollouts], [len(r.prefill_ids) for r in rollouts]
+        A = [len(r.answer_ids) for r in rollouts]
+
+        def at(counts, col):
+            long = dict(dtype=torch.long, device=dev)
+            return (torch.tensor([lay.row[i] for i in range(N) for _ in range(counts[i])], **long),
+                    torch.tensor([lay.before(i, col(i, j), P[i]) for i in range(N) for j in range(counts[i])], **long))
+
+        def owner(counts):
+            return torch.tensor([i for i in range(N) for _ in range(counts[i])], dtype=torch.long, device=dev)
+
+        return cls(T, A, owner(T), at(T, lambda i, t: t), owner(A), at(A, lambda i, k: T[i] + F[i] + k))
 
 
 def score_rollouts(
@@ -174,95 +204,113 @@ def score_rollouts(
         raise UsageError(f"chunk_size must be >= 1, got {chunk_size}")
     mode, tau, answer_tau, sigma, noise_on = _settings(rollouts)
     soft = mode != "hard"
-    dev, N = lm.device, len(rollouts)
-    P = [len(r.prompt_ids) for r in rollouts]
-    T = [r.cot_length for r in rollouts]
-    F = [len(r.prefill_ids) for r in rollouts]
-    A = [len(r.answer_ids) for r in rollouts]
-    lay = layout(rollouts, soft, share_prompt and shares_prompts(lm))
+    lay = pack_layout(rollouts, soft, share_prompt and shares_prompts(lm))
+    hidden, stored = packed_hidden(lm, rollouts, lay, soft)
+    at = Scored.of(rollouts, lay, lm.device)
+    E = lm.embedding_matrix()
+    h_cot = hidden[at.cot_at]
 
-    # Right-padded packed rows; soft CoT positions get their stored inputs afterwards.
+    def token_chunk(h, target, temperature):
+        z = lm.logits(h)
+        return cot.token_log_probs(z, target, temperature), cot.entropy(z).detach()
+
+    if soft and noise_on != "embedding":
+        cot_out = _noisy_terms(lm, rollouts, h_cot, noise_on, sigma, chunk_size)
+    elif soft:
+        E_mix = E if mixture_embedding_grad else E.detach()
+        cot_out = _soft_terms(lm, h_cot, stored, E_mix, tau, sigma, chunk_size)
+    else:
+        cot_ids = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=lm.device)
+        cot_out = _chunked(lambda h, x: token_chunk(h, x, tau), len(at.cot_row), chunk_size, h_cot, cot_ids)
+    ans_ids = torch.tensor([t for r in rollouts for t in r.answer_ids], dtype=torch.long, device=lm.device)
+    (ans_lp,) = _chunked(
+        lambda h, x: token_chunk(h, x, answer_tau)[:1], len(at.ans_row), chunk_size, hidden[at.ans_at], ans_ids
+    )
+    means = None
+    if soft and return_means and noise_on == "embedding" and sum(at.T):
+        with torch.no_grad():  # mu_t of each step, for checks: the head once more over the CoT's states
+            (means,) = _chunked(lambda h: (cot.mixture(cot.cot_probs(lm.logits(h), tau), E),), len(at.cot_row),
+                                chunk_size, h_cot)
+    return _assemble(rollouts, at, cot_out, ans_lp, means, soft and noise_on == "embedding",
+                     cot.compute_dtype(hidden.dtype), E.shape[1])
+
+
+def packed_hidden(lm: CausalLM, rollouts: list[Rollout], lay: Layout, soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's hidden states (rows, S, d) over the packed rows: right-padded, soft CoT positions fed their
+    stored inputs (data, no gradient), positions from 0 at the prompt and from the prompt's end in each
+    continuation, and the group mask when rollouts share a row. Also returns the stored inputs (sum T, d) in
+    the embeddings' dtype (empty for hard CoTs): the targets of the soft CoT's density."""
+    dev = lm.device
     ids, mask = lm.pad(lay.seqs)
     embeds = lm.embed(ids)
+    T = [r.cot_length for r in rollouts]
+    stored = embeds.new_zeros(0, embeds.shape[-1])
     if soft and sum(T):
-        rows = torch.tensor([lay.row[i] for i in range(N) for _ in range(T[i])], device=dev)
-        cols = torch.tensor([lay.offset[i] + t for i in range(N) for t in range(T[i])], device=dev)
-        stored = torch.cat([r.cot_embeds for r in rollouts]).to(dev, embeds.dtype)  # data, no gradient
+        rows = torch.tensor([lay.row[i] for i in range(len(rollouts)) for _ in range(T[i])], device=dev)
+        cols = torch.tensor([lay.offset[i] + t for i in range(len(rollouts)) for t in range(T[i])], device=dev)
+        stored = torch.cat([r.cot_embeds for r in rollouts]).to(dev, embeds.dtype)
         embeds = embeds.index_put((rows, cols), stored)
-    # Positions: the prompt from 0, each continuation from the prompt's end.
     pos = torch.zeros(ids.shape, dtype=torch.long)
     for k, members in enumerate(lay.rows):
-        p = P[members[0]]
+        p = len(rollouts[members[0]].prompt_ids)
         pos[k, :p] = torch.arange(p)
         for i in members:
-            n = T[i] + F[i] + A[i]
+            r = rollouts[i]
+            n = r.cot_length + len(r.prefill_ids) + len(r.answer_ids)
             pos[k, lay.offset[i] : lay.offset[i] + n] = torch.arange(p, p + n)
-    pos = pos.to(dev)
     if any(len(m) > 1 for m in lay.rows):
         mask = group_mask(lay.segment, embeds.dtype, dev)
-    hidden = lm.hidden(embeds, mask, pos)  # (rows, S, d)
+    return lm.hidden(embeds, mask, pos.to(dev)), stored
 
-    # The state before each scored input predicts it.
-    cot_row = torch.tensor([i for i in range(N) for _ in range(T[i])], dtype=torch.long, device=dev)
-    cot_at = (torch.tensor([lay.row[i] for i in range(N) for _ in range(T[i])], dtype=torch.long, device=dev),
-              torch.tensor([lay.before(i, t, P[i]) for i in range(N) for t in range(T[i])], dtype=torch.long,
-                           device=dev))
-    ans_row = torch.tensor([i for i in range(N) for _ in range(A[i])], dtype=torch.long, device=dev)
-    ans_at = (torch.tensor([lay.row[i] for i in range(N) for _ in range(A[i])], dtype=torch.long, device=dev),
-              torch.tensor([lay.before(i, T[i] + F[i] + k, P[i]) for i in range(N) for k in range(A[i])],
-                           dtype=torch.long, device=dev))
-    E = lm.embedding_matrix()
-    E_mix = E if mixture_embedding_grad else E.detach()
 
-    def soft_chunk(h, target):
+def _soft_terms(lm: CausalLM, h_cot, stored, E_mix, tau: float, sigma: float, chunk_size: int):
+    """Noise on the embedding (the paper): each stored input's Gaussian log-density around mu = softmax(z / tau)
+    E_mix, the entropy of z, and z's argmax (to count flips against the recorded shadow)."""
+
+    def chunk(h, target):
         z = lm.logits(h)
         mu = cot.mixture(cot.cot_probs(z, tau), E_mix)
         lp = cot.gaussian_log_density(target, mu, sigma) if sigma > 0 else torch.zeros_like(mu[:, 0])
-        return lp, cot.entropy(z).detach(), cot.argmax(z.detach()), mu.detach() if return_means else mu[:, :0].detach()
+        return lp, cot.entropy(z).detach(), cot.argmax(z.detach())
 
-    def noisy_chunk(h, noisy, ids):
-        """noise_on hidden / logits / topk_logits: the recorded noisy variable around the model's own."""
+    return _chunked(chunk, h_cot.shape[0], chunk_size, h_cot, stored)
+
+
+def _noisy_terms(lm: CausalLM, rollouts: list[Rollout], h_cot, noise_on: str, sigma: float, chunk_size: int):
+    """noise_on hidden / logits / topk_logits: the recorded noisy variable's log-density around the model's own,
+    and the entropy of z."""
+    dev, n = h_cot.device, h_cot.shape[0]
+    noisy = torch.cat([r.cot_noisy for r in rollouts]).to(dev) if n else h_cot.new_zeros(0)
+    ids = (torch.cat([r.cot_noisy_ids for r in rollouts]).to(dev) if noise_on == "topk_logits" and n
+           else torch.zeros(n, 0, dtype=torch.long, device=dev))
+
+    def chunk(h, noisy, ids):
         z = lm.logits(h)
         own = z.gather(-1, ids) if noise_on == "topk_logits" else h if noise_on == "hidden" else z
         own = own.to(cot.compute_dtype(own.dtype))
         lp = cot.gaussian_log_density(noisy, own, sigma) if sigma > 0 else torch.zeros_like(own[:, 0])
         return lp, cot.entropy(z).detach()
 
-    def token_chunk(h, target, temperature):
-        z = lm.logits(h)
-        return cot.token_log_probs(z, target, temperature), cot.entropy(z).detach()
+    return _chunked(chunk, n, chunk_size, h_cot, noisy, ids)
 
-    h_cot = hidden[cot_at]
-    if soft and noise_on != "embedding":
-        noisy = torch.cat([r.cot_noisy for r in rollouts]).to(dev) if sum(T) else h_cot.new_zeros(0)
-        ids = (torch.cat([r.cot_noisy_ids for r in rollouts]).to(dev) if noise_on == "topk_logits" and sum(T)
-               else torch.zeros(len(cot_row), 0, dtype=torch.long, device=dev))
-        cot_out = _chunked(noisy_chunk, len(cot_row), chunk_size, h_cot, noisy, ids)
-    elif soft:
-        cot_out = _chunked(soft_chunk, len(cot_row), chunk_size, h_cot, stored)
-    else:
-        cot_ids = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=dev)
-        cot_out = _chunked(lambda h, x: token_chunk(h, x, tau), len(cot_row), chunk_size, h_cot, cot_ids)
-    ans_ids = torch.tensor([t for r in rollouts for t in r.answer_ids], dtype=torch.long, device=dev)
-    (ans_lp,) = _chunked(
-        lambda h, x: token_chunk(h, x, answer_tau)[:1], len(ans_row), chunk_size, hidden[ans_at], ans_ids
-    )
 
-    cdt = cot.compute_dtype(hidden.dtype)
+def _assemble(rollouts: list[Rollout], at: Scored, cot_out, ans_lp, means, flips_apply: bool, cdt, d: int) -> Scores:
+    """The per-step terms scattered into (N, T_max) / (N, A_max) rows, and their sums."""
+    N, T, A = len(rollouts), at.T, at.A
+    dev = ans_lp.device
     cot_steps = torch.zeros(N, max(T) if T else 0, dtype=cdt, device=dev)
     cot_ent = torch.zeros_like(cot_steps)
     flips = torch.zeros(cot_steps.shape, dtype=torch.bool, device=dev)
-    means = None
     if cot_out is not None:
         t_idx = torch.tensor([t for i in range(N) for t in range(T[i])], dtype=torch.long, device=dev)
-        cot_steps = cot_steps.index_put((cot_row, t_idx), cot_out[0])
-        cot_ent = cot_ent.index_put((cot_row, t_idx), cot_out[1])
-        if soft and noise_on == "embedding":  # elsewhere the density is smooth in the model's output: no flips
+        cot_steps = cot_steps.index_put((at.cot_row, t_idx), cot_out[0])
+        cot_ent = cot_ent.index_put((at.cot_row, t_idx), cot_out[1])
+        if flips_apply:  # noise elsewhere: the density is smooth in the model's output, no flips
             shadow = torch.tensor([t for r in rollouts for t in r.cot_ids], dtype=torch.long, device=dev)
-            flips = flips.index_put((cot_row, t_idx), cot_out[2] != shadow)
-        if soft and return_means and noise_on == "embedding":
-            means = torch.zeros(N, max(T), E.shape[1], dtype=cdt, device=dev).index_put((cot_row, t_idx), cot_out[3])
+            flips = flips.index_put((at.cot_row, t_idx), cot_out[2] != shadow)
+        if means is not None:
+            means = torch.zeros(N, max(T), d, dtype=cdt, device=dev).index_put((at.cot_row, t_idx), means.to(cdt))
     a_idx = torch.tensor([k for i in range(N) for k in range(A[i])], dtype=torch.long, device=dev)
-    answer_steps = torch.zeros(N, max(A), dtype=cdt, device=dev).index_put((ans_row, a_idx), ans_lp)
+    answer_steps = torch.zeros(N, max(A), dtype=cdt, device=dev).index_put((at.ans_row, a_idx), ans_lp)
     cot_total, answer_total = cot_steps.sum(1), answer_steps.sum(1)
     return Scores(cot_total + answer_total, cot_total, answer_total, cot_steps, answer_steps, cot_ent, flips, means)

@@ -149,7 +149,7 @@ class RolloutSetup:
                                                                                            self.E.shape[1])
 
 
-def prepare(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float | None = None) -> RolloutSetup:
+def rollout_setup(lm: CausalLM, cot_cfg: CoTConfig, cfg: RolloutConfig, sigma: float | None = None) -> RolloutSetup:
     """Resolve sigma, the prefill tokens and the marker test for one rollout call."""
     E = lm.embedding_matrix().detach()
     if cot_cfg.mode == "hard" or not cot_cfg.sampled:

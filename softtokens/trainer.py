@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -518,7 +517,7 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
         return {c.seed: continue_training(c, progress, reward_fn, lm, callbacks, dataset)
                 for c in per_seed(cfg, "output_dir")}
     out = Path(cfg.output_dir)
-    main = os.environ.get("RANK", "0") == "0"
+    main = Dist.from_env().main
     if main:
         prepare(out, "output_dir")
     with FolderLock(out, "output_dir") if main else nullcontext():
@@ -568,7 +567,7 @@ def preflight(cfg: TrainConfig, out: Path, main: bool = True, dataset=None, rewa
     held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
         if cfg.eval_before_after else []
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = Dist.from_env().world
     if (cfg.prompts_per_step * cfg.num_generations) % world:
         raise UsageError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
                          f"rows do not split evenly over {world} processes")

@@ -147,9 +147,9 @@ def compiled_matches_eager(lm, questions, cot_cfg, cfg):
     by inductor on CPU, against the same engine eager; returns the compiled engine."""
     from softtokens.engine import StaticEngine
     from softtokens.rollout import encode_prompts
-    from softtokens.step import prepare, row_draws, row_seed
+    from softtokens.step import rollout_setup, row_draws, row_seed
 
-    setup = prepare(lm, cot_cfg, cfg)
+    setup = rollout_setup(lm, cot_cfg, cfg)
     prompt_ids = encode_prompts(lm, questions, cfg)
     rows = [(q, g) for q in range(len(questions)) for g in range(cfg.num_generations)]
     draws = [row_draws(row_seed(cfg.seed, questions[q], g), setup.E.shape[1], cot_cfg, cfg, "cpu", torch.float32)

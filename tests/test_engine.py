@@ -12,7 +12,7 @@ from softtokens.decoder import StaticDecoder
 from softtokens.engine import MarkerMatcher, batch_bucket
 from softtokens.models import tiny_lm
 from softtokens.rollout import generate_rollouts
-from softtokens.step import cot_stop, prepare
+from softtokens.step import cot_stop, rollout_setup
 
 from conftest import KW, QUESTIONS, SETTINGS, compiled_matches_eager
 from conftest import same_rollouts as _same
@@ -64,7 +64,7 @@ def test_marker_matcher_agrees_with_the_text_check(llama):
     rows = [tok.encode("".join(rng.choice(pieces) for _ in range(6))) for _ in range(40)]
     rows.append(tok.encode(" 3 + 4 = 7. The final answer is:"))
     rows.append([tok.encode(c)[0] for c in " 3 + 4 = 7. The final answer is: \n"])  # one token per character
-    setup = prepare(llama, CoTConfig("hard"), RolloutConfig())
+    setup = rollout_setup(llama, CoTConfig("hard"), RolloutConfig())
     n = max(len(r) for r in rows)
     buf = matcher.empty(len(rows))
     hits = 0
@@ -138,9 +138,9 @@ def test_a_dropped_compiled_engine_is_freed_at_once(qwen2):
     """A compiled engine (the CUDA default) must hold no reference cycle: dropped, it would wait for the
     garbage collector with its KV cache and state."""
     from softtokens.engine import StaticEngine
-    from softtokens.step import prepare
+    from softtokens.step import rollout_setup
 
-    setup = prepare(qwen2, CoTConfig("soft"), RolloutConfig(**KW))
+    setup = rollout_setup(qwen2, CoTConfig("soft"), RolloutConfig(**KW))
     engine = StaticEngine(setup, 64, 8, cuda_graphs=False, compile=True)
     assert engine._logic is not None
     cache, state = weakref.ref(engine.dec.k_cache[0]), weakref.ref(engine.s.z)
@@ -160,7 +160,7 @@ def test_only_a_failed_first_compile_falls_back(qwen2):
     from softtokens.step import row_draws, row_seed
 
     cfg = RolloutConfig(**KW)
-    setup = prepare(qwen2, CoTConfig("soft"), cfg)
+    setup = rollout_setup(qwen2, CoTConfig("soft"), cfg)
     prompt_ids = encode_prompts(qwen2, QUESTIONS[:1], cfg)
     draws = [row_draws(row_seed(cfg.seed, QUESTIONS[0], g), setup.E.shape[1], CoTConfig("soft"), cfg, "cpu",
                        torch.float32) for g in range(2)]

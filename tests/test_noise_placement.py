@@ -11,7 +11,7 @@ from softtokens.models import tiny_lm
 from softtokens.reference import reference_row
 from softtokens.rollout import encode_prompts, generate_rollouts
 from softtokens.scoring import score_rollouts
-from softtokens.step import cot_step, default_sigma, prepare, row_draws, row_seed
+from softtokens.step import cot_step, default_sigma, rollout_setup, row_draws, row_seed
 
 from conftest import QUESTIONS
 
@@ -28,7 +28,7 @@ def _cot(noise_on, mode, **kw):
 def test_engine_matches_reference_and_scorer_matches_rollout(lm, noise_on, mode):
     cot_cfg = _cot(noise_on, mode)
     rollouts = generate_rollouts(lm, QUESTIONS, cot_cfg, CFG)
-    setup = prepare(lm, cot_cfg, CFG)
+    setup = rollout_setup(lm, cot_cfg, CFG)
     assert setup.sigma > 0 and setup.sigma == default_sigma(lm, cot_cfg)
     prompt_ids = encode_prompts(lm, QUESTIONS, CFG)
     n = {"hidden": lm.embedding_matrix().shape[1], "logits": lm.embedding_matrix().shape[0], "topk_logits": 5}
@@ -53,7 +53,7 @@ def test_engine_matches_reference_and_scorer_matches_rollout(lm, noise_on, mode)
 @pytest.mark.parametrize("noise_on", ["hidden", "logits", "topk_logits"])
 def test_the_step_density_is_a_normal_around_the_models_own(llama, noise_on):
     cot_cfg = _cot(noise_on, "soft")
-    setup = prepare(llama, cot_cfg, CFG)
+    setup = rollout_setup(llama, cot_cfg, CFG)
     g = torch.randn(3, llama.embedding_matrix().shape[1])
     z = llama.logits(g)
     eps = torch.randn(3, setup.noise_dim)

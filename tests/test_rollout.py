@@ -6,7 +6,7 @@ from softtokens.config import CoTConfig, RolloutConfig
 from softtokens.models import CausalLM, tiny_lm
 from softtokens.reference import reference_row
 from softtokens.rollout import encode_prompts, generate_rollouts
-from softtokens.step import cot_stop, prepare, row_draws, row_seed
+from softtokens.step import cot_stop, rollout_setup, row_draws, row_seed
 
 from conftest import QUESTIONS, SETTINGS
 
@@ -22,7 +22,7 @@ def _cfg(**kw):
 def test_engine_matches_reference(lm, cot_cfg):
     cfg = _cfg()
     rollouts = generate_rollouts(lm, QUESTIONS, cot_cfg, cfg)
-    setup = prepare(lm, cot_cfg, cfg)
+    setup = rollout_setup(lm, cot_cfg, cfg)
     prompt_ids = encode_prompts(lm, QUESTIONS, cfg)
     assert len({len(p) for p in prompt_ids}) == len(QUESTIONS), "prompts of different lengths in one batch"
     for r in rollouts:
@@ -150,7 +150,7 @@ def test_marker_spelled_one_token_per_character_stops_the_cot(llama):
     cfg = _cfg(max_cot_length=60, num_generations=1, max_answer_length=4)
     ids = _char_per_token(llama.tokenizer, " so The final answer is:")
     assert len(ids) > len(llama.tokenizer.encode(cfg.marker)) + 8, "spelled in more tokens than a token window sees"
-    setup = prepare(llama, CoTConfig("hard"), cfg)
+    setup = rollout_setup(llama, CoTConfig("hard"), cfg)
     assert [cot_stop(setup, ids[: t + 1], t) for t in range(len(ids))] == [None] * (len(ids) - 1) + ["marker"]
     lm = ScriptedLM(llama, ids + [0] * 3 + llama.tokenizer.encode("1}") + [0], len(encode_prompts(llama, [QUESTIONS[0]], cfg)[0]))
     for mode in ("hard", "soft", "fuzzy"):

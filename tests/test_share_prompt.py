@@ -10,7 +10,7 @@ from softtokens.config import CoTConfig, RolloutConfig, TrainConfig
 from softtokens.models import CausalLM, set_activation_checkpointing, tiny_lm
 from softtokens.policy import Policy
 from softtokens.rollout import generate_rollouts
-from softtokens.scoring import layout, score_rollouts
+from softtokens.scoring import pack_layout, score_rollouts
 
 from conftest import KW, QUESTIONS, SETTINGS, same_rollouts
 
@@ -44,7 +44,7 @@ def test_shared_prompt_scores_and_gradients_equal_unshared(lm, cot_cfg):
         # model's near-ties (1.6e-3 apart on a CPU without AVX2): the computation itself is compared in float64
         lm = CausalLM(copy.deepcopy(lm.model).double(), lm.tokenizer, lm.name)
     rollouts = generate_rollouts(lm, QUESTIONS, cot_cfg, ROLL)
-    assert len(layout(rollouts, cot_cfg.mode != "hard", True).rows) == len(QUESTIONS)  # one packed row per group
+    assert len(pack_layout(rollouts, cot_cfg.mode != "hard", True).rows) == len(QUESTIONS)  # one packed row per group
     a, ga = scores_and_grads(lm, rollouts, share=False)
     b, gb = scores_and_grads(lm, rollouts, share=True)
     for field in ("total", "cot_steps", "answer_steps", "cot_entropy"):
