@@ -705,7 +705,8 @@ class Command:
         return differences(saved, now, self.fixed())
 
     @classmethod
-    def resumable(cls) -> list[str]:
+    def resumable_options(cls) -> list[str]:
+        """The options a resume may change (each section's ``resumable`` fields, by their flat names)."""
         return [name for name in layout(cls) if name not in cls.fixed()]
 
 

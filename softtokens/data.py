@@ -170,55 +170,12 @@ def load_dataset(
     Without ``require_answer`` (a custom reward that needs no gold answer) a
     row without an answer gets "".
     """
-    if not isinstance(source, (str, Path)):  # rows in memory
-        if not hasattr(source, "__iter__"):
-            raise UsageError(f"dataset must be a name, a path, a list of dicts or a datasets.Dataset, got "
-                             f"{type(source).__name__}")
-        rows = ((i + 1, dict(row), None) if isinstance(row, dict) else (i + 1, {}, f"row is {type(row).__name__}, "
-                "not a dict") for i, row in enumerate(source))
-        source, where = IN_MEMORY, IN_MEMORY
-    elif source in BUILTIN:
-        path = Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source])))
-        rows, where = jsonl_rows(path, gzip.open), source
-    else:
-        path = Path(source)
-        suffixes = "".join(path.suffixes[-2:])
-        if path.suffix in (".jsonl", ".json", ".gz", ".csv", ".parquet") or path.exists():
-            if not path.is_file():
-                raise FileNotFoundError(f"no dataset file at {source}")
-            if suffixes.endswith((".jsonl", ".json")):
-                rows = jsonl_rows(path, open)
-            elif suffixes.endswith((".jsonl.gz", ".json.gz")):
-                rows = jsonl_rows(path, gzip.open)
-            elif path.suffix == ".csv":
-                rows = _rows_csv(path)
-            elif path.suffix == ".parquet":
-                rows = _rows_parquet(path)
-            else:
-                raise UsageError(f"{source}: unknown dataset format; use .jsonl, .jsonl.gz, .csv or .parquet")
-        else:
-            known = ", ".join(list(BUILTIN) + list(HUB_ALIASES))
-            if "/" not in source and source not in HUB_ALIASES:
-                raise UsageError(f"unknown dataset {source!r}: use one of {known}, a file, or a hub name 'org/name'")
-            rows = _rows_hub(HUB_ALIASES.get(source, source), split, config)
-        where = str(source)
-
+    rows, where = _source_rows(source, split, config)
     problems, skipped = [], []
     for line_no, row, error in rows:
         if error is None:
             q, a = _pick(row, question_key, QUESTION_KEYS), _pick(row, answer_key, ANSWER_KEYS)
-            if q is None:
-                error = (f"no question column ({question_key or ' / '.join(QUESTION_KEYS)}); columns: "
-                         f"{', '.join(row)} (set question_key)")
-            elif a is None and require_answer:
-                error = (f"no answer column ({answer_key or ' / '.join(ANSWER_KEYS)}); columns: {', '.join(row)} "
-                         "(set answer_key)")
-            elif isinstance(row[q], list) and not is_chat(row[q]):
-                error = f"column {q!r} holds a list that is not chat messages ({{'role': ..., 'content': ...}})"
-            elif not is_chat(row[q]) and not str(row[q] or "").strip():
-                error = f"empty question in column {q!r}"
-            elif require_answer and not str(row[a] if row[a] is not None else "").strip():
-                error = f"empty answer in column {a!r}"
+            error = _row_error(row, q, a, question_key, answer_key, require_answer)
         if error is not None:
             if not skip_bad:
                 raise UsageError(f"{where}:{line_no}: {error} (or pass --skip-bad to skip such rows)")
@@ -233,3 +190,50 @@ def load_dataset(
     if not problems:
         raise UsageError(f"{where}: no usable problems" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return Dataset(source, problems, skipped)
+
+
+def _source_rows(source, split: str, config: str | None):
+    """(line number, row, error or None) of each row of a source, and the name messages give it."""
+    if not isinstance(source, (str, Path)):  # rows in memory
+        if not hasattr(source, "__iter__"):
+            raise UsageError(f"dataset must be a name, a path, a list of dicts or a datasets.Dataset, got "
+                             f"{type(source).__name__}")
+        return ((i + 1, dict(row), None) if isinstance(row, dict) else (i + 1, {}, f"row is {type(row).__name__}, "
+                "not a dict") for i, row in enumerate(source)), IN_MEMORY
+    if source in BUILTIN:
+        return jsonl_rows(Path(str(resources.files("softtokens").joinpath("data", BUILTIN[source]))), gzip.open), source
+    path = Path(source)
+    suffixes = "".join(path.suffixes[-2:])
+    if path.suffix in (".jsonl", ".json", ".gz", ".csv", ".parquet") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"no dataset file at {source}")
+        if suffixes.endswith((".jsonl", ".json")):
+            return jsonl_rows(path, open), str(source)
+        if suffixes.endswith((".jsonl.gz", ".json.gz")):
+            return jsonl_rows(path, gzip.open), str(source)
+        if path.suffix == ".csv":
+            return _rows_csv(path), str(source)
+        if path.suffix == ".parquet":
+            return _rows_parquet(path), str(source)
+        raise UsageError(f"{source}: unknown dataset format; use .jsonl, .jsonl.gz, .csv or .parquet")
+    if "/" not in source and source not in HUB_ALIASES:
+        known = ", ".join(list(BUILTIN) + list(HUB_ALIASES))
+        raise UsageError(f"unknown dataset {source!r}: use one of {known}, a file, or a hub name 'org/name'")
+    return _rows_hub(HUB_ALIASES.get(source, source), split, config), str(source)
+
+
+def _row_error(row: dict, q: str | None, a: str | None, question_key, answer_key, require_answer: bool) -> str | None:
+    """What makes a row unusable, in words; None for a good row."""
+    if q is None:
+        return (f"no question column ({question_key or ' / '.join(QUESTION_KEYS)}); columns: {', '.join(row)} "
+                "(set question_key)")
+    if a is None and require_answer:
+        return (f"no answer column ({answer_key or ' / '.join(ANSWER_KEYS)}); columns: {', '.join(row)} "
+                "(set answer_key)")
+    if isinstance(row[q], list) and not is_chat(row[q]):
+        return f"column {q!r} holds a list that is not chat messages ({{'role': ..., 'content': ...}})"
+    if not is_chat(row[q]) and not str(row[q] or "").strip():
+        return f"empty question in column {q!r}"
+    if require_answer and not str(row[a] if row[a] is not None else "").strip():
+        return f"empty answer in column {a!r}"
+    return None

@@ -8,6 +8,8 @@ with the same interface and records.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from softtokens.step import (ANSWER, COT, DONE, PREFILL, CoTStep, Row, Rollout, RolloutSetup, RowDraws, answer_step,
@@ -26,18 +28,10 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
     eps, u_cot, u_ans = (None if getattr(draws[0], n) is None else torch.stack([getattr(d, n) for d in draws])
                          for n in ("eps", "u_cot", "u_answer"))
 
-    # Each distinct prompt is prefilled once; its cache rows are copied to the rows that share it.
-    unique, which = unique_prompts(prompt_ids) if cfg.share_prompt else (prompt_ids, list(range(R)))
-    ids, mask = lm.pad(unique, left=True)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # the default positions would count the padding
-    cache = lm.new_cache()
-    g = lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1]  # (U, d) the final hidden state of each prompt
-    if len(unique) < R:
-        copy = torch.tensor(which, device=dev)
-        cache.batch_select_indices(copy)
-        g, mask, pos = g[copy], mask[copy], pos[copy]
+    pre = prefill_prompts(lm, prompt_ids, cfg.share_prompt)
+    g, mask, cache = pre.hidden, pre.mask, pre.cache
     z = lm.logits(g)  # (R, V)
-    next_pos = pos[:, -1:] + 1
+    next_pos = pre.positions[:, -1:] + 1
 
     rows = [Row() for _ in range(R)]
     live = list(range(R))  # the original index of each row still in the batch
@@ -53,6 +47,7 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
             raise non_finite(step, bad)
         phases = torch.tensor([row.phase for row in live_rows], device=dev)
         tok = torch.tensor([row.prefill[row.ptr] if row.phase == PREFILL else 0 for row in live_rows], device=dev)
+        shadow = a_list = a_lp = None
         if (phases == ANSWER).any():
             u = None if u_ans is None else u_ans[live_t, ans_step[live_t].clamp(max=cfg.max_answer_length - 1)]
             a, a_lp = answer_step(setup, z, u)
@@ -67,21 +62,7 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
             inp = torch.where((phases == COT)[:, None], st.inputs, inp)
             shadow = st.ids.tolist()
 
-        for k, row in enumerate(live_rows):  # host-side bookkeeping: each row's phase moves on its own
-            if row.phase == COT:
-                row.cot_ids.append(shadow[k])
-                reason = cot_stop(setup, row.cot_ids, step)
-                if reason:
-                    row.stop_reason, row.prefill, row.phase = reason, setup.prefills[reason], PREFILL
-            elif row.phase == PREFILL:
-                row.ptr += 1
-                if row.ptr == len(row.prefill):
-                    row.phase = ANSWER
-            elif row.phase == ANSWER:
-                row.answer_ids.append(a_list[k])
-                row.answer_lp.append(a_lp[k])
-                if a_list[k] in setup.eos_ids or len(row.answer_ids) == cfg.max_answer_length:
-                    row.phase = DONE
+        advance(setup, live_rows, step, shadow, a_list, a_lp)
         keep = [k for k, row in enumerate(live_rows) if row.phase != DONE]
         if not keep:
             break
@@ -95,6 +76,54 @@ def decode_batch(setup: RolloutSetup, prompt_ids: list[list[int]], draws: list[R
         z = lm.logits(g)
         next_pos = next_pos + 1
     return records(setup, prompt_ids, keys, rows, stack_steps(steps, setup.cfg.record_means))
+
+
+@dataclass
+class Prefilled:
+    """The prompts' pass: each row's final hidden state (R, d), attention mask and positions (R, P), and the
+    KV cache."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object
+
+
+def prefill_prompts(lm, prompt_ids: list[list[int]], share: bool) -> Prefilled:
+    """Left-padded prompts through the model. With ``share``, each distinct prompt is prefilled once and its cache
+    rows are copied to the rows that share it."""
+    R = len(prompt_ids)
+    unique, which = unique_prompts(prompt_ids) if share else (prompt_ids, list(range(R)))
+    ids, mask = lm.pad(unique, left=True)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # the default positions would count the padding
+    cache = lm.new_cache()
+    g = lm.hidden(lm.embed(ids), mask, pos, cache)[:, -1]  # (U, d) the final hidden state of each prompt
+    if len(unique) < R:
+        copy = torch.tensor(which, device=lm.device)
+        cache.batch_select_indices(copy)
+        g, mask, pos = g[copy], mask[copy], pos[copy]
+    return Prefilled(g, mask, pos, cache)
+
+
+def advance(setup: RolloutSetup, rows: list[Row], step: int, shadow: list | None, answers: list | None,
+            answer_lps: list | None) -> None:
+    """Host-side bookkeeping after a decode step: each row's phase moves on its own (a CoT stops on its marker or
+    length, a prefill runs out, an answer ends on EOS or its length)."""
+    for k, row in enumerate(rows):
+        if row.phase == COT:
+            row.cot_ids.append(shadow[k])
+            reason = cot_stop(setup, row.cot_ids, step)
+            if reason:
+                row.stop_reason, row.prefill, row.phase = reason, setup.prefills[reason], PREFILL
+        elif row.phase == PREFILL:
+            row.ptr += 1
+            if row.ptr == len(row.prefill):
+                row.phase = ANSWER
+        elif row.phase == ANSWER:
+            row.answer_ids.append(answers[k])
+            row.answer_lp.append(answer_lps[k])
+            if answers[k] in setup.eos_ids or len(row.answer_ids) == setup.cfg.max_answer_length:
+                row.phase = DONE
 
 
 def _widen(st: CoTStep, live: torch.Tensor, R: int) -> CoTStep:

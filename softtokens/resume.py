@@ -72,7 +72,7 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
         changed = cfg.resume_changes(yaml.safe_load(saved.read_text()) or {})
         if changed:
             raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(changed)}); only "
-                             f"{', '.join(f for f in cfg.resumable() if f not in QUIET)} may change on resume")
+                             f"{', '.join(f for f in cfg.resumable_options() if f not in QUIET)} may change on resume")
     for i in range(len(found) - 1, -1, -1):
         try:
             verify_checkpoint(found[i], cfg.allow_unverified)
