@@ -35,6 +35,22 @@ def test_configs_are_generated_and_load(monkeypatch):
             config_from_dict(TrainConfig, yaml.safe_load((ROOT / "configs" / rel).read_text()), rel)
 
 
+def test_the_paper_configs_keep_the_papers_estimator_and_the_cpu_recipes_name_their_departures():
+    defaults = TrainConfig()
+    for rel, text in _generator().files().items():
+        if rel.startswith("grids/"):
+            continue
+        cfg = config_from_dict(TrainConfig, yaml.safe_load(text), rel)
+        departs = (cfg.cot_weight, cfg.mixture_embedding_grad, cfg.antithetic) != (
+            defaults.cot_weight, defaults.mixture_embedding_grad, defaults.antithetic)
+        if rel.startswith("sums/"):
+            assert departs == (cfg.mode != "hard") and (not departs or "departure" in text.splitlines()[0]), rel
+        else:
+            assert not departs, f"{rel}: a paper config departs from the paper's estimator"
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    assert demo["mode"] == "soft" and demo["cot_weight"] == pytest.approx(1 / 576, rel=1e-3)
+
+
 def test_the_ablations_are_the_papers():
     g = _generator()
     cfgs = {rel: yaml.safe_load(text.split("\n", 2)[2]) for rel, text in g.files().items() if rel.startswith("ablations/")}
