@@ -44,7 +44,7 @@ def test_the_paper_configs_keep_the_papers_estimator_and_the_cpu_recipes_name_th
         departs = (cfg.cot_weight, cfg.mixture_embedding_grad, cfg.antithetic) != (
             defaults.cot_weight, defaults.mixture_embedding_grad, defaults.antithetic)
         if rel.startswith("sums/"):
-            assert departs == (cfg.mode != "hard") and (not departs or "departure" in text.splitlines()[0]), rel
+            assert departs == (cfg.mode == "soft") and (not departs or "departure" in text.splitlines()[0]), rel
         else:
             assert not departs, f"{rel}: a paper config departs from the paper's estimator"
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
