@@ -53,7 +53,7 @@ def test_a_grid_runs_end_to_end_and_a_rerun_does_only_what_is_left(model_dir, tm
     # a rerun trains and evaluates nothing; a lost evaluation (no .done) is redone, and only it
     calls = []
     monkeypatch.setattr("softtokens.trainer.train", lambda *a, **k: calls.append("train"))
-    (out / "eval" / "tiny_soft" / "seed-1" / grid.DONE).unlink()
+    (out / "eval" / "tiny_soft" / "seed-1" / grid.DONE_MARKER).unlink()
     import softtokens.evaluate as ev
 
     real = ev.evaluate
