@@ -49,7 +49,8 @@ def _train_lines(cfg: TrainConfig, pre, strict: bool) -> list[str]:
     else:
         grading = "Math-Verify 100 / 10 / 0" + (", a plain number to be right (require_number)" if strict else "")
     where = f"from {pre.start.name} at step {done}" if pre.start is not None else "from step 0"
-    out = [f"run in {cfg.output_dir}: {where}; {cfg.mode} CoT (tau {cfg.temperature:g}, gamma {cfg.gamma:g}), "
+    departs = "" if cfg.cot_weight == 1 else f", METHOD.md §11 departure: CoT term weighted by {cfg.cot_weight:g}"
+    out = [f"run in {cfg.output_dir}: {where}; {cfg.mode} CoT (tau {cfg.temperature:g}, gamma {cfg.gamma:g}{departs}), "
            f"model {cfg.model} on {pre.device} in {pre.dtype}" + (f", {pre.world} processes" if pre.world > 1 else ""),
            f"data: {len(pre.data):,} problems in {cfg.dataset}: {len(pre.data) - cfg.val_size:,} to train, "
            f"{cfg.val_size:,} held out for validation (val_size)",

@@ -54,3 +54,14 @@ def test_without_the_mixture_path_only_looked_up_rows_of_E_learn_from_the_cot_te
         rows[grad] = lm.model.get_input_embeddings().weight.grad[unused].abs().amax(-1)
     assert bool((rows[True] > 0).all()), "with the mu path every row of E gets the CoT term's noise"
     assert float(rows[False].abs().max()) == 0.0
+
+
+def test_the_dry_run_names_a_departure(tmp_path):
+    from test_cli import run_cli
+
+    res = run_cli("train", "--dataset", "sums_train", "--cot-weight", "0.5", "--output-dir", str(tmp_path / "r"),
+                  "--dry-run")
+    assert res.returncode == 0 and "METHOD.md §11 departure: CoT term weighted by 0.5" in res.stdout
+    res = run_cli("train", "--dataset", "sums_train", "--output-dir", str(tmp_path / "r"), "--dry-run")
+    run_line = next(line for line in res.stdout.splitlines() if line.startswith("run in"))
+    assert res.returncode == 0 and "departure" not in run_line, "the paper's estimator names no departure"
