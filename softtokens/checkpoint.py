@@ -92,7 +92,9 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the emb
 def base_model_id(model: str) -> str | None:
     """The hub id a model card names as its base_model: the hub id trained; the embedded model's original; for a
     folder, the base_model its own card names (a softtokens checkpoint trained again); else None."""
-    if model == "smollm2":
+    from softtokens.models import EMBEDDED_MODEL, is_hub_id
+
+    if model == EMBEDDED_MODEL:
         return EMBEDDED_HUB_ID
     card = Path(model) / "README.md"
     if card.is_file():
@@ -100,7 +102,7 @@ def base_model_id(model: str) -> str | None:
         front = text.split("---")[1] if text.startswith("---") else ""
         found = [line.split(":", 1)[1].strip() for line in front.splitlines() if line.startswith("base_model:")]
         return found[0] if found and found[0] else None
-    return model if "/" in model and not Path(model).exists() and not model.endswith(".gguf") else None
+    return model if "/" in model and is_hub_id(model) else None
 
 
 def model_card(cfg, sigma: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import functools
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -278,6 +279,7 @@ def is_hub_id(name: str) -> bool:
             and not name.startswith((".", "/", "~")) and name.count("/") <= 1)
 
 
+@functools.cache  # a success is not asked again (the run checks before loading, load_model when it loads)
 def check_hub_model(name: str) -> None:
     """A hub id that is neither in the local cache nor on a reachable hub fails in one line after one try
     (transformers' own download retries for about a minute and prints every retry)."""

@@ -10,8 +10,9 @@ own name, the answer column included. softtokens adds ``answers=`` (the graded
 completion, or None where it does not apply; it may return ``(rewards,
 correct)`` to set the accuracy metrics; otherwise a completion is right when
 Math-Verify finds its answer equal to the gold column's, and where there is
-no gold answer accuracy is not reported (a reward's value is never a verdict). Several rewards are summed with ``reward_weights`` (None
-entries left out), as in TRL. A reward is named ``package.module:function`` or
+no gold answer accuracy is not reported (a reward's value is never a
+verdict). Several rewards are summed with ``reward_weights`` (None entries
+left out), as in TRL. A reward is named ``package.module:function`` or
 ``path/to/file.py:function`` and runs in the grading workers, under a time
 limit (``reward_timeout``): a reward that does not return stops the run with
 an error, it never scores the batch 0.
@@ -436,7 +437,7 @@ class Grader:
         return self._pool
 
     def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
-               state: TrainerState | None = None) -> "Handle":
+               state: TrainerState | None = None) -> Handle:
         """Start grading (gold, completion) pairs; ``result`` gives the grades. Inline graders grade now.
 
         ``problems`` (one per pair) give user rewards their prompts and columns, ``rollouts`` the whole
@@ -459,7 +460,7 @@ class Grader:
         chunk = max(1, len(rows) // (4 * self.workers)) if not custom else max(1, len(rows))
         return Handle(chunks=[self._submit(rows[i : i + chunk], state) for i in range(0, len(rows), chunk)])
 
-    def _submit(self, rows: list, state: TrainerState | None = None) -> "Chunk":
+    def _submit(self, rows: list, state: TrainerState | None = None) -> Chunk:
         for _ in range(2):
             pool = self._executor()
             try:
@@ -470,7 +471,7 @@ class Grader:
                 self._kill()
         raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")
 
-    def result(self, handle: "Handle") -> list[Grade]:
+    def result(self, handle: Handle) -> list[Grade]:
         """The grades of a submitted batch. A Math-Verify chunk that outlives its guard (3 calls per pair, each
         under the timeout) scores 0 and its worker is killed; a user reward that outlives reward_timeout stops
         the run (RewardTimeout). A chunk lost to a dead worker is regraded in a fresh pool, twice at most (then
@@ -479,11 +480,11 @@ class Grader:
             return handle.grades
         return [g for chunk in handle.chunks for g in self._chunk_result(chunk)]
 
-    def _chunk_result(self, chunk: "Chunk") -> list[Grade]:
+    def _chunk_result(self, chunk: Chunk) -> list[Grade]:
         rows = chunk.rows
         limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + self.guard_slack
-        zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:]) is not None)
-                 for r in rows]
+        zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:])
+                       is not None) for r in rows]
         for attempt in range(3):
             try:
                 return chunk.future.result(timeout=limit)

@@ -161,7 +161,7 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     prefilled = sum(gather_objects(prefill_tokens(graded.rollouts, rollout_cfg), d))
     return (step_metrics(cfg, graded, dones, prefilled, sigma, opt, ref is not None, d.world,
                          PhaseTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3))
-            | reward_stats(getattr(grader, "names", []), graded.rows) | done.signal)
+            | reward_stats(getattr(grader, "names", []), [row.parts for row in graded.rows]) | done.signal)
 
 
 def roll_out_and_grade(policy: Policy, grader, cfg: TrainConfig, rollout_cfg, sigma: float, problems: list[Problem],
@@ -222,11 +222,12 @@ def reward_keys(names: list[str]) -> list[str]:
     return [f"rewards/{n}" if names.count(n) == 1 else f"rewards/{n}_{i}" for i, n in enumerate(names)]
 
 
-def reward_stats(names: list[str], rows: list[RowStats]) -> dict:
-    """rewards/<name>/mean and /std of each user reward over the rows it applied to, as TRL logs them."""
+def reward_stats(names: list[str], parts: list[tuple]) -> dict:
+    """rewards/<name>/mean and /std of each user reward over the rows it applied to, as TRL logs them; ``parts``:
+    each row's values of the rewards (``Grade.parts``)."""
     out = {}
     for i, key in enumerate(reward_keys(names)):
-        values = [row.parts[i] for row in rows if len(row.parts) > i and row.parts[i] is not None]
+        values = [p[i] for p in parts if len(p) > i and p[i] is not None]
         if values:  # a step where it applied to no row has none
             mean = sum(values) / len(values)
             out[f"{key}/mean"] = mean
@@ -398,8 +399,7 @@ def greedy_scores(lm: CausalLM, grader: Grader, problems: list[Problem], cot_cfg
                       "cot_length": r.cot_length, "stop": r.stop_reason} for r, g in zip(rollouts, grades)]
     rows = [(g.reward, g.correct, g.parts) for g in grades]
     rows = [row for part in gather_objects(rows, d) for row in part]
-    stats = reward_stats(getattr(grader, "names", []),
-                         [RowStats(r, bool(c), False, 0, "", 0.0, 0, parts) for r, c, parts in rows])
+    stats = reward_stats(getattr(grader, "names", []), [parts for _, _, parts in rows])
     known = [c for _, c, _ in rows if c is not None]
     return GreedyScores(sum(known), len(known), len(rows), sum(r for r, _, _ in rows) / max(1, len(rows)),
                         {k[: -len("/mean")]: v for k, v in stats.items() if k.endswith("/mean")})
@@ -412,12 +412,12 @@ def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: T
     user's reward that gives none, no gold answers) its accuracy is None and the mean reward is reported."""
     examples = []
     scores = greedy_scores(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
-    acc, (low, high) = scores.accuracy, wilson_interval(scores.right, max(1, scores.known))
+    acc, low, high = scores.accuracy, None, None
     if acc is None:
         say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy mean reward {scores.reward:.3f} on {scores.n} held-out "
             "problems (no accuracy: the reward gives no verdicts and the data no gold answers)")
-        low = high = None
     else:
+        low, high = wilson_interval(scores.right, scores.known)
         say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
             f"on {scores.known} held-out problems")
     length = sum(e["cot_length"] for e in examples) / max(1, len(examples))
