@@ -56,13 +56,13 @@ def plot(grid: GridPlan, path: Path) -> None:
     for ax, (key, title) in zip(axes, panels):
         labelled = set()
         for job in jobs(grid):
-            pts = [(r["step"], r[key]) for r in read_metrics(job.train.output_dir) if key in r]
+            pts = [(r["step"], r[key]) for r in read_metrics(job.train.output.output_dir) if key in r]
             if pts:
-                hard = job.train.mode == "hard"  # drawn wider and underneath, so that an equal curve shows it
-                ax.plot(*zip(*pts), "o-" if key.startswith("eval/") else "-", color=MODE_COLOURS[job.train.mode],
+                hard = job.train.cot.mode == "hard"  # drawn wider and underneath, so that an equal curve shows it
+                ax.plot(*zip(*pts), "o-" if key.startswith("eval/") else "-", color=MODE_COLOURS[job.train.cot.mode],
                         alpha=0.6, markersize=3, linewidth=2.6 if hard else 1.4, zorder=1 if hard else 2,
-                        label=None if job.train.mode in labelled else job.train.mode)
-                labelled.add(job.train.mode)
+                        label=None if job.train.cot.mode in labelled else job.train.cot.mode)
+                labelled.add(job.train.cot.mode)
         ax.set(title=title, xlabel="step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -78,9 +78,9 @@ def training_table(grid: GridPlan) -> list[str]:
     lines = ["| trained | best greedy validation (%) | at step | mismatch nats / rollout | max step mismatch | "
              "near-tie rate (%) | flip rate (%) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for mode in MODES:
-        runs = [j for j in jobs(grid) if j.train.mode == mode]
-        best = [json.loads((Path(j.train.output_dir) / "summary.json").read_text())["best"] for j in runs]
-        rows = [read_metrics(j.train.output_dir) for j in runs]
+        runs = [j for j in jobs(grid) if j.train.cot.mode == mode]
+        best = [json.loads((Path(j.train.output.output_dir) / "summary.json").read_text())["best"] for j in runs]
+        rows = [read_metrics(j.train.output.output_dir) for j in runs]
 
         def avg(key, rows=rows):
             return [statistics.mean(r[key] for r in rs) for rs in rows]

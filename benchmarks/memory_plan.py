@@ -40,8 +40,8 @@ def plan(shape: str, cfg: TrainConfig, gpus: int, prompt: int) -> list[tuple[str
     fused = sum(m.weight.numel() for blk in layers for m in (blk.self_attn.q_proj, blk.self_attn.k_proj,
                                                               blk.self_attn.v_proj, blk.mlp.gate_proj, blk.mlp.up_proj))
     root = P - sum(p.numel() for p in layers.parameters())
-    rows = batch_bucket(min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_generations // gpus))
-    max_len = -(-(prompt + cfg.max_cot_length + 16 + cfg.max_answer_length) // SPAN_BUCKET) * SPAN_BUCKET
+    rows = batch_bucket(min(cfg.rollout.batch_size, cfg.optim.prompts_per_step * cfg.rollout.num_generations // gpus))
+    max_len = -(-(prompt + cfg.rollout.max_cot_length + 16 + cfg.rollout.max_answer_length) // SPAN_BUCKET) * SPAN_BUCKET
     head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
     kv = 2 * len(layers) * rows * mcfg.num_key_value_heads * max_len * head_dim * 2
     return [
@@ -67,7 +67,7 @@ def main():
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
     parts = plan(args.shape, cfg, args.gpus, args.prompt)
     lines = [f"### memory plan (counted, not measured): {args.shape} shape, {Path(args.config).name}, {args.gpus} GPU(s)",
-             "", f"B x G = {cfg.prompts_per_step} x {cfg.num_generations}, CoT <= {cfg.max_cot_length}, prompt <= "
+             "", f"B x G = {cfg.optim.prompts_per_step} x {cfg.rollout.num_generations}, CoT <= {cfg.rollout.max_cot_length}, prompt <= "
              f"{args.prompt}; per GPU, activations of the scoring pass not included", "",
              "| part | GB per GPU |", "|---|---:|"]
     lines += [f"| {name} | {gb:.1f} |" if gb else f"| {name} | |" for name, gb in parts]

@@ -131,7 +131,7 @@ def run_mode(cfg: TrainConfig, mode: str, args, device: str, dtype: str, **overr
         if args.random_shape:  # built on the device in the master dtype, handed to train (no disk round trip)
             lm = random_model(args.random_shape, _DTYPES[plan(cfg, dtype, 1)[0]], device)
             cfg = dataclasses.replace(cfg, model=args.random_shape)
-        profiler = StepProfiler(Path(args.profile), mode, cfg.max_steps, device) if extra else None
+        profiler = StepProfiler(Path(args.profile), mode, cfg.optim.max_steps, device) if extra else None
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -165,8 +165,8 @@ def main():
     if args.max_steps <= args.warmup:
         raise SystemExit("--max-steps must exceed --warmup: no step would be measured")
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
-    modes = (args.modes or cfg.mode).split(",")
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    modes = (args.modes or cfg.cot.mode).split(",")
+    device, dtype = resolve_device(cfg.load.device, cfg.load.dtype)
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
 
@@ -174,7 +174,7 @@ def main():
     if args.random_shape:
         counter = random_model(args.random_shape, _DTYPES[dtype], device)
     else:
-        counter = load_model(cfg.model, dtype=dtype, device=device)
+        counter = load_model(cfg.load.model, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in counter.model.parameters())
     weight_bytes = n_params * _DTYPES[dtype].itemsize
     head = counter.model.get_output_embeddings().weight.numel()
@@ -183,9 +183,9 @@ def main():
     shape_rate = shape_matmul_rate(counter.model, device, _DTYPES[dtype])
     del counter
 
-    rows = min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_generations)
+    rows = min(cfg.rollout.batch_size, cfg.optim.prompts_per_step * cfg.rollout.num_generations)
     floor = rows * bandwidth / weight_bytes  # tokens per second
-    flops_per_token = (8 if cfg.gradient_checkpointing else 6) * n_params
+    flops_per_token = (8 if cfg.optim.gradient_checkpointing else 6) * n_params
     variants = ([("unshared", dict(share_prompt=False, skip_zero_advantage=False)), ("shared", {})]
                 if args.compare_sharing else [("", {})])
     results, profiles, columns = {}, [], []
@@ -206,10 +206,10 @@ def main():
 
     lines = [
         f"### training step time, {datetime.date.today()}, {Path(args.config).name} "
-        f"({args.random_shape + ' shape, random init' if args.random_shape else cfg.model}, {', '.join(modes)})",
+        f"({args.random_shape + ' shape, random init' if args.random_shape else cfg.load.model}, {', '.join(modes)})",
         "",
-        f"{machine(device)}; B={cfg.prompts_per_step} x G={cfg.num_generations}, CoT <= {cfg.max_cot_length}, answer "
-        f"<= {cfg.max_answer_length}, micro-batch {cfg.micro_batch_size}, {dtype}; mean of steps {args.warmup + 1}-"
+        f"{machine(device)}; B={cfg.optim.prompts_per_step} x G={cfg.rollout.num_generations}, CoT <= {cfg.rollout.max_cot_length}, answer "
+        f"<= {cfg.rollout.max_answer_length}, micro-batch {cfg.optim.micro_batch_size}, {dtype}; mean of steps {args.warmup + 1}-"
         f"{args.max_steps} ({results[modes[0]]['steps']} steps) per mode",
         f"measured: copy {bandwidth / 1e9:.0f} GB/s, {dtype} matmul {flops / 1e12:.2f} TFLOP/s (square), "
         f"{shape_rate / 1e12:.3f} TFLOP/s at the model's GEMM shapes (512 tokens); {n_params / 1e9:.3g}B "
@@ -227,10 +227,10 @@ def main():
              lambda r: f"{100 * r['mean']['time/scoring_tokens_per_s'] * flops_per_token / flops:.1f}"),
         line("rows skipped (advantage 0) per step", lambda r: f"{r['mean']['train/rows_skipped']:.1f}"),
         line("tokens through the scorer per step", lambda r: f"{r['mean']['time/scored_tokens']:.0f}"),
-        line("step GFLOPs (counted)", lambda r: f"{step_flops(r['mean'], n_body, head, cfg.gradient_checkpointing) / 1e9:.1f}"),
+        line("step GFLOPs (counted)", lambda r: f"{step_flops(r['mean'], n_body, head, cfg.optim.gradient_checkpointing) / 1e9:.1f}"),
         line("step floor at the GEMM-shape rate (s)",
-             lambda r: f"{step_flops(r['mean'], n_body, head, cfg.gradient_checkpointing) / shape_rate:.2f}"),
-        line("measured step, % of that floor", lambda r: f"{100 * step_flops(r['mean'], n_body, head, cfg.gradient_checkpointing) / shape_rate / sum(r['mean'][f'time/{p}_s'] for p in PHASES):.1f}"),
+             lambda r: f"{step_flops(r['mean'], n_body, head, cfg.optim.gradient_checkpointing) / shape_rate:.2f}"),
+        line("measured step, % of that floor", lambda r: f"{100 * step_flops(r['mean'], n_body, head, cfg.optim.gradient_checkpointing) / shape_rate / sum(r['mean'][f'time/{p}_s'] for p in PHASES):.1f}"),
         line("peak memory (GB)", lambda r: f"{r['peak']:.1f}"),
         *[line(label, lambda r, k=k, f=f: f.format(r["mean"].get(k, float("nan")))) for label, k, f in MISMATCH],
         line("whole run with model loading (s)", lambda r: f"{r['seconds']:.0f}"),

@@ -58,10 +58,10 @@ def run_trl(cfg: TrainConfig, prompts: list[str], answers: list[str], steps: int
     except ImportError:
         raise SystemExit("TRL is not installed: pip install trl (a benchmark dependency only)") from None
 
-    lm = load_model(cfg.model, dtype="float32", device="cpu")
-    completion = cfg.max_cot_length + len(lm.tokenizer.encode(LENGTH_PREFILL, add_special_tokens=False)) \
-        + cfg.max_answer_length
-    rows = cfg.prompts_per_step * cfg.num_generations
+    lm = load_model(cfg.load.model, dtype="float32", device="cpu")
+    completion = cfg.rollout.max_cot_length + len(lm.tokenizer.encode(LENGTH_PREFILL, add_special_tokens=False)) \
+        + cfg.rollout.max_answer_length
+    rows = cfg.optim.prompts_per_step * cfg.rollout.num_generations
     lengths = []
 
     def boxed_match(completions, answer, **kwargs):
@@ -74,14 +74,14 @@ def run_trl(cfg: TrainConfig, prompts: list[str], answers: list[str], steps: int
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, fp16=False, learning_rate=cfg.learning_rate, beta=0.0,
-            num_generations=cfg.num_generations, per_device_train_batch_size=cfg.micro_batch_size,
-            gradient_accumulation_steps=rows // cfg.micro_batch_size, max_completion_length=completion,
-            temperature=1.0, max_steps=steps, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine",
-            max_grad_norm=cfg.max_grad_norm or 0.0, logging_steps=1, save_strategy="no", report_to="none",
-            seed=cfg.seed, disable_tqdm=True,
+            output_dir=out, use_cpu=True, bf16=False, fp16=False, learning_rate=cfg.optim.learning_rate, beta=0.0,
+            num_generations=cfg.rollout.num_generations, per_device_train_batch_size=cfg.optim.micro_batch_size,
+            gradient_accumulation_steps=rows // cfg.optim.micro_batch_size, max_completion_length=completion,
+            temperature=1.0, max_steps=steps, warmup_steps=cfg.optim.warmup_steps, lr_scheduler_type="cosine",
+            max_grad_norm=cfg.optim.max_grad_norm or 0.0, logging_steps=1, save_strategy="no", report_to="none",
+            seed=cfg.rollout.seed, disable_tqdm=True,
             # GRPOConfig turns gradient checkpointing on by default; both trainers run as the config says
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing=cfg.optim.gradient_checkpointing,
         )
         data = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
         trainer = GRPOTrainer(model=lm.model, reward_funcs=boxed_match, args=args, train_dataset=data,
@@ -100,7 +100,7 @@ def run_softtokens(cfg: TrainConfig, mode: str, steps: int, clock: StepClock, sk
         clock.ends = [time.perf_counter()]
         train(run, progress=False, callbacks=[clock])
         rows = read_metrics(out)
-    generated = [r["time/generated_tokens"] / (cfg.prompts_per_step * cfg.num_generations) for r in rows]
+    generated = [r["time/generated_tokens"] / (cfg.optim.prompts_per_step * cfg.rollout.num_generations) for r in rows]
     return {"completion_tokens": sum(generated) / len(generated),
             "skipped": sum(r["train/rows_skipped"] for r in rows) / len(rows)}
 
@@ -116,11 +116,11 @@ def main():
 
     cfg = config_from_dict(TrainConfig, yaml.safe_load(open(args.config)), args.config)
     cfg = dataclasses.replace(cfg, device="cpu", dtype="float32", beta=0.0)
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.data.dataset)
     train_set = data.problems[: len(data) - validation_size(cfg, len(data))]
     # the problems softtokens' steps draw, in its order, so both trainers see the same prompts
-    problems = [p for s in range(args.max_steps) for p in problems_for_step(train_set, s, cfg.prompts_per_step, cfg.seed)]
-    prompts = [format_prompt(p.question, cfg.prompt_template) for p in problems]
+    problems = [p for s in range(args.max_steps) for p in problems_for_step(train_set, s, cfg.optim.prompts_per_step, cfg.rollout.seed)]
+    prompts = [format_prompt(p.question, cfg.rollout.prompt_template) for p in problems]
 
     results = {}
     clock = StepClock()
@@ -134,14 +134,14 @@ def main():
     mean = {name: sum(r["seconds"]) / len(r["seconds"]) for name, r in results.items()}
     trl_s = mean["TRL GRPOTrainer"]
     lines = [
-        f"### softtokens vs TRL, seconds per step, {Path(args.config).name} ({cfg.model})",
+        f"### softtokens vs TRL, seconds per step, {Path(args.config).name} ({cfg.load.model})",
         "",
-        f"{machine()}, trl {trl.__version__}; B={cfg.prompts_per_step} x G={cfg.num_generations}, micro-batch "
-        f"{cfg.micro_batch_size}, learning rate {cfg.learning_rate}, beta 0, float32; mean of steps 2-{args.max_steps}; "
+        f"{machine()}, trl {trl.__version__}; B={cfg.optim.prompts_per_step} x G={cfg.rollout.num_generations}, micro-batch "
+        f"{cfg.optim.micro_batch_size}, learning rate {cfg.optim.learning_rate}, beta 0, float32; mean of steps 2-{args.max_steps}; "
         "TRL: max_completion_length "
-        f"{results['TRL GRPOTrainer']['max_completion_length']}; softtokens: CoT <= {cfg.max_cot_length}, answer <= "
-        f"{cfg.max_answer_length}, share_prompt and skip_zero_advantage on (the defaults); gradient checkpointing "
-        f"{'on' if cfg.gradient_checkpointing else 'off'} in both (TRL's GRPOConfig default is on: set equal here)",
+        f"{results['TRL GRPOTrainer']['max_completion_length']}; softtokens: CoT <= {cfg.rollout.max_cot_length}, answer <= "
+        f"{cfg.rollout.max_answer_length}, share_prompt and skip_zero_advantage on (the defaults); gradient checkpointing "
+        f"{'on' if cfg.optim.gradient_checkpointing else 'off'} in both (TRL's GRPOConfig default is on: set equal here)",
         "",
         "| trainer | s / step | vs TRL | vs softtokens hard (same scoring rule) | mean completion tokens | rows skipped / step |",
         "|---|---:|---:|---:|---:|---:|",

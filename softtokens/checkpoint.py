@@ -15,10 +15,14 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from softtokens.errors import UsageError
+
+if TYPE_CHECKING:
+    from softtokens.config import TrainConfig
 
 STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
@@ -64,25 +68,26 @@ def verify_checkpoint(path: Path, allow_unverified: bool = False) -> None:
                                     "after it was written)")
 
 
-def generate_command(cfg, model: str = "<this folder>", question: str = "...") -> str:
+def generate_command(cfg: TrainConfig, model: str = "<this folder>", question: str = "...") -> str:
     """The ``softtokens generate`` command that runs a trained model's CoT with the settings it was trained with
     (mode, tau, gamma, noise placement, prompt, chat template, CoT length)."""
     import shlex
 
     from softtokens import prompts
 
-    words = ["softtokens", "generate", "--model", model, "--mode", cfg.mode, "--temperature", repr(cfg.cot.temperature),
-             "--gamma", repr(cfg.gamma), "--noise-on", cfg.noise_on]
-    if cfg.noise_on == "topk_logits":
-        words += ["--noise-top-k", str(cfg.noise_top_k)]
-    if cfg.prompt_template != prompts.PROMPT_TEMPLATE:
-        words += ["--prompt-template", cfg.prompt_template]
-    if cfg.chat_template:
+    cot, ro = cfg.cot, cfg.rollout
+    words = ["softtokens", "generate", "--model", model, "--mode", cot.mode, "--temperature", repr(cot.temperature),
+             "--gamma", repr(cot.gamma), "--noise-on", cot.noise_on]
+    if cot.noise_on == "topk_logits":
+        words += ["--noise-top-k", str(cot.noise_top_k)]
+    if ro.prompt_template != prompts.PROMPT_TEMPLATE:
+        words += ["--prompt-template", ro.prompt_template]
+    if ro.chat_template:
         words += ["--chat-template"]
     for name in ("marker", "marker_prefill", "length_prefill"):
-        if getattr(cfg, name) != getattr(prompts, name.upper()):
-            words += ["--" + name.replace("_", "-"), getattr(cfg, name)]
-    words += ["--max-cot-length", str(cfg.max_cot_length), "--question", question]
+        if getattr(ro, name) != getattr(prompts, name.upper()):
+            words += ["--" + name.replace("_", "-"), getattr(ro, name)]
+    words += ["--max-cot-length", str(ro.max_cot_length), "--question", question]
     return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
 
 
@@ -105,26 +110,26 @@ def base_model_id(model: str) -> str | None:
     return model if "/" in model and is_hub_id(model) else None
 
 
-def model_card(cfg, sigma: float) -> str:
+def model_card(cfg: TrainConfig, sigma: float) -> str:
     """README.md of a checkpoint: what a user needs to run the model as it was trained."""
-    base = base_model_id(cfg.model)
+    base, cot, ro = base_model_id(cfg.load.model), cfg.cot, cfg.rollout
     front = ["---", "library_name: transformers", *([f"base_model: {base}"] if base else []),
-             "tags:", "- softtokens", "- soft-thinking", f"- {cfg.mode}-cot", "---"]
-    rows = [("base model", cfg.model), ("CoT mode", cfg.mode), ("CoT temperature tau", cfg.cot.temperature),
-            ("noise on", cfg.noise_on + (f" (k = {cfg.noise_top_k})" if cfg.noise_on == "topk_logits" else "")),
-            ("noise scale gamma", cfg.gamma), ("sigma = gamma x RMS of what is noised", f"{sigma:.6g}"),
-            ("chat template", cfg.chat_template), ("stop marker", f'`"{cfg.marker}"`'),
-            ("prefill after the marker", f'`"{cfg.marker_prefill}"`'),
-            ("prefill at the length limit", f'`"{cfg.length_prefill}"`'), ("max CoT length", cfg.max_cot_length),
-            ("dataset", cfg.dataset), ("reward", cfg.reward or "Math-Verify 100 / 10 / 0")]
+             "tags:", "- softtokens", "- soft-thinking", f"- {cot.mode}-cot", "---"]
+    rows = [("base model", cfg.load.model), ("CoT mode", cot.mode), ("CoT temperature tau", cot.temperature),
+            ("noise on", cot.noise_on + (f" (k = {cot.noise_top_k})" if cot.noise_on == "topk_logits" else "")),
+            ("noise scale gamma", cot.gamma), ("sigma = gamma x RMS of what is noised", f"{sigma:.6g}"),
+            ("chat template", ro.chat_template), ("stop marker", f'`"{ro.marker}"`'),
+            ("prefill after the marker", f'`"{ro.marker_prefill}"`'),
+            ("prefill at the length limit", f'`"{ro.length_prefill}"`'), ("max CoT length", ro.max_cot_length),
+            ("dataset", cfg.data.dataset), ("reward", cfg.grading.reward or "Math-Verify 100 / 10 / 0")]
     return "\n".join([
-        *front, "", f"# A {cfg.mode}-CoT model trained with softtokens", "",
+        *front, "", f"# A {cot.mode}-CoT model trained with softtokens", "",
         "RL-trained with continuous chain-of-thought tokens (\"Soft Tokens, Hard Truths\", arXiv 2509.19170). "
         "This folder is an ordinary Hugging Face model: `AutoModelForCausalLM.from_pretrained` runs it with hard "
         "tokens. To run its CoT as it was trained, use the same prompt, marker and prefills:", "",
         "```bash", generate_command(cfg), "```", "",
         "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
-        "Prompt template (`{question}` is replaced by the question):", "", "```", cfg.prompt_template, "```", ""])
+        "Prompt template (`{question}` is replaced by the question):", "", "```", ro.prompt_template, "```", ""])
 
 
 def _write_dir(path: Path, write, card: str | None = None) -> Path:

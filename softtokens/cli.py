@@ -21,9 +21,9 @@ import typing
 from pathlib import Path
 
 from softtokens import __version__
-from softtokens.config import (COMMANDS, RENAMED, EvalConfig, GenerateConfig, OODConfig, TrainConfig, config_from_dict,
-                               flatten, layout, option_defaults, option_docs, option_types, parse_floats, parse_seeds,
-                               renamed)
+from softtokens.config import (COMMANDS, RENAMED, C, EvalConfig, GenerateConfig, OODConfig, TrainConfig,
+                               config_from_dict, flatten, layout, option_defaults, option_docs, option_types,
+                               parse_floats, parse_seeds, renamed)
 from softtokens.errors import UsageError
 
 
@@ -95,7 +95,7 @@ def _seeds_flag(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def config_from_args(cls, args: argparse.Namespace):
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**{name: getattr(args, name) for name in layout(cls) if hasattr(args, name)})
 
 
@@ -162,9 +162,9 @@ def cmd_generate(args) -> int:
     from softtokens.models import check_context, load_model, resolve_device
     from softtokens.rollout import generate_rollouts
 
-    check_context(run.model, cfg.max_cot_length + cfg.max_answer_length)
-    device, dtype = resolve_device(run.device, run.dtype)
-    lm = load_model(run.model, dtype=dtype, device=device)
+    check_context(run.load.model, cfg.max_cot_length + cfg.max_answer_length)
+    device, dtype = resolve_device(run.load.device, run.load.dtype)
+    lm = load_model(run.load.model, dtype=dtype, device=device)
     rollouts = generate_rollouts(lm, args.question, cot_cfg, cfg)
     tok = lm.tokenizer
     if args.json:
@@ -175,7 +175,7 @@ def cmd_generate(args) -> int:
                 "near_tie_rate": near_tie_rate([r], cot_cfg.temperature)}))
         return 0
     n_params = sum(p.numel() for p in lm.model.parameters())
-    print(f"model {run.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
+    print(f"model {run.load.model} ({type(lm.model).__name__}, {n_params / 1e6:.0f}M parameters, {device}, {dtype})")
     print(f"mode {cot_cfg.mode}  tau {cot_cfg.temperature:g}  sigma {rollouts[0].sigma:.5g} (gamma {cot_cfg.gamma:g})")
     if cot_cfg.mode == "hard":
         what = "hard: the argmax token at each step" if cot_cfg.temperature == 0 else \
@@ -209,16 +209,17 @@ def cmd_eval(args) -> int:
         print(eval_plan(cfg))
         return 0
     datasets = check_eval(cfg)  # every input is checked before the model loads
-    check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
-    if device == "cpu" and cfg.limit is None and not args.yes:
+    check_context(cfg.load.model, cfg.rollout.max_cot_length + cfg.rollout.max_answer_length)
+    device, dtype = resolve_device(cfg.load.device, cfg.load.dtype)
+    if device == "cpu" and cfg.data.limit is None and not args.yes:
         rows = sum(len(ds) for ds in datasets.values()) * sum(
-            cfg.num_samples if cfg.cot.setting(s).sampled else 1 for s in cfg.inference.names())
-        raise UsageError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.max_cot_length} CoT tokens on a "
-                         "CPU (days): pass --limit N to evaluate the first N problems of each set, or --yes to run it all")
+            cfg.rollout.num_generations if cfg.cot.setting(s).sampled else 1 for s in cfg.inference.names())
+        raise UsageError(f"this evaluation decodes {rows:,} rollouts of up to {cfg.rollout.max_cot_length} CoT tokens "
+                         "on a CPU (days): pass --limit N to evaluate the first N problems of each set, or --yes to "
+                         "run it all")
     evaluate_model(cfg, datasets=datasets)
-    print(report([cfg.out]))
-    print(f"records, results.json, results.md, passk.png and entropy.png are in {cfg.out}")
+    print(report([cfg.output.output_dir]))
+    print(f"records, results.json, results.md, passk.png and entropy.png are in {cfg.output.output_dir}")
     return 0
 
 
@@ -254,8 +255,8 @@ def cmd_train(args) -> int:
     try:
         summary = train(cfg)
     except Stopped as e:
-        again = args.argv + ([] if cfg.resume else ["--resume"])
-        saved = (f"checkpoint-{e.step} is saved" if e.step and cfg.save_strategy != "no"
+        again = args.argv + ([] if cfg.output.resume else ["--resume"])
+        saved = (f"checkpoint-{e.step} is saved" if e.step and cfg.checkpoint.save_strategy != "no"
                  else "nothing was trained yet" if not e.step else "no checkpoint is kept (save_strategy no)")
         print(f"softtokens: stopped at step {e.step} ({signal.Signals(e.signum).name}); {saved}; "
               f"resume with: softtokens {' '.join(shlex.quote(a) for a in again)}", file=sys.stderr)
@@ -272,9 +273,9 @@ def cmd_ood(args) -> int:
     from softtokens.models import resolve_device
     from softtokens.ood import compare
 
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
-    print(compare(cfg.model, cfg, device, dtype))
-    print(f"records, ood.json, ood.md and ood.png are in {cfg.out}")
+    device, dtype = resolve_device(cfg.load.device, cfg.load.dtype)
+    print(compare(cfg.load.model, cfg, device, dtype))
+    print(f"records, ood.json, ood.md and ood.png are in {cfg.output.output_dir}")
     return 0
 
 

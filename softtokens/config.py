@@ -4,8 +4,8 @@ A command's config (``TrainConfig``, ``EvalConfig``, ``OODConfig``, ``GenerateCo
 uses. Each section checks its own values in its ``__post_init__`` and the command checks what spans sections, so
 every bad value fails when the config is built, before a model loads. YAML files and flags name an option by its
 flat name (``learning_rate: 1e-5``, ``--learning-rate``); the nested form (``optim: {learning_rate: 1e-5}``) is
-accepted too. ``cfg.optim`` is a section, which the library passes down whole; ``cfg.learning_rate`` reads the
-option from its section. A command may leave out options it has no use for, give one a name of its own (eval's
+accepted too. In Python an option is read and set on its section (``cfg.optim.learning_rate``); the library
+passes a section down whole. A command may leave out options it has no use for, give one a name of its own (eval's
 ``--out`` is the output section's ``output_dir``) and its own default (a CoT of 128 tokens to train, 512 to
 evaluate). Each field's docstring is its one description: the CLI's --help and docs/CONFIG.md.
 """
@@ -621,6 +621,9 @@ def flatten(cls, values: dict, source: str = "config") -> dict:
     return out
 
 
+C = typing.TypeVar("C", bound="Command")
+
+
 class Command:
     """Base of a command's config (a dataclass whose fields are its sections); built from flat or nested
     options, or from whole sections."""
@@ -661,22 +664,17 @@ class Command:
     def __post_init__(self):
         """What spans sections; each section has checked its own values."""
 
-    def __getattr__(self, name: str):
-        where = layout(type(self)).get(name)
-        section = self.__dict__.get(where[0]) if where else None
-        if section is None:
-            raise AttributeError(f"{type(self).__name__} has no option {name!r}")
-        return getattr(section, where[1])
-
     def __setattr__(self, name: str, value) -> None:
+        """A command's sections are set when it is built; an option is set on its section
+        (``cfg.optim.learning_rate = 1e-5``), so a flat or misspelt name fails instead of adding an attribute that
+        nothing reads."""
         where = layout(type(self)).get(name)
-        if where is None:
-            raise AttributeError(f"{type(self).__name__} has no option {name!r}")
-        setattr(getattr(self, where[0]), where[1], value)
+        raise AttributeError(f"{type(self).__name__}.{name}: " + (f"set it on its section, cfg.{where[0]}.{where[1]}"
+                                                                  if where else "no such option"))
 
     def checked(self):
         """This config built again from its values, each checked as when it was constructed: a field set after
-        construction (``cfg.learning_rate = -5``) fails here, naming the option, as it would have then."""
+        construction (``cfg.optim.learning_rate = -5``) fails here, naming the option, as it would have then."""
         return config_from_dict(type(self), self.flat(), type(self).__name__)
 
     def flat(self) -> dict:
@@ -733,14 +731,15 @@ class TrainConfig(Command):
              "seed": "Seeds the problem order and every rollout."}
 
     def __post_init__(self):
-        if self.estimator == "rloo" and self.num_generations < 2:
+        if self.optim.estimator == "rloo" and self.rollout.num_generations < 2:
             raise UsageError("rloo needs num_generations >= 2")
-        if self.antithetic:
-            if self.mode == "hard" or not self.cot.sampled:
+        if self.rollout.antithetic:
+            if self.cot.mode == "hard" or not self.cot.sampled:
                 raise UsageError("antithetic pairs the noise of a sampled soft or fuzzy CoT: use mode soft or fuzzy")
-            if self.estimator != "rloo" or self.num_generations < 4 or self.num_generations % 2:
+            if self.optim.estimator != "rloo" or self.rollout.num_generations < 4 or self.rollout.num_generations % 2:
                 raise UsageError("antithetic needs estimator rloo and an even num_generations >= 4 (each sample's "
-                                 f"baseline leaves out its pair), got {self.estimator} with {self.num_generations}")
+                                 f"baseline leaves out its pair), got {self.optim.estimator} with "
+                                 f"{self.rollout.num_generations}")
 
 
 @dataclass(init=False)
@@ -858,7 +857,7 @@ def by_section(cfg: Command) -> dict[str, dict]:
     return out
 
 
-def config_from_dict(cls, values: dict, source: str = "config"):
+def config_from_dict(cls: type[C], values: dict, source: str = "config") -> C:
     """A command's config from a mapping (a YAML file, overrides; flat or nested), naming any unknown key or wrong
     type."""
     hints, out = option_types(cls), {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from softtokens.config import EvalConfig, TrainConfig, by_section
+from softtokens.config import Command, EvalConfig, TrainConfig, by_section
 from softtokens.outdir import check_usable
 from softtokens.reward import reward_name, split_rewards
 from softtokens.seeds import per_seed
@@ -14,7 +14,7 @@ from softtokens.seeds import per_seed
 HEADER = "{command} --dry-run: every check passed; no model was loaded and nothing was written"
 
 
-def _config_yaml(cfg) -> str:
+def _config_yaml(cfg: Command) -> str:
     import yaml
 
     return yaml.safe_dump(by_section(cfg), sort_keys=False, allow_unicode=True).rstrip()
@@ -27,51 +27,53 @@ def train_plan(cfg: TrainConfig, dataset=None, reward_fn=None) -> str:
 
     lines = [HEADER.format(command="train"), "", "# the resolved config, by section (a --config file)",
              _config_yaml(cfg), ""]
-    for run in per_seed(cfg, "output_dir") if cfg.seeds else [cfg]:
-        out = Path(run.output_dir)
+    for run in per_seed(cfg) if cfg.output.seeds else [cfg]:
+        out = Path(run.output.output_dir)
         check_usable(out, "output_dir")
         pre = preflight(run, out, main=False, dataset=dataset, reward_fn=reward_fn)
         run = pre.cfg
-        lines += _train_lines(run, pre, require_number(run.require_number, run.dataset,
-                                                        *([run.eval_dataset] if pre.held_out else [])))
+        lines += _train_lines(run, pre, require_number(run.grading.require_number, run.data.dataset,
+                                                        *([run.validation.eval_dataset] if pre.held_out else [])))
     return "\n".join(lines)
 
 
 def _train_lines(cfg: TrainConfig, pre, strict: bool) -> list[str]:
-    rows = cfg.prompts_per_step * cfg.num_generations
+    cot, ro, opt, val, ckpt = cfg.cot, cfg.rollout, cfg.optim, cfg.validation, cfg.checkpoint
+    rows = opt.prompts_per_step * ro.num_generations
     mine = rows // pre.world
     done = int(pre.start.name.split("-")[1]) if pre.start is not None else 0
-    left = cfg.max_steps - done
+    left = opt.max_steps - done
     if pre.custom:
-        names = ", ".join(reward_name(r) for r in split_rewards(cfg.reward)) or "your reward"
-        grading = names + (f" weighted {cfg.reward_weights}" if cfg.reward_weights else "") + \
+        names = ", ".join(reward_name(r) for r in split_rewards(cfg.grading.reward)) or "your reward"
+        grading = names + (f" weighted {cfg.grading.reward_weights}" if cfg.grading.reward_weights else "") + \
             " (called on two made-up completions: fine)"
     else:
         grading = "Math-Verify 100 / 10 / 0" + (", a plain number to be right (require_number)" if strict else "")
     where = f"from {pre.start.name} at step {done}" if pre.start is not None else "from step 0"
-    departs = "" if cfg.cot_weight == 1 else f", METHOD.md §11 departure: CoT term weighted by {cfg.cot_weight:g}"
-    out = [f"run in {cfg.output_dir}: {where}; {cfg.mode} CoT (tau {cfg.temperature:g}, gamma {cfg.gamma:g}{departs}), "
-           f"model {cfg.model} on {pre.device} in {pre.dtype}" + (f", {pre.world} processes" if pre.world > 1 else ""),
-           f"data: {len(pre.data):,} problems in {cfg.dataset}: {len(pre.data) - cfg.val_size:,} to train, "
-           f"{cfg.val_size:,} held out for validation (val_size)",
+    departs = "" if opt.cot_weight == 1 else f", METHOD.md §11 departure: CoT term weighted by {opt.cot_weight:g}"
+    out = [f"run in {cfg.output.output_dir}: {where}; {cot.mode} CoT (tau {cot.temperature:g}, gamma {cot.gamma:g}"
+           f"{departs}), model {cfg.load.model} on {pre.device} in {pre.dtype}"
+           + (f", {pre.world} processes" if pre.world > 1 else ""),
+           f"data: {len(pre.data):,} problems in {cfg.data.dataset}: {len(pre.data) - val.val_size:,} to train, "
+           f"{val.val_size:,} held out for validation (val_size)",
            f"grading: {grading}",
-           f"batch: {cfg.prompts_per_step} prompts x {cfg.num_generations} generations = {rows:,} rollouts a step"
+           f"batch: {opt.prompts_per_step} prompts x {ro.num_generations} generations = {rows:,} rollouts a step"
            + (f" ({mine:,} a process)" if pre.world > 1 else "")
-           + f"; decoded {min(cfg.rollout_batch_size, mine)} rows at a time "
-           f"({_count(math.ceil(mine / cfg.rollout_batch_size), 'decode batch', 'decode batches')}); scored in "
-           f"micro-batches of {cfg.micro_batch_size} "
-           f"({_count(math.ceil(mine / cfg.micro_batch_size), 'backward pass', 'backward passes')}"
-           + (", fewer when rows with advantage 0 are skipped" if cfg.skip_zero_advantage and cfg.beta == 0 else "")
+           + f"; decoded {min(ro.batch_size, mine)} rows at a time "
+           f"({_count(math.ceil(mine / ro.batch_size), 'decode batch', 'decode batches')}); scored in "
+           f"micro-batches of {opt.micro_batch_size} "
+           f"({_count(math.ceil(mine / opt.micro_batch_size), 'backward pass', 'backward passes')}"
+           + (", fewer when rows with advantage 0 are skipped" if opt.skip_zero_advantage and opt.beta == 0 else "")
            + ")",
-           f"steps: {cfg.max_steps:,} (warm-up {cfg.warmup_steps}, then cosine to 0 at learning_rate "
-           f"{cfg.learning_rate:g}), {cfg.max_steps * rows:,} rollouts in all"
+           f"steps: {opt.max_steps:,} (warm-up {opt.warmup_steps}, then cosine to 0 at learning_rate "
+           f"{opt.learning_rate:g}), {opt.max_steps * rows:,} rollouts in all"
            + (f"; {left:,} steps, {left * rows:,} rollouts left" if done else ""),
-           "validation: " + (f"greedy on {cfg.val_size} problems every {cfg.eval_steps} steps and at the end"
-                             if cfg.eval_steps and cfg.val_size else "none (eval_steps 0)")
-           + (f"; before and after: {len(pre.held_out)} problems of {cfg.eval_dataset}, {cfg.eval_mode} greedy"
+           "validation: " + (f"greedy on {val.val_size} problems every {val.eval_steps} steps and at the end"
+                             if val.eval_steps and val.val_size else "none (eval_steps 0)")
+           + (f"; before and after: {len(pre.held_out)} problems of {val.eval_dataset}, {val.eval_mode} greedy"
               if pre.held_out else ""),
-           "checkpoints: " + ("none (save_strategy no)" if cfg.save_strategy == "no" else
-                              (f"every {cfg.save_steps} steps and " if cfg.save_steps else "") + "at the end"),
+           "checkpoints: " + ("none (save_strategy no)" if ckpt.save_strategy == "no" else
+                              (f"every {ckpt.save_steps} steps and " if ckpt.save_steps else "") + "at the end"),
            ""]
     return out
 
@@ -88,25 +90,26 @@ def eval_plan(cfg: EvalConfig, reward_fn=None) -> str:
     from softtokens.models import check_context, resolve_device
 
     datasets = check_eval(cfg, reward_fn, create=False)  # the folder too, without creating it
-    check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    check_context(cfg.load.model, cfg.rollout.max_cot_length + cfg.rollout.max_answer_length)
+    device, dtype = resolve_device(cfg.load.device, cfg.load.dtype)
     lines = [HEADER.format(command="eval"), "", "# the resolved config, by section", _config_yaml(cfg), "",
-             f"model {cfg.model} on {device} in {dtype}"]
-    for run in per_seed(cfg, "out") if cfg.seeds else [cfg]:
-        resumed = resume_check(run, run_record(run, run.model))
-        lines.append(f"evaluation in {run.out}: " + ("resumed, finished problems kept" if resumed else "new"))
+             f"model {cfg.load.model} on {device} in {dtype}"]
+    for run in per_seed(cfg) if cfg.output.seeds else [cfg]:
+        resumed = resume_check(run, run_record(run, run.load.model))
+        folder = Path(run.output.output_dir)
+        lines.append(f"evaluation in {folder}: " + ("resumed, finished problems kept" if resumed else "new"))
         total = 0
         for name, ds in datasets.items():
             for setting in run.inference.names():
-                n = run.num_samples if run.cot.setting(setting).sampled else 1
-                done = len({r["index"] for r in jsonl.read(Path(run.out) / "records" / name / f"{setting}.jsonl")}) \
+                n = run.rollout.num_generations if run.cot.setting(setting).sampled else 1
+                done = len({r["index"] for r in jsonl.read(folder / "records" / name / f"{setting}.jsonl")}) \
                     if resumed else 0
                 todo = max(len(ds) - done, 0) * n
                 total += todo
                 lines.append(f"  {name} {setting}: {len(ds):,} problems x {n} = {len(ds) * n:,} rollouts"
                              + (f", {todo:,} left" if done else ""))
-        lines.append(f"  {total:,} rollouts of up to {cfg.max_cot_length} CoT tokens to decode")
-    if device == "cpu" and cfg.limit is None:
+        lines.append(f"  {total:,} rollouts of up to {cfg.rollout.max_cot_length} CoT tokens to decode")
+    if device == "cpu" and cfg.data.limit is None:
         lines.append("on a CPU, eval asks for --limit N (the first N problems of each set) or --yes to run it all")
     return "\n".join(lines)
 

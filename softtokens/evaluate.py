@@ -42,21 +42,21 @@ PAPER_COLUMNS = [(m[0].upper(), m) for m in ("hard", "fuzzy", "soft")]
 def run_record(cfg: EvalConfig, model: str) -> dict:
     """The options config.json keeps and a resume compares, with the model's name and the settings and datasets
     as lists."""
-    return cfg.flat() | {"model": model, "settings": cfg.inference.names(), "datasets": split_names(cfg.datasets)}
+    return cfg.flat() | {"model": model, "settings": cfg.inference.names(), "datasets": split_names(cfg.data.dataset)}
 
 
 def resume_check(cfg: EvalConfig, run: dict) -> dict | None:
-    """The saved config.json of the evaluation in cfg.out (None for a new one), once the resume rule allows it:
-    a folder holding an evaluation goes on only with --resume, and only as the same evaluation."""
-    saved = Path(cfg.out) / "config.json"
+    """The saved config.json of the evaluation in its output folder (None for a new one), once the resume rule
+    allows it: a folder holding an evaluation goes on only with --resume, and only as the same evaluation."""
+    saved = Path(cfg.output.output_dir) / "config.json"
     if not saved.exists():
         return None
-    if not cfg.resume:
-        refuse_to_overwrite(Path(cfg.out), "an evaluation", "--out")
+    if not cfg.output.resume:
+        refuse_to_overwrite(Path(cfg.output.output_dir), "an evaluation", "--out")
     old = json.loads(saved.read_text())
     diff = cfg.resume_changes(old, run)
     if diff:
-        raise UsageError(f"cannot resume {cfg.out} with another configuration ({'; '.join(diff)})")
+        raise UsageError(f"cannot resume {cfg.output.output_dir} with another configuration ({'; '.join(diff)})")
     return old
 
 
@@ -68,76 +68,76 @@ def _start(cfg: EvalConfig, run: dict) -> None:
         now, run["provenance"] = run["provenance"], old.get("provenance", run["provenance"])
         if versions(now) != versions(run["provenance"]):
             run["provenance"]["resumed"] = run["provenance"].get("resumed", []) + [now]
-    (Path(cfg.out) / "config.json").write_text(json.dumps(run, indent=2))
+    (Path(cfg.output.output_dir) / "config.json").write_text(json.dumps(run, indent=2))
 
 
 def check_eval(cfg: EvalConfig, reward_fn=None, create: bool = True) -> dict:
     """Everything about an evaluation that can be wrong before a model loads, beyond the values its config
     checked: each dataset (read through, so a missing column names its file and line), the reward's import and
     the output folder (created unless ``create`` is false: a dry run). Returns the datasets."""
-    for r in split_rewards(reward_fn or cfg.reward):
+    for r in split_rewards(reward_fn or cfg.grading.reward):
         reward_spec(r)  # an import error first, before the datasets are read
-    (prepare if create else check_usable)(cfg.out, "--out")
-    names = split_names(cfg.datasets)
-    options = cfg.data.load_options(require_answer=not (reward_fn or cfg.reward))
-    datasets = {name: load_dataset(name, limit=cfg.limit, **options) for name in names}
-    check_rewards(reward_fn or cfg.reward, cfg.reward_weights, next(iter(datasets.values())).problems,
-                  cfg.reward_timeout)
+    (prepare if create else check_usable)(cfg.output.output_dir, "--out")
+    names = split_names(cfg.data.dataset)
+    options = cfg.data.load_options(require_answer=not (reward_fn or cfg.grading.reward))
+    datasets = {name: load_dataset(name, limit=cfg.data.limit, **options) for name in names}
+    check_rewards(reward_fn or cfg.grading.reward, cfg.grading.reward_weights, next(iter(datasets.values())).problems,
+                  cfg.grading.reward_timeout)
     return datasets
 
 
 def evaluate(lm: CausalLM, cfg: EvalConfig, progress: bool = True, reward_fn=None, datasets: dict | None = None) -> dict:
     """Run (or resume) an evaluation and return the summary that ``results.json`` holds.
 
-    ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of ``cfg.reward``.
+    ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of
+    ``cfg.grading.reward``.
     ``datasets``: what ``check_eval`` returned, to skip loading them again.
-    With ``cfg.seeds``, one evaluation per seed in out/seed-N; returns {seed: summary}.
+    With ``cfg.output.seeds``, one evaluation per seed in out/seed-N; returns {seed: summary}.
     """
     cfg = cfg.checked()  # a field set after construction is checked as the constructor checks it
-    if cfg.seeds:
+    if cfg.output.seeds:
         datasets = datasets or check_eval(cfg, reward_fn)
-        return {c.seed: evaluate(lm, c, progress, reward_fn, datasets) for c in per_seed(cfg, "out")}
+        return {c.rollout.seed: evaluate(lm, c, progress, reward_fn, datasets) for c in per_seed(cfg)}
     settings = cfg.inference.names()
-    names = split_names(cfg.datasets)
+    names = split_names(cfg.data.dataset)
     datasets = datasets or check_eval(cfg, reward_fn)
     run = run_record(cfg, lm.name) | {
-        "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.gamma),
-        "reward": reward_record(reward_fn or cfg.reward),
-        "provenance": provenance(lm.name), "require_number": require_number(cfg.require_number, *names)}
+        "sigma": cot.noise_scale(lm.embedding_matrix(), cfg.cot.gamma),
+        "reward": reward_record(reward_fn or cfg.grading.reward),
+        "provenance": provenance(lm.name), "require_number": require_number(cfg.grading.require_number, *names)}
     del run["resume"], run["out"]
-    with FolderLock(prepare(cfg.out, "--out"), "--out"), \
-            Grader(cfg.grading_workers, cfg.grading_timeout, run["require_number"], reward_fn or cfg.reward,
-                   cfg.reward_weights, cfg.reward_timeout) as grader:
+    with FolderLock(prepare(cfg.output.output_dir, "--out"), "--out"), \
+            Grader.from_config(cfg.grading, run["require_number"], reward_fn) as grader:
         _start(cfg, run)
         for name, ds in datasets.items():
             for setting in settings:
                 _evaluate_one(lm, cfg, run["sigma"], grader, name, ds, setting, progress)
-    return summarize(cfg.out)
+    return summarize(cfg.output.output_dir)
 
 
 def evaluate_model(cfg: EvalConfig, progress: bool = True, reward_fn=None, datasets: dict | None = None) -> dict:
-    """Load ``cfg.model`` and evaluate it (``evaluate``): what ``softtokens eval`` runs, from Python. Every input is
-    checked before the model loads."""
+    """Load ``cfg.load.model`` and evaluate it (``evaluate``): what ``softtokens eval`` runs, from Python. Every
+    input is checked before the model loads."""
     from softtokens.models import check_context, load_model, resolve_device
 
     cfg = cfg.checked()
     datasets = datasets or check_eval(cfg, reward_fn)
-    check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
-    return evaluate(load_model(cfg.model, dtype=dtype, device=device), cfg, progress, reward_fn, datasets)
+    check_context(cfg.load.model, cfg.rollout.max_cot_length + cfg.rollout.max_answer_length)
+    device, dtype = resolve_device(cfg.load.device, cfg.load.dtype)
+    return evaluate(load_model(cfg.load.model, dtype=dtype, device=device), cfg, progress, reward_fn, datasets)
 
 
 def _evaluate_one(lm, cfg: EvalConfig, sigma: float, grader: Grader, name: str, ds, setting: str, progress: bool):
-    path = Path(cfg.out) / "records" / name / f"{setting}.jsonl"
+    path = Path(cfg.output.output_dir) / "records" / name / f"{setting}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {r["index"] for r in jsonl.read(path, repair=True)}
     todo = [i for i in range(len(ds)) if i not in done]
     cot_cfg = cfg.cot.setting(setting)
-    n = cfg.num_samples if cot_cfg.sampled else 1
+    n = cfg.rollout.num_generations if cot_cfg.sampled else 1
     rcfg = dataclasses.replace(cfg.rollout, num_generations=n)
     if cot_cfg.noise_on != "embedding":  # the run's sigma is RMS(E)'s; a model's own noise placement has its own
         sigma = default_sigma(lm, cot_cfg)
-    per_batch = max(1, cfg.batch_size // n)
+    per_batch = max(1, cfg.rollout.batch_size // n)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -182,7 +182,7 @@ def _write(path: Path, ds, grader: Grader, idx, rollouts, handle, n: int, cfg: E
                 {"answer": r.completion, "correct": g.correct, "reward": g.reward, "boxed": g.boxed,
                  "stop_reason": r.stop_reason, "cot_length": r.cot_length,
                  "near_tie_rate": round(near_tie_rate([r], r.cot_temperature), 5)}
-                | ({"cot": r.cot_text} if cfg.save_cot_text else {})
+                | ({"cot": r.cot_text} if cfg.inference.save_cot_text else {})
                 for r, g in zip(rs, gs)
             ],
             "entropy_sum": [round(x, 5) for x in ent_sum],

@@ -62,10 +62,10 @@ class Job:
 
     @property
     def eval_out(self) -> Path:
-        return Path(self.train.output_dir).parents[2] / "eval" / self.name / f"seed-{self.seed}"
+        return Path(self.train.output.output_dir).parents[2] / "eval" / self.name / f"seed-{self.seed}"
 
     def ood_out(self, protocol: str = "cloze") -> Path:
-        return Path(self.train.output_dir).parents[2] / ood_stage(protocol) / self.name / f"seed-{self.seed}"
+        return Path(self.train.output.output_dir).parents[2] / ood_stage(protocol) / self.name / f"seed-{self.seed}"
 
 
 def ood_stage(protocol: str) -> str:
@@ -127,14 +127,14 @@ def jobs(plan: GridPlan) -> list[Job]:
             cfg = config_from_dict(TrainConfig, {**given, "seed": seed, "seeds": None, "resume": False,
                                                  "output_dir": str(Path(plan.out) / "train" / stem / f"seed-{seed}")},
                                    config)
-            if cfg.save_strategy == "no":
+            if cfg.checkpoint.save_strategy == "no":
                 raise UsageError(f"{config}: save_strategy no leaves no checkpoint to evaluate")
             out.append(Job(stem, seed, cfg))
     return out
 
 
 def base_models(plan: GridPlan) -> list[str]:
-    return list(dict.fromkeys(j.train.model for j in jobs(plan))) if plan.base_model else []
+    return list(dict.fromkeys(j.train.load.model for j in jobs(plan))) if plan.base_model else []
 
 
 def _base_dir(plan: GridPlan, stage: str, model: str) -> Path:
@@ -153,7 +153,7 @@ def trained_model(cfg: TrainConfig) -> Path:
     """The checkpoint a run's evaluations use: checkpoint-best, or the last checkpoint when validation is off."""
     from softtokens.checkpoint import checkpoints
 
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output.output_dir)
     if (out / "checkpoint-best").is_dir():
         return out / "checkpoint-best"
     found = checkpoints(out)
@@ -203,17 +203,18 @@ def estimate_hours(cfg: TrainConfig, measured: list[dict]) -> tuple[float | None
     """GPU-hours of a run from a measured step, scaled by tokens per step and parameter count; why, in words."""
     if not measured:
         return None, "no GPU step time in benchmarks/RESULTS.md"
-    ref = next((m for m in measured if Path(m["config"]).stem == Path(cfg.output_dir).parts[-2]), measured[-1])
-    mode = cfg.mode if cfg.mode in ref["seconds"] else next(iter(ref["seconds"]))
-    tokens = cfg.prompts_per_step * cfg.num_generations * (cfg.max_cot_length + cfg.max_answer_length)
+    ref = next((m for m in measured if Path(m["config"]).stem == Path(cfg.output.output_dir).parts[-2]), measured[-1])
+    mode = cfg.cot.mode if cfg.cot.mode in ref["seconds"] else next(iter(ref["seconds"]))
+    tokens = (cfg.optim.prompts_per_step * cfg.rollout.num_generations
+              * (cfg.rollout.max_cot_length + cfg.rollout.max_answer_length))
     scale = tokens / ref["tokens"]
     ref_model = SHAPES.get(ref["shape"])
-    if cfg.model in PARAMS and ref_model:
-        scale *= PARAMS[cfg.model] / PARAMS[ref_model]
+    if cfg.load.model in PARAMS and ref_model:
+        scale *= PARAMS[cfg.load.model] / PARAMS[ref_model]
         how = "tokens per step and parameters"
     else:
         how = "tokens per step (parameters unknown: same size assumed)"
-    seconds = ref["seconds"][mode] * scale * cfg.max_steps
+    seconds = ref["seconds"][mode] * scale * cfg.optim.max_steps
     return seconds / 3600, (f"{ref['seconds'][mode]:.1f} s/step measured for {ref['config']} ({mode}) on "
                             f"{ref['machine']}, scaled by {how}")
 
@@ -231,12 +232,12 @@ def describe(plan: GridPlan, results: Path = Path("benchmarks/RESULTS.md")) -> s
         hours, why = estimate_hours(job.train, measured)
         total += hours or 0
         state = ("trained" if finished(job.train) else "training partly done"
-                 if checkpoints(Path(job.train.output_dir)) else "to train")
+                 if checkpoints(Path(job.train.output.output_dir)) else "to train")
         state += ", evaluated" if _done(job.eval_out) else ", to evaluate"
         for ood in ood_configs(plan):
-            state += f", OOD {ood.protocol} " + ("done" if _done(job.ood_out(ood.protocol)) else "to do")
+            state += f", OOD {ood.check.protocol} " + ("done" if _done(job.ood_out(ood.check.protocol)) else "to do")
         cost = f"~{hours:.1f} GPU-h" if hours is not None else "GPU-h unknown"
-        lines.append(f"  {job.name} seed {job.seed}: {job.train.max_steps} steps, {cost} ({state})")
+        lines.append(f"  {job.name} seed {job.seed}: {job.train.optim.max_steps} steps, {cost} ({state})")
     lines += [f"  base model {m}: evaluation and OOD" for m in base_models(plan)]
     lines.append(f"training total ~{total:.1f} GPU-hours ({why}); evaluations are not timed on a GPU yet, so "
                  "they are not estimated" if measured else "no GPU step time measured: no estimate")
@@ -250,9 +251,9 @@ def trained_cot(plan: GridPlan, job: Job) -> dict:
     """A sweep's model is evaluated in its own settings: its gamma, and unless the plan's eval section sets the CoT
     (mode, temperature, noise_on, noise_top_k), the settings of its mode at its temperature and noise placement."""
     given = flatten(EvalConfig, plan.eval)
-    own = {"gamma": job.train.gamma}
+    own = {"gamma": job.train.cot.gamma}
     if not any(k in given for k in TRAINED_COT):
-        own |= {k: getattr(job.train, k) for k in TRAINED_COT}
+        own |= {k: getattr(job.train.cot, k) for k in TRAINED_COT}
     return own
 
 
@@ -271,7 +272,7 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     device, dtype = resolve_device(device, dtype)
 
     def evaluate_and_check(model: str, eval_out: Path, ood_out, seed: int, own: dict | None = None) -> None:
-        todo = [ood for ood in oods if not _done(ood_out(ood.protocol))]
+        todo = [ood for ood in oods if not _done(ood_out(ood.check.protocol))]
         if _done(eval_out) and not todo:
             return
         lm = load_model(model, dtype=dtype, device=device)  # once for every stage
@@ -282,9 +283,10 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
             evaluate(lm, cfg, progress, datasets=check_eval(cfg))
             _mark(eval_out)
         for ood in todo:
-            ood_eval(lm, split_names(ood.datasets), ood_out(ood.protocol), ood.limit, ood.batch_size,
-                     progress=progress, protocol=ood.protocol, max_cot_length=ood.max_cot_length)
-            _mark(ood_out(ood.protocol))
+            ood_eval(lm, split_names(ood.data.dataset), ood_out(ood.check.protocol), ood.data.limit,
+                     ood.rollout.batch_size, progress=progress, protocol=ood.check.protocol,
+                     max_cot_length=ood.rollout.max_cot_length)
+            _mark(ood_out(ood.check.protocol))
 
     for model in base_models(plan):
         evaluate_and_check(model, _base_dir(plan, "eval", model),
@@ -300,7 +302,7 @@ def write_tables(plan: GridPlan) -> str:
     entropy.png beside it."""
     from softtokens.report import load_results, paper_table, plot_entropy, plot_passk
 
-    runs, ood_runs = [], {ood.protocol: [] for ood in ood_configs(plan)}
+    runs, ood_runs = [], {ood.check.protocol: [] for ood in ood_configs(plan)}
     for model in base_models(plan):
         if _done(_base_dir(plan, "eval", model)):
             runs.append(load_results(_base_dir(plan, "eval", model)) | {"model": f"base: {model}", "source": model})

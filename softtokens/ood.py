@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from softtokens import cot, jsonl
-from softtokens.config import PROTOCOLS, CoTConfig, RolloutConfig, split_names
+from softtokens.config import PROTOCOLS, CoTConfig, OODConfig, RolloutConfig, split_names
 from softtokens.data import jsonl_rows
 from softtokens.passk import standard_error
 from softtokens.provenance import provenance
@@ -310,16 +310,17 @@ def plot_ood(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-def compare(model: str, cfg, device: str, dtype: str) -> str:
-    """``softtokens ood``: score the model (and the base) into cfg.out; write ood.json, ood.md and ood.png and
+
+def compare(model: str, cfg: OODConfig, device: str, dtype: str) -> str:
+    """``softtokens ood``: score the model (and the base) into its output folder; write ood.json, ood.md and ood.png and
     return the table."""
     from softtokens.models import load_model
     from softtokens.outdir import FolderLock, prepare, refuse_to_overwrite
 
-    out = Path(cfg.out)
-    if (out / "model").exists() and not cfg.resume:
+    out = Path(cfg.output.output_dir)
+    if (out / "model").exists() and not cfg.output.resume:
         refuse_to_overwrite(out, "an OOD check", "--out")
-    names = split_names(cfg.datasets)
+    names = split_names(cfg.data.dataset)
     run = {k: v for k, v in cfg.flat().items() if k not in ("out", "resume")} | {"model": model, "datasets": names}
     runs = {}
     with FolderLock(prepare(out, "--out"), "--out"):
@@ -327,11 +328,11 @@ def compare(model: str, cfg, device: str, dtype: str) -> str:
         if saved.exists() and (diff := cfg.resume_changes(json.loads(saved.read_text()), run)):
             raise UsageError(f"cannot resume {out} with another configuration ({'; '.join(diff)})")
         saved.write_text(json.dumps(run, indent=1))
-        for role, name in (("model", model), ("base", cfg.base)):
+        for role, name in (("model", model), ("base", cfg.load.base)):
             if name is not None:
                 lm = load_model(name, dtype=dtype, device=device)
-                runs[role] = ood_eval(lm, names, out / role, cfg.limit, cfg.batch_size, protocol=cfg.protocol,
-                                      max_cot_length=cfg.max_cot_length)
+                runs[role] = ood_eval(lm, names, out / role, cfg.data.limit, cfg.rollout.batch_size,
+                                      protocol=cfg.check.protocol, max_cot_length=cfg.rollout.max_cot_length)
                 del lm
         table = table2([runs["model"]], runs.get("base"))
         (out / "ood.json").write_text(json.dumps(runs, indent=1))

@@ -103,8 +103,8 @@ def _shard(scorer: Scorer, compute: torch.dtype, d: Dist) -> None:
 
 def plan(cfg: TrainConfig, dtype: str, world: int) -> tuple[str, bool]:
     """(dtype of the trained weights, whether to shard with FSDP2) for a run."""
-    mixed = cfg.mixed_precision and dtype in ("bfloat16", "float16")
-    master = dtype if cfg.use_peft or not mixed else "float32"
+    mixed = cfg.optim.mixed_precision and dtype in ("bfloat16", "float16")
+    master = dtype if cfg.lora.use_peft or not mixed else "float32"
     return master, world > 1 or (master != dtype)
 
 
@@ -116,19 +116,19 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
     """
     master, sharded = plan(cfg, dtype, d.world)
     if lm is None:
-        lm = load_model(cfg.model, dtype=master, device=device)
+        lm = load_model(cfg.load.model, dtype=master, device=device)
     state = None
     if resume is not None:
         weights, state = read_checkpoint(resume)
-        if not cfg.use_peft:  # a LoRA checkpoint's folder holds the merged model; its adapters are in the state
+        if not cfg.lora.use_peft:  # a LoRA checkpoint's folder holds the merged model; its adapters are in the state
             check_saved_weights(resume, weights, lm.model)
             lm.model.load_state_dict(weights, strict=False)
-    if cfg.gradient_checkpointing:
+    if cfg.optim.gradient_checkpointing:
         set_activation_checkpointing(lm.model)
     rollout = lm
-    if sharded or cfg.use_peft or master != dtype:
+    if sharded or cfg.lora.use_peft or master != dtype:
         rollout = CausalLM(_copy_in(lm.model, _DTYPES[dtype]).eval(), lm.tokenizer, lm.name)
-    if cfg.use_peft:
+    if cfg.lora.use_peft:
         lm = CausalLM(_lora(lm.model, cfg), lm.tokenizer, lm.name)
         if state is not None:
             adapter = state.get("adapter") or {}
@@ -137,12 +137,12 @@ def build(cfg: TrainConfig, device: str, dtype: str, d: Dist, resume: Path | Non
                 raise UsageError(f"checkpoint {resume} does not match this LoRA configuration: it holds "
                                  f"{len(adapter)} adapter tensors, the model has {len(own)}")
             lm.model.load_state_dict(adapter, strict=False)
-    if cfg.disable_dropout:
+    if cfg.optim.disable_dropout:
         disable_dropout(lm.model)
     scorer = Scorer(lm)
     if sharded:
         _shard(scorer, _DTYPES[dtype], d)
-    policy = Policy(lm, scorer, rollout, sharded, cfg.use_peft)
+    policy = Policy(lm, scorer, rollout, sharded, cfg.lora.use_peft)
     policy.sync_rollout()
     return policy, state
 
@@ -160,13 +160,13 @@ def _lora(model, cfg: TrainConfig):
         import peft
     except ImportError:
         raise UsageError("use_peft needs the peft package: pip install 'softtokens[lora]'") from None
-    targets = cfg.lora_target_modules
+    targets = cfg.lora.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    config = peft.LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                              target_modules=targets, task_type="CAUSAL_LM")
     try:
         with torch.random.fork_rng(devices=[]):  # the same adapters on every rank (each shards its own copy) and run
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.rollout.seed)
             return peft.get_peft_model(model, config)
     except ValueError as e:
-        raise UsageError(f"lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
+        raise UsageError(f"lora_target_modules {cfg.lora.lora_target_modules!r}: {e}") from None

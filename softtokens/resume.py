@@ -54,7 +54,7 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
     import yaml
 
     found = checkpoints(out)
-    if not cfg.resume:
+    if not cfg.output.resume:
         if found:
             refuse_to_overwrite(out, "checkpoints", "output_dir")
         if (out / "metrics.jsonl").exists():
@@ -75,10 +75,10 @@ def start_point(cfg: TrainConfig, out: Path, main: bool = True) -> Path | None:
                              f"{', '.join(f for f in cfg.resumable_options() if f not in QUIET)} may change on resume")
     for i in range(len(found) - 1, -1, -1):
         try:
-            verify_checkpoint(found[i], cfg.allow_unverified)
+            verify_checkpoint(found[i], cfg.checkpoint.allow_unverified)
             return found[i]
         except CorruptCheckpoint as e:
-            if not cfg.resume_from_previous:
+            if not cfg.checkpoint.resume_from_previous:
                 raise UsageError(f"{e}; pass --resume-from-previous to resume from the checkpoint before it") from None
             if i == 0:
                 raise UsageError(f"{e}, and no earlier checkpoint is left to resume from") from None

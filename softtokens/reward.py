@@ -50,8 +50,12 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softtokens.errors import UsageError
+
+if TYPE_CHECKING:
+    from softtokens.config import GradingConfig
 
 CORRECT, BOXED, NONE = 100.0, 10.0, 0.0
 MAX_CHARS = 20_000  # the graded text is short; anything longer is cut to its tail, where the box is
@@ -423,6 +427,12 @@ class Grader:
         else:
             self.reward, self._local = tuple(spec for spec, _ in specs), None
         self._pool: cf.ProcessPoolExecutor | None = None
+
+    @classmethod
+    def from_config(cls, grading: GradingConfig, require_number: bool, reward=None) -> Grader:
+        """The grader a run's grading section describes; ``reward``: rewards given in Python, in place of its own."""
+        return cls(grading.grading_workers, grading.grading_timeout, require_number, reward or grading.reward,
+                   grading.reward_weights, grading.reward_timeout)
 
     @property
     def custom(self) -> bool:

@@ -13,6 +13,12 @@ import dataclasses
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from softtokens.config import EvalConfig, TrainConfig
+
+C = TypeVar("C", "TrainConfig", "EvalConfig")
 
 SEED_DIR = re.compile(r"^seed-(\d+)$")
 
@@ -21,10 +27,10 @@ def seed_dir(base: str | Path, seed: int) -> Path:
     return Path(base) / f"seed-{seed}"
 
 
-def per_seed(cfg, folder_field: str) -> list:
-    """The config of each seed's run: ``seed`` set, ``seeds`` cleared, the folder field pointing at seed-N."""
-    return [dataclasses.replace(cfg, seed=s, seeds=None, **{folder_field: str(seed_dir(getattr(cfg, folder_field), s))})
-            for s in cfg.seeds]
+def per_seed(cfg: C) -> list[C]:
+    """The config of each seed's run: ``seed`` set, ``seeds`` cleared, the output folder pointing at seed-N."""
+    return [dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, seed=s), output=dataclasses.replace(
+        cfg.output, seeds=None, output_dir=str(seed_dir(cfg.output.output_dir, s)))) for s in cfg.output.seeds or []]
 
 
 def seed_folders(folder: str | Path) -> list[Path]:

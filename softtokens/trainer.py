@@ -142,20 +142,20 @@ def train_step(policy: Policy, ref: CausalLM | None, optimizer, scheduler, grade
     baseline sees the whole group. ``grader`` is a ``Grader`` (or a ``RewardFunction`` for experiments).
     ``samples``: gets this rank's first ``log_completions`` rollouts as dicts to read.
     """
-    mine = _share(len(problems) * cfg.num_generations, d)
-    rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.seed * 1_000_003 + step)
+    mine = _share(len(problems) * cfg.rollout.num_generations, d)
+    rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed * 1_000_003 + step)
     dev = policy.lm.device
     t0 = _now(dev)
     graded, t1 = roll_out_and_grade(policy, grader, cfg, rollout_cfg, sigma, problems, step, mine, d)
     if samples is not None:
-        samples += completion_samples(graded, [problems[j // cfg.num_generations] for j in mine],
-                                      getattr(grader, "names", []), cfg.log_completions)
+        samples += completion_samples(graded, [problems[j // cfg.rollout.num_generations] for j in mine],
+                                      getattr(grader, "names", []), cfg.logging.log_completions)
     t2 = _now(dev)
     with record_function("softtokens/scoring"):
         done = backward(policy, ref, optimizer, graded.rollouts, graded.advantages, cfg, d, first_row=mine.start)
     t3 = _now(dev)
     with record_function("softtokens/optimizer"):
-        opt = optimise(policy, optimizer, scheduler, cfg.max_grad_norm)
+        opt = optimise(policy, optimizer, scheduler, cfg.optim.max_grad_norm)
     t4 = _now(dev)
     dones = gather_objects(done, d)
     prefilled = sum(gather_objects(prefill_tokens(graded.rollouts, rollout_cfg), d))
@@ -169,14 +169,14 @@ def roll_out_and_grade(policy: Policy, grader, cfg: TrainConfig, rollout_cfg, si
     """This rank's rollouts, each decoded batch submitted for grading at once (grading overlaps the decoding of
     the next batch); then the grades, every rank's rewards and this rank's advantages. Also returns the time the
     rollouts ended."""
-    B, G = len(problems), cfg.num_generations
+    B, G = len(problems), cfg.rollout.num_generations
     owners, handles = [problems[j // G] for j in mine], []
 
     def submit(batch):
         start = sum(n for n, _ in handles)
         rows = owners[start : start + len(batch)]
         handles.append((len(batch), grader.submit([(p.answer, r.completion) for p, r in zip(rows, batch)], rows, batch,
-                                                  TrainerState(step, cfg.max_steps))))
+                                                  TrainerState(step, cfg.optim.max_steps))))
 
     with record_function("softtokens/rollout"):
         policy.sync_rollout()
@@ -191,7 +191,7 @@ def roll_out_and_grade(policy: Policy, grader, cfg: TrainConfig, rollout_cfg, si
              for g, r in zip(grades, rollouts)]
     rows = [row for part in gather_objects(stats, d) for row in part]  # every row, in global order
     rewards = torch.tensor([row.reward for row in rows], dtype=torch.float32).view(B, G)
-    estimate = rloo_antithetic_advantages if cfg.antithetic else ESTIMATORS[cfg.estimator]
+    estimate = rloo_antithetic_advantages if cfg.rollout.antithetic else ESTIMATORS[cfg.optim.estimator]
     advantages = estimate(rewards).flatten()[mine.start : mine.stop].to(policy.lm.device)
     return Graded(rollouts, grades, rows, rewards, advantages), ended
 
@@ -260,42 +260,43 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     policy.lm.model.train()
     optimizer.zero_grad(set_to_none=True)
     n, loss_sum, kl_sum, seen, tokens = len(rollouts), 0.0, 0.0, [], 0
-    split = GradientSplit(list(policy.parameters())) if cfg.gradient_signal else None
-    needed = ref is not None or not cfg.skip_zero_advantage
+    split = GradientSplit(list(policy.parameters())) if cfg.logging.gradient_signal else None
+    needed = ref is not None or not cfg.optim.skip_zero_advantage
     keep = [i for i, a in enumerate(advantages.tolist()) if a != 0 or needed]
     sets = [keep]
     if split is not None:  # two halves of the batch's groups (first_row: this rank's first row in the batch)
-        sets = [[i - first_row for i in h] for h in halves([first_row + i for i in keep], cfg.num_generations)]
-    parts = [(h, rows[s : s + cfg.micro_batch_size]) for h, rows in enumerate(sets)
-             for s in range(0, len(rows), cfg.micro_batch_size)]
+        sets = [[i - first_row for i in h] for h in halves([first_row + i for i in keep], cfg.rollout.num_generations)]
+    parts = [(h, rows[s : s + cfg.optim.micro_batch_size]) for h, rows in enumerate(sets)
+             for s in range(0, len(rows), cfg.optim.micro_batch_size)]
     # Under FSDP every rank runs the same number of forward / backward passes (each is a collective): a rank
     # with fewer parts scores its first row again with weight 0.
     padding = max(gather_objects(len(parts), d)) - len(parts) if d.world > 1 else 0
     for (half, rows), weight in [(part, 1.0) for part in parts] + [((0, [0]), 0.0)] * padding:
         part = [rollouts[i] for i in rows]
-        scores = policy.scorer(part, share_prompt=cfg.share_prompt, mixture_embedding_grad=cfg.mixture_embedding_grad)
+        scores = policy.scorer(part, share_prompt=cfg.rollout.share_prompt,
+                               mixture_embedding_grad=cfg.optim.mixture_embedding_grad)
         if weight:
             seen += mismatch.rollout_stats(part, scores, cfg.cot.temperature)
-            tokens += computed_tokens(policy.lm, part, cfg.share_prompt)
+            tokens += computed_tokens(policy.lm, part, cfg.rollout.share_prompt)
         weights = None
-        if cfg.rollout_correction == "tis":
+        if cfg.optim.rollout_correction == "tis":
             rolled = torch.stack([r.loglik for r in part])
-            weights = tis_weights(scores.total, rolled, cfg.tis_cap)
+            weights = tis_weights(scores.total, rolled, cfg.optim.tis_cap)
         # Normalised by this rank's n rows: FSDP averages gradients over the ranks, which makes -(1/BG) sum A l.
         # the paper's l = l_cot + l_answer; cot_weight lambda != 1 is a departure (METHOD.md §11)
-        loglik = scores.total if cfg.cot_weight == 1 else cfg.cot_weight * scores.cot + scores.answer
+        loglik = scores.total if cfg.optim.cot_weight == 1 else cfg.optim.cot_weight * scores.cot + scores.answer
         loss = policy_gradient_loss(advantages[rows] * weight, loglik, n, weights)
         if ref is not None:
             with torch.no_grad():
-                ref_scores = score_rollouts(ref, part, share_prompt=cfg.share_prompt)
+                ref_scores = score_rollouts(ref, part, share_prompt=cfg.rollout.share_prompt)
             kl = kl_k3(torch.cat([scores.cot_steps, scores.answer_steps], 1),
                        torch.cat([ref_scores.cot_steps, ref_scores.answer_steps], 1).to(scores.cot_steps.dtype))
-            loss = loss + weight * cfg.beta * kl.sum() / n
+            loss = loss + weight * cfg.optim.beta * kl.sum() / n
             kl_sum += weight * float(kl.detach().sum())
         if split is None:
             loss.backward()
         else:  # the CoT term, then the rest (answer and KL), each into its own buffer
-            cot_loss = policy_gradient_loss(advantages[rows] * weight, cfg.cot_weight * scores.cot, n, weights)
+            cot_loss = policy_gradient_loss(advantages[rows] * weight, cfg.optim.cot_weight * scores.cot, n, weights)
             cot_loss.backward(retain_graph=True)
             split.take("cot", half)
             (loss - cot_loss).backward()
@@ -322,7 +323,7 @@ def step_metrics(cfg: TrainConfig, graded: Graded, dones: list[Backward], prefil
     rows, rewards = graded.rows, graded.rewards
     N = len(rows)
     seen = [row for done in dones for row in done.seen]
-    capped = sum(row["log_ratio"] > math.log(cfg.tis_cap) for row in seen) / max(1, len(seen))
+    capped = sum(row["log_ratio"] > math.log(cfg.optim.tis_cap) for row in seen) / max(1, len(seen))
     tokens = sum(row.generated for row in rows)
     scored = sum(done.tokens for done in dones)
     stops = [row.stop for row in rows]
@@ -339,7 +340,7 @@ def step_metrics(cfg: TrainConfig, graded: Graded, dones: list[Backward], prefil
         "rollout/entropy": sum(row.entropy_sum for row in rows) / max(1, sum(row.cot_length for row in rows)),
         **{f"rollout/stop_{k}": stops.count(k) / N for k in ("marker", "length", "eos")},
         "rollout/sigma": sigma,
-        **mismatch.summarize(seen), "mismatch/tis_capped": capped if cfg.rollout_correction == "tis" else 0.0,
+        **mismatch.summarize(seen), "mismatch/tis_capped": capped if cfg.optim.rollout_correction == "tis" else 0.0,
         "time/rollout_s": times.rollout, "time/grading_s": times.grading, "time/scoring_s": times.scoring,
         "time/optimizer_s": times.optimizer, "time/rollout_tokens_per_s": tokens / times.rollout,
         "time/scoring_tokens_per_s": scored / max(times.scoring, 1e-9),
@@ -410,19 +411,19 @@ def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: T
     """The before / after check: greedy accuracy on the first eval_before_after problems of eval_dataset, its
     95% interval, the CoT's mean length and stop reasons, and ten examples (this rank's). Without verdicts (a
     user's reward that gives none, no gold answers) its accuracy is None and the mean reward is reported."""
-    examples = []
-    scores = greedy_scores(lm, grader, problems, CoTConfig(cfg.eval_mode, gamma=cfg.gamma), cfg, d, examples)
+    examples, val = [], cfg.validation
+    scores = greedy_scores(lm, grader, problems, CoTConfig(val.eval_mode, gamma=cfg.cot.gamma), cfg, d, examples)
     acc, low, high = scores.accuracy, None, None
     if acc is None:
-        say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy mean reward {scores.reward:.3f} on {scores.n} held-out "
+        say(f"{when}: {val.eval_dataset} {val.eval_mode}-greedy mean reward {scores.reward:.3f} on {scores.n} held-out "
             "problems (no accuracy: the reward gives no verdicts and the data no gold answers)")
     else:
         low, high = wilson_interval(scores.right, scores.known)
-        say(f"{when}: {cfg.eval_dataset} {cfg.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
+        say(f"{when}: {val.eval_dataset} {val.eval_mode}-greedy accuracy {acc:.3f} (95% interval {low:.3f}-{high:.3f}) "
             f"on {scores.known} held-out problems")
     length = sum(e["cot_length"] for e in examples) / max(1, len(examples))
     stops = {k: sum(e["stop"] == k for e in examples) for k in ("marker", "length", "eos")}
-    say(f"    CoT: mean length {length:.1f} tokens (limit {cfg.max_cot_length}); stops: "
+    say(f"    CoT: mean length {length:.1f} tokens (limit {cfg.rollout.max_cot_length}); stops: "
         + ", ".join(f"{k} {v}" for k, v in stops.items())
         + (" -- the CoT has collapsed: the answer follows an almost empty chain of thought" if length < 2 else ""))
     verdict = {True: "right", False: "wrong", None: ""}
@@ -484,16 +485,18 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
           callbacks: list | None = None, dataset=None, model=None, tokenizer=None) -> dict:
     """Run (or resume) training; returns the final summary (also in output_dir/summary.json).
 
-    ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of ``cfg.reward``.
-    ``lm``: an already loaded model to train instead of loading ``cfg.model`` (one process; in the master
+    ``reward_fn``: a reward function (or a list of them) called as TRL calls one (``reward.py``), in place of
+    ``cfg.grading.reward``.
+    ``lm``: an already loaded model to train instead of loading ``cfg.load.model`` (one process; in the master
     dtype that ``policy.plan`` gives), as TRL's trainers take a model object.
     ``callbacks``: functions called as ``fn(step, metrics)`` after each step on every rank (TRL's on_step_end),
     e.g. to step a profiler.
     ``dataset``: the training problems in memory (a list of dicts, a ``datasets.Dataset``), in place of
-    ``cfg.dataset``. ``model`` and ``tokenizer``: a loaded transformers model and its tokenizer, in place of ``lm``.
+    ``cfg.data.dataset``. ``model`` and ``tokenizer``: a loaded transformers model and its tokenizer, in place of
+    ``lm``.
 
     Under torchrun every rank runs this; rank 0 writes the logs, checkpoints and summary.
-    With ``cfg.seeds``: one run per seed in output_dir/seed-N, in turn; returns {seed: summary}.
+    With ``cfg.output.seeds``: one run per seed in output_dir/seed-N, in turn; returns {seed: summary}.
     The config is checked again here (a field set after construction), and config.yaml names the rewards of
     ``reward_fn`` (``reward.reward_record``) so that the run can be resumed.
     """
@@ -508,15 +511,15 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
     if model is not None:
         if lm is not None or tokenizer is None:
             raise UsageError("train(model=...) needs the model's tokenizer= (and no lm=)")
-        lm = CausalLM(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or cfg.model)
+        lm = CausalLM(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or cfg.load.model)
     if dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=IN_MEMORY)
-    if cfg.seeds:
-        if lm is not None and len(cfg.seeds) > 1:
-            raise UsageError("train(lm=...) trains that one model object: give one seed, or load by cfg.model")
-        return {c.seed: continue_training(c, progress, reward_fn, lm, callbacks, dataset)
-                for c in per_seed(cfg, "output_dir")}
-    out = Path(cfg.output_dir)
+    if cfg.output.seeds:
+        if lm is not None and len(cfg.output.seeds) > 1:
+            raise UsageError("train(lm=...) trains that one model object: give one seed, or load by cfg.load.model")
+        return {c.rollout.seed: continue_training(c, progress, reward_fn, lm, callbacks, dataset)
+                for c in per_seed(cfg)}
+    out = Path(cfg.output.output_dir)
     main = Dist.from_env().main
     if main:
         prepare(out, "output_dir")
@@ -551,25 +554,27 @@ def preflight(cfg: TrainConfig, out: Path, main: bool = True, dataset=None, rewa
     rule, the data and its columns, the rewards called on two made-up completions, the lengths against the
     model's context, the logger, the split over processes. Writes nothing unless ``main`` (a resume with no
     checkpoint yet clears the killed run's partial files)."""
-    data = load_dataset(cfg.dataset if dataset is None else dataset,
-                        **cfg.data.load_options(require_answer=not (reward_fn or cfg.reward)))
+    data = load_dataset(cfg.data.dataset if dataset is None else dataset,
+                        **cfg.data.load_options(require_answer=not (reward_fn or cfg.grading.reward)))
     cfg = dataclasses.replace(cfg, val_size=validation_size(cfg, len(data)))
     start = start_point(cfg, out, main)
-    custom = bool(split_rewards(reward_fn or cfg.reward))
-    if cfg.reward_weights is not None and not custom:
-        raise UsageError(f"reward_weights {cfg.reward_weights} weigh the rewards, but none is given: set reward (or "
-                         "pass train(reward_fn=[...])), or drop reward_weights")
-    grades = check_rewards(reward_fn or cfg.reward, cfg.reward_weights, data.problems, cfg.reward_timeout)
-    check_best_metric(cfg.metric_for_best_model, reward_fn or cfg.reward, grades, cfg.eval_steps and cfg.val_size)
+    grading, val, reward = cfg.grading, cfg.validation, reward_fn or cfg.grading.reward
+    custom = bool(split_rewards(reward))
+    if grading.reward_weights is not None and not custom:
+        raise UsageError(f"reward_weights {grading.reward_weights} weigh the rewards, but none is given: set reward "
+                         "(or pass train(reward_fn=[...])), or drop reward_weights")
+    grades = check_rewards(reward, grading.reward_weights, data.problems, grading.reward_timeout)
+    check_best_metric(val.metric_for_best_model, reward, grades, val.eval_steps and val.val_size)
     if lm is None:  # a model passed in is checked by the rollout
-        check_context(cfg.model, cfg.max_cot_length + cfg.max_answer_length)
-    check_report_to(cfg.report_to)
-    held_out = load_dataset(cfg.eval_dataset, limit=cfg.eval_before_after, require_answer=not custom).problems \
-        if cfg.eval_before_after else []
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
+        check_context(cfg.load.model, cfg.rollout.max_cot_length + cfg.rollout.max_answer_length)
+    check_report_to(cfg.logging.report_to)
+    held_out = load_dataset(val.eval_dataset, limit=val.eval_before_after, require_answer=not custom).problems \
+        if val.eval_before_after else []
+    device, dtype = resolve_device(cfg.load.device, cfg.load.dtype)
     world = Dist.from_env().world
-    if (cfg.prompts_per_step * cfg.num_generations) % world:
-        raise UsageError(f"prompts_per_step x num_generations = {cfg.prompts_per_step * cfg.num_generations} "
+    rows = cfg.optim.prompts_per_step * cfg.rollout.num_generations
+    if rows % world:
+        raise UsageError(f"prompts_per_step x num_generations = {rows} "
                          f"rows do not split evenly over {world} processes")
     return Preflight(cfg, start, data, held_out, custom, device, dtype, world)
 
@@ -580,12 +585,12 @@ DEFAULT_VAL_SIZE = 100
 def validation_size(cfg: TrainConfig, n: int) -> int:
     """Problems held out for validation: val_size when set; unset, none without validation (eval_steps 0) and
     otherwise 100, at most a tenth of the n problems. One that leaves nothing to train on names the option."""
-    if cfg.val_size is None:
-        return min(DEFAULT_VAL_SIZE, n // 10) if cfg.eval_steps else 0
-    if cfg.val_size >= n:
-        raise UsageError(f"val_size {cfg.val_size} leaves no training problems in {cfg.dataset} ({n} rows): set "
-                         f"--val-size below {n} (a tenth is {n // 10}), or leave it unset")
-    return cfg.val_size
+    if cfg.validation.val_size is None:
+        return min(DEFAULT_VAL_SIZE, n // 10) if cfg.validation.eval_steps else 0
+    if cfg.validation.val_size >= n:
+        raise UsageError(f"val_size {cfg.validation.val_size} leaves no training problems in {cfg.data.dataset} "
+                         f"({n} rows): set --val-size below {n} (a tenth is {n // 10}), or leave it unset")
+    return cfg.validation.val_size
 
 
 def check_best_metric(name: str, reward, grades: list, validating: bool) -> None:
@@ -603,19 +608,19 @@ def check_best_metric(name: str, reward, grades: list, validating: bool) -> None
 
 
 def finished(cfg: TrainConfig) -> dict | None:
-    """The summary of a run in cfg.output_dir that reached max_steps, else None."""
-    path = Path(cfg.output_dir) / "summary.json"
+    """The summary of a run in cfg.output.output_dir that reached max_steps, else None."""
+    path = Path(cfg.output.output_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else None
-    return summary if summary and summary.get("step") == cfg.max_steps else None
+    return summary if summary and summary.get("step") == cfg.optim.max_steps else None
 
 
 def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm=None, callbacks=None,
                       dataset=None) -> dict:
-    """A run of a several-seed run or of a grid. With cfg.resume: a finished run is skipped, an interrupted one
+    """A run of a several-seed run or of a grid. With cfg.output.resume: a finished run is skipped, an interrupted one
     resumed from its last checkpoint-<step>, one killed before its first checkpoint (or missing) started from step
     0; without, a plain ``train``."""
-    if cfg.resume and (done := finished(cfg)):
-        print(f"{cfg.output_dir}: finished at step {done['step']}, skipped")
+    if cfg.output.resume and (done := finished(cfg)):
+        print(f"{cfg.output.output_dir}: finished at step {done['step']}, skipped")
         return done
     return train(cfg, progress, reward_fn, lm, callbacks, dataset)
 
@@ -652,17 +657,18 @@ class Run:
             metrics["eval/greedy_accuracy"] = scores.accuracy
         metrics["eval/greedy_reward"] = scores.reward
         metrics |= {f"eval/{k}": v for k, v in scores.rewards.items()}
-        name, value = self.cfg.metric_for_best_model, scores.metric(self.cfg.metric_for_best_model)
+        name = self.cfg.validation.metric_for_best_model
+        value = scores.metric(name)
         best = self.state["best"]
         if value is not None and (best is None or value > best.get("value", best.get("accuracy"))):
             self.state["best"] = {"metric": name, "value": value, "accuracy": scores.accuracy, "step": self.state["step"]}
-            if self.cfg.save_strategy != "no":
+            if self.cfg.checkpoint.save_strategy != "no":
                 save_model(self.out / "checkpoint-best", self.policy, self.d, self.card)
 
     def log(self, metrics: dict, last: bool) -> None:
         """metrics.jsonl / TensorBoard / W&B, the progress bar, and the mismatch warning (once)."""
         step = self.state["step"]  # a validation accuracy is logged whatever the step
-        logged = step % self.cfg.logging_steps == 0 or last or "eval/greedy_reward" in metrics
+        logged = step % self.cfg.logging.logging_steps == 0 or last or "eval/greedy_reward" in metrics
         if self.logger is not None and logged:
             self.logger.log(step, metrics)
         if not self.warned and (text := mismatch.warning(metrics)):
@@ -686,7 +692,7 @@ class Run:
 
     def save_and_prune(self) -> None:
         """checkpoint-<step>, keeping the last two."""
-        if self.cfg.save_strategy == "no":
+        if self.cfg.checkpoint.save_strategy == "no":
             return
         save_checkpoint(self.out / f"checkpoint-{self.state['step']}", self.policy, self.optimizer, self.scheduler,
                         self.state, self.d, self.card)
@@ -707,8 +713,8 @@ class Run:
     def _check(self, grader, when: str, summary: dict | None = None) -> None:
         cfg, d = self.cfg, self.d
         before = self.out / "ood-before"
-        held = cfg.eval_before_after and (when == "after" or self.state["before"] is None)
-        ood = cfg.ood_limit and (when == "before" and self.state["step"] == 0
+        held = cfg.validation.eval_before_after and (when == "after" or self.state["before"] is None)
+        ood = cfg.validation.ood_limit and (when == "before" and self.state["step"] == 0
                                  or when == "after" and (before / "results.json").exists())
         if held or ood:  # every rank: gathering the weights into the rollout copy is a collective
             self.policy.sync_rollout()
@@ -719,10 +725,10 @@ class Run:
             else:
                 summary |= {"after": result["accuracy"], "after_ci": result["ci"], "examples": result["examples"],
                             "after_cot_length": result["cot_length"], "after_stops": result["stops"]}
-                summary["held_out"] = {"dataset": cfg.eval_dataset, "mode": cfg.eval_mode,
+                summary["held_out"] = {"dataset": cfg.validation.eval_dataset, "mode": cfg.validation.eval_mode,
                                        "n": len(self.held_out)}
         if ood and d.main:
-            result = ood_eval(self.policy.rollout, list(OOD_SETS), self.out / f"ood-{when}", cfg.ood_limit,
+            result = ood_eval(self.policy.rollout, list(OOD_SETS), self.out / f"ood-{when}", cfg.validation.ood_limit,
                               progress=self.progress)
             if when == "after":
                 base = json.loads((before / "results.json").read_text())
@@ -736,9 +742,9 @@ class Run:
         if self.logger is None:
             return
         self.logger.close()
-        if self.cfg.push_to_hub:
+        if self.cfg.checkpoint.push_to_hub:
             pushed = self.out / "checkpoint-best" if (self.out / "checkpoint-best").is_dir() else checkpoints(self.out)[-1]
-            summary["hub"] = push_to_hub(pushed, self.cfg.push_to_hub)
+            summary["hub"] = push_to_hub(pushed, self.cfg.checkpoint.push_to_hub)
             print(f"pushed {pushed} to {summary['hub']}")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         if (self.out / "metrics.jsonl").exists():
@@ -752,14 +758,15 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
     import yaml
 
     policy, state = build_policy(cfg, device, dtype, d, start, lm)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    fresh = schedule.new_schedule(cfg.warmup_steps, cfg.max_steps)
+    opt = cfg.optim
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),
+                                  weight_decay=opt.weight_decay)
+    fresh = schedule.new_schedule(cfg.optim.warmup_steps, cfg.optim.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.multiplier(fresh))
     if state is not None:
         state = restore(policy, optimizer, scheduler, state, start)
         # a checkpoint without its schedule (an older one) gets the cosine over the current max_steps
-        state["schedule"] = schedule.extend(state.get("schedule") or fresh, state["step"], cfg.max_steps)
+        state["schedule"] = schedule.extend(state.get("schedule") or fresh, state["step"], cfg.optim.max_steps)
         scheduler.lr_lambdas = [schedule.multiplier(state["schedule"])]
         if d.main:
             print(f"resuming from {start} at step {state['step']}")
@@ -767,8 +774,8 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
         sigma = default_sigma(policy.rollout, cfg.cot)
         state = {"step": 0, "sigma": sigma, "best": None, "before": None, "schedule": fresh}
     ref = None
-    if cfg.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it
-        ref = load_model(cfg.model, dtype=dtype, device=device)
+    if cfg.optim.beta > 0:  # the initial model, frozen, in the compute dtype: loaded afresh, so a resumed run keeps it
+        ref = load_model(cfg.load.model, dtype=dtype, device=device)
         ref.model.requires_grad_(False)
     if d.main:
         if start is not None:
@@ -777,7 +784,8 @@ def start_run(cfg: TrainConfig, out: Path, start: Path | None, held_out: list[Pr
         tmp.write_text(yaml.safe_dump(cfg.flat() | {"sigma": state["sigma"]}, sort_keys=False))
         tmp.replace(out / "config.yaml")
     barrier(d)
-    logger = MetricsLogger(out, state["step"], cfg.report_to, cfg.flat(), cfg.run_name) if d.main else None
+    logs = cfg.logging
+    logger = MetricsLogger(out, state["step"], logs.report_to, cfg.flat(), logs.run_name) if d.main else None
     return Run(cfg, out, d, policy, optimizer, scheduler, state, held_out, ref, logger,
                model_card(cfg, state["sigma"]), progress, warned=not d.main)
 
@@ -786,34 +794,34 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
            d: Dist, progress: bool, reward_fn=None, lm: CausalLM | None = None, callbacks=None) -> dict:
     run = start_run(cfg, out, start, held_out, device, dtype, d, progress, lm)
     state, stopping = run.state, False
-    train_set, val_set = data.problems[: len(data) - cfg.val_size], data.problems[len(data) - cfg.val_size :]
-    strict = require_number(cfg.require_number, cfg.dataset, *([cfg.eval_dataset] if held_out else []))
-    with Grader(cfg.grading_workers, cfg.grading_timeout, require_number=strict, reward=reward_fn or cfg.reward,
-                reward_weights=cfg.reward_weights, reward_timeout=cfg.reward_timeout) as grader, \
-            StopFlag(state) as stop:
+    val = cfg.validation
+    train_set, val_set = data.problems[: len(data) - val.val_size], data.problems[len(data) - val.val_size :]
+    strict = require_number(cfg.grading.require_number, cfg.data.dataset, *([val.eval_dataset] if held_out else []))
+    with Grader.from_config(cfg.grading, strict, reward_fn) as grader, StopFlag(state) as stop:
         run.check(grader, "before")
         if progress and d.main:
             from tqdm import tqdm
 
-            run.bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train ({cfg.mode})", unit="step")
+            run.bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], desc=f"train ({cfg.cot.mode})",
+                           unit="step")
         try:
             stop.in_loop = True
-            while state["step"] < cfg.max_steps and not stopping:
-                problems = problems_for_step(train_set, state["step"], cfg.prompts_per_step, cfg.seed)
-                samples = [] if cfg.log_completions and run.logger is not None else None
+            while state["step"] < cfg.optim.max_steps and not stopping:
+                problems = problems_for_step(train_set, state["step"], cfg.optim.prompts_per_step, cfg.rollout.seed)
+                samples = [] if cfg.logging.log_completions and run.logger is not None else None
                 metrics = train_step(run.policy, run.ref, run.optimizer, run.scheduler, grader, cfg, state["sigma"],
                                      problems, state["step"], d=d, samples=samples)
                 state["step"] += 1
                 if samples:
                     run.logger.log_completions(state["step"], samples)
-                last = state["step"] == cfg.max_steps
-                if cfg.eval_steps and cfg.val_size and (state["step"] % cfg.eval_steps == 0 or last):
+                last = state["step"] == cfg.optim.max_steps
+                if val.eval_steps and val.val_size and (state["step"] % val.eval_steps == 0 or last):
                     run.validate_and_keep_best(grader, val_set, metrics)
                 run.log(metrics, last)
                 for fn in callbacks or ():
                     fn(state["step"], metrics)
                 stopping = any_rank(stop.set, d)
-                if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stopping:
+                if (cfg.checkpoint.save_steps and state["step"] % cfg.checkpoint.save_steps == 0) or last or stopping:
                     run.save_and_prune()
         finally:  # an error's message then starts a line of its own, not the progress bar's
             stop.in_loop = False
@@ -825,8 +833,9 @@ def _train(cfg: TrainConfig, out: Path, start: Path | None, data, held_out: list
                 run.logger.close()
             raise Stopped(state["step"], stop.signum)
         summary = {"step": state["step"], "best": state["best"], "sigma": state["sigma"], "before": state["before"],
-                   "before_ci": state.get("before_ci"), "grading": grading_rule(strict, reward_fn or cfg.reward)}
-        if state["step"] == cfg.max_steps:
+                   "before_ci": state.get("before_ci"),
+                   "grading": grading_rule(strict, reward_fn or cfg.grading.reward)}
+        if state["step"] == cfg.optim.max_steps:
             run.check(grader, "after", summary)
     run.finish(summary)
     return summary

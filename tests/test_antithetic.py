@@ -62,4 +62,4 @@ def test_antithetic_needs_a_noisy_cot_and_even_groups():
         TrainConfig(mode="soft", antithetic=True, num_generations=6 - 1)
     with pytest.raises(ValueError, match="estimator rloo"):
         TrainConfig(mode="soft", antithetic=True, num_generations=4, estimator="grpo")
-    assert TrainConfig(mode="fuzzy", antithetic=True, num_generations=8).antithetic
+    assert TrainConfig(mode="fuzzy", antithetic=True, num_generations=8).rollout.antithetic

@@ -41,10 +41,10 @@ def test_the_paper_configs_keep_the_papers_estimator_and_the_cpu_recipes_name_th
         if rel.startswith("grids/"):
             continue
         cfg = config_from_dict(TrainConfig, yaml.safe_load(text), rel)
-        departs = (cfg.cot_weight, cfg.mixture_embedding_grad, cfg.antithetic) != (
-            defaults.cot_weight, defaults.mixture_embedding_grad, defaults.antithetic)
+        departs = (cfg.optim.cot_weight, cfg.optim.mixture_embedding_grad, cfg.rollout.antithetic) != (
+            defaults.optim.cot_weight, defaults.optim.mixture_embedding_grad, defaults.rollout.antithetic)
         if rel.startswith("sums/"):
-            assert departs == (cfg.mode == "soft") and (not departs or "departure" in text.splitlines()[0]), rel
+            assert departs == (cfg.cot.mode == "soft") and (not departs or "departure" in text.splitlines()[0]), rel
         else:
             assert not departs, f"{rel}: a paper config departs from the paper's estimator"
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -65,12 +65,12 @@ def test_several_rewards_and_their_weights_in_yaml_flags_and_python():
     from softtokens.cli import build_parser, config_from_args
 
     cfg = config_from_dict(TrainConfig, {"reward": ["a.py:f", "b.py:g"], "reward_weights": [1, 0.5]})
-    assert cfg.reward == "a.py:f,b.py:g" and cfg.reward_weights == [1.0, 0.5]
-    assert TrainConfig(reward=["a.py:f", "b.py:g"], reward_weights=[1.0, 2.0]).reward == "a.py:f,b.py:g"
+    assert cfg.grading.reward == "a.py:f,b.py:g" and cfg.grading.reward_weights == [1.0, 0.5]
+    assert TrainConfig(reward=["a.py:f", "b.py:g"], reward_weights=[1.0, 2.0]).grading.reward == "a.py:f,b.py:g"
     args = build_parser().parse_args(["eval", "--reward", "a.py:f,b.py:g", "--reward-weights", "1,0.25"])
     from softtokens.config import EvalConfig
 
-    assert config_from_args(EvalConfig, args).reward_weights == [1.0, 0.25]
+    assert config_from_args(EvalConfig, args).grading.reward_weights == [1.0, 0.25]
     with pytest.raises(ValueError, match="reward_weights has 1 weights for 2 reward"):
         TrainConfig(reward="a.py:f,b.py:g", reward_weights=[1.0])
     with pytest.raises(ValueError, match="reward_timeout must be > 0"):
@@ -84,13 +84,14 @@ def test_values_checked_when_the_config_is_built():
 
     with pytest.raises(ValueError, match="max_grad_norm must be > 0, or null for no clipping"):
         TrainConfig(max_grad_norm=-1.0)
-    assert TrainConfig(max_grad_norm=None).max_grad_norm is None
+    assert TrainConfig(max_grad_norm=None).optim.max_grad_norm is None
     for bad, message in [(dict(mode="soft", temperature=0.0), "temperature must be > 0 for soft"),
                          (dict(gamma=-1.0), "gamma must be >= 0"),
                          (dict(answer_temperature=-0.5), "answer_temperature must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
-    assert TrainConfig().split == "train" and EvalConfig().split == "test", "eval reads a hub dataset's test split"
+    assert TrainConfig().data.split == "train" and EvalConfig().data.split == "test", \
+        "eval reads a hub dataset's test split"
 
 
 def test_config_md_lists_every_option_by_section():
@@ -127,8 +128,8 @@ def test_a_command_passes_its_sections_down_whole():
     assert isinstance(train.rollout, RolloutConfig) and isinstance(train.cot, CoTConfig)
     for cfg in (train, ev):
         assert all(getattr(cfg.rollout, k) == v for k, v in kw.items())
-    assert train.rollout.batch_size == train.rollout_batch_size == 64 and ev.rollout.answer_temperature == 0.0
-    assert (train.max_cot_length, ev.max_cot_length) == (128, 512), "each command's own default"
+    assert train.rollout.batch_size == train.flat()["rollout_batch_size"] == 64 and ev.rollout.answer_temperature == 0.0
+    assert (train.rollout.max_cot_length, ev.rollout.max_cot_length) == (128, 512), "each command's own default"
     with pytest.raises(ValueError, match="unknown engine 'fast'"):
         TrainConfig(engine="fast")
 
@@ -140,9 +141,10 @@ def test_flat_and_nested_yaml_give_the_same_config():
               "rollout": {"max_cot_length": 64, "batch_size": 16}, "cot": {"mode": "fuzzy"},
               "output": {"output_dir": "runs/x"}}
     a, b = config_from_dict(TrainConfig, flat), config_from_dict(TrainConfig, nested)
-    assert a == b and a.flat() == b.flat() and a.learning_rate == 1e-5 and a.rollout.batch_size == 16
+    assert a == b and a.flat() == b.flat() and a.optim.learning_rate == 1e-5 and a.rollout.batch_size == 16
     c = dataclasses.replace(a, seed=3)
-    assert c.seed == 3 and a.seed == 0 and c.optim == a.optim and c.optim is not a.optim, "no section is shared"
+    assert c.rollout.seed == 3 and a.rollout.seed == 0 and c.optim == a.optim and c.optim is not a.optim, \
+        "no section is shared"
     with pytest.raises(ValueError, match="optim has no option 'lr'"):
         config_from_dict(TrainConfig, {"optim": {"lr": 1e-5}})
     with pytest.raises(ValueError, match="learning_rate is given twice"):

@@ -57,7 +57,8 @@ def test_a_grid_runs_end_to_end_and_a_rerun_does_only_what_is_left(model_dir, tm
     import softtokens.evaluate as ev
 
     real = ev.evaluate
-    monkeypatch.setattr(ev, "evaluate", lambda lm, cfg, *a, **k: calls.append(cfg.out) or real(lm, cfg, *a, **k))
+    monkeypatch.setattr(ev, "evaluate",
+                        lambda lm, cfg, *a, **k: calls.append(cfg.output.output_dir) or real(lm, cfg, *a, **k))
     assert run_grid(plan, progress=False) == table
     assert calls == [str(out / "eval" / "tiny_soft" / "seed-1")]
 

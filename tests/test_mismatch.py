@@ -79,7 +79,7 @@ def test_train_step_logs_the_monitor(correction):
     cfg = TrainConfig(model="tiny", mode="soft", prompts_per_step=2, num_generations=4, max_cot_length=4,
                       max_answer_length=2, learning_rate=1e-3, warmup_steps=0, max_steps=2, micro_batch_size=3,
                       rollout_correction=correction)
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.optim.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     problems = [tr.Problem(str(i), q, "1") for i, q in enumerate(QUESTIONS)]
     m = tr.train_step(Policy.plain(lm), None, opt, sched, RewardFunction(space_reward), cfg, 0.05, problems[:2], 0)

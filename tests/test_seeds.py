@@ -15,8 +15,8 @@ from conftest import use_reward
 
 
 def test_seeds_from_yaml_and_flags_and_bad_ones():
-    assert config_from_dict(TrainConfig, {"seeds": [0, 1, 2]}).seeds == [0, 1, 2]
-    assert config_from_dict(TrainConfig, {"seeds": "3,4"}).seeds == [3, 4]
+    assert config_from_dict(TrainConfig, {"seeds": [0, 1, 2]}).output.seeds == [0, 1, 2]
+    assert config_from_dict(TrainConfig, {"seeds": "3,4"}).output.seeds == [3, 4]
     for bad, message in (([], "non-empty list"), ([0, 0], "repeats"), ([-1], "integers >= 0")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(seeds=bad)

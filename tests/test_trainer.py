@@ -64,11 +64,11 @@ def test_reward_rises_and_every_parameter_moves(mode):
                       max_answer_length=2, learning_rate=3e-2, warmup_steps=0, max_steps=60, micro_batch_size=16,
                       max_grad_norm=None)
     start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.optim.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     problems = [tr.Problem(str(i), q, "1") for i, q in enumerate(QUESTIONS)]
     rewards = []
-    for step in range(cfg.max_steps):
+    for step in range(cfg.optim.max_steps):
         m = tr.train_step(Policy.plain(lm), None, opt, sched, RewardFunction(space_reward), cfg, 0.01, tr.problems_for_step(problems, step, 2, 0), step)
         rewards.append(m["rollout/reward"])
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -384,7 +384,7 @@ def test_config_errors_name_the_key():
         config_from_dict(TrainConfig, {"learning_rat": 1e-5}, "x.yaml")
     with pytest.raises(ValueError, match="x.yaml: max_steps must be int"):
         config_from_dict(TrainConfig, {"max_steps": "many"}, "x.yaml")
-    assert config_from_dict(TrainConfig, {"learning_rate": "6e-6"}).learning_rate == 6e-6
+    assert config_from_dict(TrainConfig, {"learning_rate": "6e-6"}).optim.learning_rate == 6e-6
     with pytest.raises(ValueError, match="unknown estimator"):
         TrainConfig(estimator="ppo")
 
@@ -589,7 +589,7 @@ def test_the_model_cards_command_runs_the_cot_as_trained(overrides):
     run = config_from_args(GenerateConfig, args)
     assert run.cot == cfg.cot
     for name in ("prompt_template", "chat_template", "marker", "marker_prefill", "length_prefill", "max_cot_length"):
-        assert getattr(run, name) == getattr(cfg, name), name
+        assert getattr(run.rollout, name) == getattr(cfg.rollout, name), name
 
 
 @pytest.mark.parametrize("kill_after", ["set_aside", "swapped_in"])

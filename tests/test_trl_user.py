@@ -86,14 +86,28 @@ def test_the_recorded_rewards_resume_from_the_command_line(model_dir, tmp_path):
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3] and "rewards/half/mean" in _metrics(out)[-1]
 
 
+def test_an_option_is_read_and_set_on_its_section_only():
+    cfg = TrainConfig(learning_rate=1e-5)
+    assert cfg.optim.learning_rate == 1e-5
+    with pytest.raises(AttributeError):
+        cfg.learning_rate  # noqa: B018
+    with pytest.raises(AttributeError, match=r"set it on its section, cfg\.optim\.learning_rate"):
+        cfg.learning_rate = 1e-4
+    with pytest.raises(AttributeError, match="rollout_batch_size: set it on its section, cfg.rollout.batch_size"):
+        cfg.rollout_batch_size = 8
+    with pytest.raises(AttributeError, match="no such option"):
+        cfg.learning_rte = 1e-4
+    assert cfg.optim.learning_rate == 1e-5
+
+
 def test_a_field_set_after_construction_is_checked_when_train_starts(model_dir, tmp_path):
     cfg = _cfg(model_dir, tmp_path / "run")
-    cfg.learning_rate = -5
+    cfg.optim.learning_rate = -5
     with pytest.raises(UsageError, match="learning_rate must be > 0"):
         tr.train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
     cfg = _cfg(model_dir, tmp_path / "run")
-    cfg.reward_weights = [1.0, 2.0, 3.0]
+    cfg.grading.reward_weights = [1.0, 2.0, 3.0]
     with pytest.raises(UsageError, match="3 weights for 2 reward"):
         tr.train(cfg, progress=False, reward_fn=[right, half], dataset=ROWS)
     with pytest.raises(UsageError, match="none is given"):
@@ -169,7 +183,7 @@ def test_reward_weights_in_both_forms_and_repeated_rewards(tmp_path):
 
 
 def test_the_noise_top_k_keeps_its_old_name_with_a_note(capsys):
-    assert TrainConfig(top_k=50).noise_top_k == 50
+    assert TrainConfig(top_k=50).cot.noise_top_k == 50
     assert "top_k is now noise_top_k" in capsys.readouterr().err
     res = run_cli("train", "--top-k", "7", "--dry-run", "--dataset", "sums_train")
     assert res.returncode == 0 and "noise_top_k: 7" in res.stdout and "top_k is now noise_top_k" in res.stderr
@@ -179,9 +193,9 @@ def test_val_size_holds_out_a_tenth_by_default(model_dir, tmp_path):
     rows = ROWS
     assert len(rows) == 40
     pre = tr.preflight(_cfg(model_dir, tmp_path / "a", eval_steps=5), tmp_path / "a", main=False, dataset=rows)
-    assert pre.cfg.val_size == 4
+    assert pre.cfg.validation.val_size == 4
     pre = tr.preflight(_cfg(model_dir, tmp_path / "b"), tmp_path / "b", main=False, dataset=rows)
-    assert pre.cfg.val_size == 0, "no validation (eval_steps 0): nothing held out"
+    assert pre.cfg.validation.val_size == 0, "no validation (eval_steps 0): nothing held out"
     with pytest.raises(UsageError, match="val_size 100 leaves no training problems.*--val-size below 40"):
         tr.preflight(_cfg(model_dir, tmp_path / "c", val_size=100), tmp_path / "c", main=False, dataset=rows)
 
