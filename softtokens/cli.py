@@ -22,8 +22,8 @@ from pathlib import Path
 
 from softtokens import __version__
 from softtokens.config import (COMMANDS, RENAMED, C, EvalConfig, GenerateConfig, OODConfig, TrainConfig,
-                               config_from_dict, flatten, layout, option_defaults, option_docs, option_types,
-                               parse_floats, parse_seeds, renamed)
+                               choice_values, config_from_dict, flatten, layout, option_defaults, option_docs,
+                               option_types, parse_floats, parse_seeds, renamed, value_types)
 from softtokens.errors import UsageError
 
 
@@ -53,9 +53,9 @@ class Joined(argparse.Action):
 
 
 def _flag_type(hint):
-    """argparse type for a dataclass field: the non-None member of an Optional."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    """argparse type for a dataclass field: the non-None member of an Optional, str for a Literal (the config
+    checks the value, with the same message as in a YAML file)."""
+    return value_types(hint)[0]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, overrides: bool = False) -> None:
@@ -84,7 +84,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, overrides: bool = Fal
         elif kind is bool:
             groups[section].add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[name])
         else:
+            values = choice_values(hints[name])
             groups[section].add_argument(flag, type=kind, default=default,
+                                         metavar="{" + ",".join(values) + "}" if values else None,
                                          help=docs[name] + f" (default: {defaults[name]})")
 
 

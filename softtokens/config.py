@@ -18,13 +18,24 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 from softtokens import choices, prompts
+from softtokens.choices import Correction, Estimator, Mode, NoiseOn
 from softtokens.errors import UsageError
 
-PROTOCOLS = ("cloze", "generate")  # the OOD check's (ood.py)
-REPORT_TO = ("tensorboard", "wandb", "none")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The choice fields' values (the rest are in choices.py): a field is annotated with the Literal, checked against its
+# tuple.
+Protocol = Literal["cloze", "generate"]  # the OOD check's (ood.py)
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+ReportTo = Literal["tensorboard", "wandb", "none"]
+REPORT_TO: tuple[str, ...] = get_args(ReportTo)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+Engine = Literal["auto", "static", "hf"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+SaveStrategy = Literal["steps", "no"]
+SAVE_STRATEGIES: tuple[str, ...] = get_args(SaveStrategy)
 # The paper's six inference settings (METHOD.md §6): the CoTConfig each one changes from a model's own.
 SETTINGS = {
     "hard_greedy": dict(mode="hard", temperature=0.0),
@@ -36,7 +47,7 @@ SETTINGS = {
 }
 
 
-def check_noise_on(mode: str, noise_on: str, noise_top_k: int) -> None:
+def check_noise_on(mode: Mode, noise_on: NoiseOn, noise_top_k: int) -> None:
     one_of("noise_on", noise_on, choices.NOISE_ON)
     if noise_on != "embedding" and mode == "hard":
         raise UsageError(f"noise_on {noise_on} places the noise of a soft or fuzzy CoT; a hard CoT has none "
@@ -87,7 +98,20 @@ def parse_floats(text: str) -> list[float]:
         raise UsageError(f"expected comma-separated numbers such as 1,0.5, got {text!r}") from None
 
 
-# ---- the sections. ``resumable``: the fields a resumed run may change (any other change is another run).
+T = typing.TypeVar("T")
+
+
+def resumable(default: T) -> T:
+    """A field a resumed run may change (where it runs, how fast, what it logs and keeps): any other change makes
+    another run. Kept in the field's metadata, which ``Command.fixed`` and docs/CONFIG.md read."""
+    return dataclasses.field(default=default, metadata={"resumable": True})
+
+
+def is_resumable(kind: type, name: str) -> bool:
+    return bool(kind.__dataclass_fields__[name].metadata.get("resumable"))
+
+
+# ---- the sections
 
 @dataclass
 class LoadConfig:
@@ -95,14 +119,12 @@ class LoadConfig:
 
     model: str = "smollm2"
     """HF directory, hub id, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)."""
-    device: str = "auto"
+    device: str = resumable("auto")
     """cpu, cuda, cuda:N (auto: cuda when available)."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Compute dtype: float32, bfloat16, float16 (auto: bfloat16 on CUDA, float32 on CPU)."""
     base: str | None = None
     """The base model to compare against (same forms as model)."""
-
-    resumable = ("device",)
 
     def __post_init__(self):
         one_of("dtype", self.dtype, DTYPES)
@@ -126,8 +148,6 @@ class LoraConfig:
     """[choice] LoRA dropout; 0 so that the policy scored is exactly the policy the rollouts sampled."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt (q_proj,v_proj,...), or all-linear."""
-
-    resumable = ()
 
     def __post_init__(self):
         if self.use_peft:
@@ -155,8 +175,6 @@ class DataConfig:
     skip_bad: bool = False
     """Skip (and count) dataset rows without a usable question or answer instead of stopping at the first."""
 
-    resumable = ()
-
     def __post_init__(self):
         if not split_names(self.dataset):
             raise UsageError("dataset must name at least one: a built-in name, a file or a hub name")
@@ -177,16 +195,14 @@ class GradingConfig:
     """Your reward(s), 'package.module:function' or 'path/to/file.py:function' (several: comma-separated, or a YAML list), called as TRL calls one: f(prompts=, completions=, completion_ids=, trainer_state=, answers=, cot_modes=, **columns) -> list of floats or None, or (rewards, correct); empty = Math-Verify's 100 / 10 / 0."""
     reward_weights: list[float] | None = None
     """Weights of the rewards' sum, one per reward (default: 1 each), as TRL's reward_weights."""
-    reward_timeout: float = 120.0
+    reward_timeout: float = resumable(120.0)
     """Seconds a user reward may take for one batch; past it the run stops with an error naming the reward."""
     require_number: bool | None = None
     """[choice] Count a boxed answer as right only when it is a plain number: Math-Verify alone also accepts an equal expression such as 20 + 10, which a policy can learn to copy from the question. Unset: on when the data are the built-in sums tasks, off for the rest (the paper's grading)."""
-    grading_workers: int = 1
+    grading_workers: int = resumable(1)
     """Worker processes that grade while the next batch generates (0 grades inline, in the main thread)."""
-    grading_timeout: float = 5.0
+    grading_timeout: float = resumable(5.0)
     """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
-
-    resumable = ("reward_timeout", "grading_workers", "grading_timeout")
 
     def __post_init__(self):
         if isinstance(self.reward, (list, tuple)):  # the Python API's list of specs
@@ -205,7 +221,7 @@ class GradingConfig:
 class CoTConfig:
     """How the chain of thought is fed back (METHOD.md §2, §6)."""
 
-    mode: str = "soft"
+    mode: Mode = "soft"
     """CoT mode: hard (sampled token), soft (p E + noise, tau 0.5) or fuzzy (p E + noise, tau 1e-4)."""
     temperature: float | None = None
     """CoT temperature tau; default per mode (hard 1.0, soft 0.5, fuzzy 0.0001). 0 = argmax (hard only)."""
@@ -213,12 +229,10 @@ class CoTConfig:
     """Noise scale: sigma = gamma * RMS of what the noise is added to (the input-embedding matrix by default), computed once from the initial model."""
     noise: bool = True
     """Add Gaussian noise to soft/fuzzy CoT inputs; off gives the 'greedy' soft/fuzzy settings."""
-    noise_on: str = "embedding"
+    noise_on: NoiseOn = "embedding"
     """Where the noise goes (METHOD.md §10): embedding (the paper), hidden (the final hidden state), logits, or topk_logits (the noise_top_k logits, the rest -inf); all but embedding run on the HF engine."""
     noise_top_k: int = 5
     """Logits kept by noise_on topk_logits (the paper: 5 or 50, at tau 1.0)."""
-
-    resumable = ()
 
     def __post_init__(self):
         one_of("CoT mode", self.mode, choices.MODES)
@@ -269,8 +283,6 @@ class PromptConfig:
     length_prefill: str = prompts.LENGTH_PREFILL
     """Forced tokens when the CoT hits max_cot_length (or ends on EOS)."""
 
-    resumable = ()
-
     def __post_init__(self):
         prompts.check_template(self.prompt_template)
         if not self.marker.strip():
@@ -281,19 +293,17 @@ class PromptConfig:
 class EngineConfig:
     """How rollouts are decoded (docs/ENGINE.md)."""
 
-    engine: str = "auto"
+    engine: Engine = resumable("auto")
     """Decode engine: 'static' (static KV cache, CUDA-graph step; Llama/Qwen2), 'hf' (HF forward loop), 'auto' (static on CUDA when supported)."""
-    cuda_graphs: bool = True
+    cuda_graphs: bool = resumable(True)
     """Capture the static engine's decode step in CUDA graphs (off: run it eagerly, for debugging)."""
-    compile_decoder: bool = True
+    compile_decoder: bool = resumable(True)
     """With CUDA graphs, also torch.compile the static decoder's layers and the step's token / phase logic (fuses norms, RoPE, SiLU, the vocabulary-wide sampling work); eager if it fails."""
-    attention_kernel: bool = True
+    attention_kernel: bool = resumable(True)
     """Static engine: decode attention with the split-KV Triton kernel (CUDA, Triton; one graph for every length); off: SDPA over length buckets."""
 
-    resumable = ("engine", "cuda_graphs", "compile_decoder", "attention_kernel")
-
     def __post_init__(self):
-        one_of("engine", self.engine, ("auto", "static", "hf"))
+        one_of("engine", self.engine, ENGINES)
 
 
 @dataclass
@@ -310,20 +320,18 @@ class RolloutConfig(PromptConfig, EngineConfig):
     """Rollouts per question (G, the RLOO group; in eval --num-samples, the samples of a sampled setting)."""
     seed: int = 0
     """Base seed; each row's noise comes from (seed, question, sample index), not from its batch; train also draws the problem order from it."""
-    batch_size: int = 64
+    batch_size: int = resumable(64)
     """Rows (questions x generations) decoded together."""
     stop_at_eos: bool = True
     """[choice] An EOS token in the CoT (sampled, or the soft shadow) ends it like the length limit."""
-    share_prompt: bool = True
+    share_prompt: bool = resumable(True)
     """Compute each group's prompt once: one prefill copied to its G rollouts, and in training's scoring one pass over the prompt that its G continuations attend to (equal results; false repeats the prompt per row, for comparison)."""
-    record_means: bool = False
+    record_means: bool = resumable(False)
     """Keep mu_t of each soft/fuzzy step in the rollout (for checks; costs T x d floats per row)."""
-    record_top_k: int = 0
+    record_top_k: int = resumable(0)
     """Keep the k most likely tokens of p and their probabilities at each CoT step (for reading soft CoTs)."""
     antithetic: bool = False
     """Soft / fuzzy CoTs: pair each noise draw with its negation inside a group (samples 2k and 2k + 1), and in training take each sample's RLOO baseline over the other pairs so the estimator stays unbiased (needs an even num_generations >= 4). Not in the paper."""
-
-    resumable = EngineConfig.resumable + ("batch_size", "share_prompt", "record_means", "record_top_k")
 
     def __post_init__(self):
         PromptConfig.__post_init__(self)
@@ -340,11 +348,11 @@ class OptimConfig:
 
     prompts_per_step: int = 2
     """B: prompts per optimiser step."""
-    estimator: str = "rloo"
+    estimator: Estimator = "rloo"
     """Advantage estimator: rloo (the paper) or grpo (std-normalised groups)."""
     beta: float = 0.0
     """KL penalty to a frozen copy of the initial model (k3 estimator); 0 = none, and no reference is loaded."""
-    rollout_correction: str = "none"
+    rollout_correction: Correction = "none"
     """Correct the rollout-scorer mismatch: none (the paper) or tis (truncated importance sampling: each rollout's loss weighted by min(exp(l_scored - l_rollout), tis_cap))."""
     tis_cap: float = 2.0
     """The cap C of truncated importance sampling's ratio (rollout_correction: tis)."""
@@ -352,7 +360,7 @@ class OptimConfig:
     """AdamW peak learning rate."""
     warmup_steps: int = 20
     """Linear warm-up steps before the cosine decay."""
-    max_steps: int = 4000
+    max_steps: int = resumable(4000)
     """Optimiser steps (one per batch of B x G rollouts, on-policy)."""
     adam_beta1: float = 0.9
     """[choice] AdamW beta1."""
@@ -362,13 +370,13 @@ class OptimConfig:
     """[choice] AdamW weight decay."""
     max_grad_norm: float | None = 1.0
     """[choice] Gradient clipping norm; None = no clipping."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = resumable(8)
     """Rollouts scored per backward pass (gradient accumulation over the B x G rollouts)."""
-    skip_zero_advantage: bool = True
+    skip_zero_advantage: bool = resumable(True)
     """Do not score rollouts whose advantage is 0 when no KL term needs them (they add nothing to the loss or its gradient); logged as train/rows_skipped."""
     mixed_precision: bool = True
     """[choice] With a bfloat16 dtype, keep float32 master weights and AdamW state (FSDP2 mixed precision); false trains bfloat16 weights directly (half the memory; small updates round away)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = resumable(False)
     """Recompute activations in the backward pass (large models)."""
     disable_dropout: bool = True
     """Set every dropout of the model (and of LoRA) to 0: scoring runs in train mode, and dropout there would score another policy than the one that sampled (TRL's GRPOConfig defaults to false, its DPO config to true)."""
@@ -376,8 +384,6 @@ class OptimConfig:
     """[departure] lambda, the weight of the CoT term in the loss -(1/BG) sum A (lambda l_cot + l_answer): 1 is the paper's estimator, 0 trains the answer only, 1/d averages a soft step's density over its coordinates (METHOD.md §11)."""
     mixture_embedding_grad: bool = True
     """[departure] Let the CoT term's gradient reach E through a soft step's mean mu = p E (the paper's estimator); false treats E there as a constant (METHOD.md §11)."""
-
-    resumable = ("max_steps", "micro_batch_size", "skip_zero_advantage", "gradient_checkpointing")
 
     def __post_init__(self):
         at_least(self, 1, "prompts_per_step", "max_steps", "micro_batch_size")
@@ -401,14 +407,12 @@ class OptimConfig:
 class OutputConfig:
     """Where a run writes, and whether it continues one."""
 
-    output_dir: str = "runs/train"
+    output_dir: str = resumable("runs/train")
     """Output folder: the resolved config, and what the command writes (checkpoints and metrics; records and results)."""
-    resume: bool = False
+    resume: bool = resumable(False)
     """Continue the interrupted run in the output folder, redoing nothing finished (its config must match, but for the options that may change on resume)."""
     seeds: list[int] | None = None
     """Several runs, one per seed, each in <output folder>/seed-N (--seeds 0,1,2); overrides seed. report gives their mean +- std."""
-
-    resumable = ("output_dir", "resume")
 
     def __post_init__(self):
         if not str(self.output_dir).strip():
@@ -420,22 +424,20 @@ class OutputConfig:
 class CheckpointConfig:
     """Checkpoints: how often, which, and the checks a resume makes."""
 
-    save_steps: int = 100
+    save_steps: int = resumable(100)
     """Checkpoint every N steps (and always at the end and on SIGINT / SIGTERM); 0 = only then."""
-    save_strategy: str = "steps"
+    save_strategy: SaveStrategy = resumable("steps")
     """steps: checkpoints as save_steps says; no: none at all, not even the best or the last (a run that cannot resume; benchmarks)."""
-    push_to_hub: str = ""
+    push_to_hub: str = resumable("")
     """A Hugging Face hub repo id ('user/name'): upload checkpoint-best (else the last checkpoint) at the end."""
-    resume_from_previous: bool = False
+    resume_from_previous: bool = resumable(False)
     """With --resume: when the last checkpoint fails its SHA-256 check, resume from the one before it."""
-    allow_unverified: bool = False
+    allow_unverified: bool = resumable(False)
     """With --resume: accept a checkpoint that has no checksums.json (one written before softtokens kept it)."""
-
-    resumable = ("save_steps", "save_strategy", "push_to_hub", "resume_from_previous", "allow_unverified")
 
     def __post_init__(self):
         at_least(self, 0, "save_steps")
-        one_of("save_strategy", self.save_strategy, ("steps", "no"))
+        one_of("save_strategy", self.save_strategy, SAVE_STRATEGIES)
         if self.save_strategy == "no" and self.push_to_hub:
             raise UsageError("push_to_hub needs a checkpoint to push: save_strategy must be steps")
 
@@ -444,18 +446,16 @@ class CheckpointConfig:
 class LoggingConfig:
     """What a training run logs, and where."""
 
-    logging_steps: int = 1
+    logging_steps: int = resumable(1)
     """Log metrics every N steps."""
-    report_to: str = "tensorboard"
+    report_to: ReportTo = resumable("tensorboard")
     """Where metrics go besides metrics.jsonl: tensorboard, wandb (pip install wandb) or none."""
-    run_name: str = ""
+    run_name: str = resumable("")
     """W&B run name (default: the output folder's name, 'hard/seed-0' for a seed folder); the project is $WANDB_PROJECT, else softtokens."""
-    log_completions: int = 0
+    log_completions: int = resumable(0)
     """Write the first N rollouts of each step (prompt, CoT text, answer, each reward, advantage) to completions.jsonl and a TensorBoard text panel (a W&B table); 0 = none."""
-    gradient_signal: bool = False
+    gradient_signal: bool = resumable(False)
     """Log how much of each step's gradient is signal (signal/): the gradient norms of the CoT and answer terms, and the cosine between the gradients of two halves of the step's groups (overall and per term). The update is unchanged; each micro-batch costs one more backward pass (benchmarks/grad_signal.py)."""
-
-    resumable = ("logging_steps", "report_to", "run_name", "log_completions", "gradient_signal")
 
     def __post_init__(self):
         at_least(self, 1, "logging_steps")
@@ -469,20 +469,18 @@ class ValidationConfig:
 
     val_size: int | None = None
     """[choice] Problems held out from the end of the training set for greedy validation. Unset: 100, at most a tenth of the data, and none when eval_steps is 0; config.yaml records the number used."""
-    eval_steps: int = 100
+    eval_steps: int = resumable(100)
     """Greedy validation every N steps (and at the end); the best checkpoint is kept; 0 = never."""
     eval_before_after: int = 0
     """Evaluate the first N problems of eval_dataset (greedy CoT in eval_mode, greedy answer) before and after training, with 95% intervals; 0 = skip."""
     eval_dataset: str = "gsm8k"
     """The held-out set of the before / after check (sums_test for the demo)."""
-    eval_mode: str = "hard"
+    eval_mode: Mode = "hard"
     """CoT mode of the before / after check, greedy: hard is the trained model deployed as a plain checkpoint."""
     ood_limit: int = 0
     """Score the first N items of HellaSwag, ARC-Challenge and MMLU before and after training and print the change; 0 = skip."""
     metric_for_best_model: str = "accuracy"
     """What checkpoint-best follows (higher is better), as TRL's option: accuracy (greedy validation), reward (its mean reward) or one user reward by its function's name."""
-
-    resumable = ("eval_steps",)
 
     def __post_init__(self):
         at_least(self, 0, "val_size", "eval_steps", "eval_before_after", "ood_limit")
@@ -497,10 +495,8 @@ class InferenceConfig:
 
     settings: str = "all"
     """Comma-separated settings (hard_greedy, hard_sample, soft_greedy, soft_sample, fuzzy_greedy, fuzzy_sample) or 'all'."""
-    save_cot_text: bool = True
+    save_cot_text: bool = resumable(True)
     """Keep each sample's CoT text (the shadow text for soft/fuzzy) in the per-problem records."""
-
-    resumable = ("save_cot_text",)
 
     def __post_init__(self):
         self.names()
@@ -517,10 +513,8 @@ class InferenceConfig:
 class ProtocolConfig:
     """How the out-of-domain check asks its multiple-choice questions (METHOD.md §7)."""
 
-    protocol: str = "cloze"
+    protocol: Protocol = "cloze"
     """cloze: rank the choices' texts by likelihood (lm-eval's acc, acc_norm) and the correct one's NLL; generate: lettered choices in the prompt, a greedy hard CoT and answer, graded by letter or text (the paper's Table 2 success rate)."""
-
-    resumable = ()
 
     def __post_init__(self):
         one_of("protocol", self.protocol, PROTOCOLS)
@@ -684,7 +678,7 @@ class Command:
     @classmethod
     def fixed(cls) -> list[str]:
         """The options a resume may not change: all but those each section calls resumable."""
-        return [name for name, (attr, field) in layout(cls).items() if field not in sections(cls)[attr].resumable]
+        return [name for name, (attr, field) in layout(cls).items() if not is_resumable(sections(cls)[attr], field)]
 
     def resume_changes(self, saved: dict, now: dict | None = None) -> list[str]:
         """'name: old -> new' for each option of the saved run (config.yaml / config.json) that a resume may not
@@ -704,7 +698,7 @@ class Command:
 
     @classmethod
     def resumable_options(cls) -> list[str]:
-        """The options a resume may change (each section's ``resumable`` fields, by their flat names)."""
+        """The options a resume may change (the fields declared ``resumable(...)``, by their flat names)."""
         return [name for name in layout(cls) if name not in cls.fixed()]
 
 
@@ -857,12 +851,28 @@ def by_section(cfg: Command) -> dict[str, dict]:
     return out
 
 
+def choice_values(hint) -> tuple[str, ...]:
+    """The values of a choice field (one annotated with a Literal, or an Optional of one); () for any other."""
+    for h in (hint, *typing.get_args(hint)):
+        if typing.get_origin(h) is Literal:
+            return typing.get_args(h)
+    return ()
+
+
+def value_types(hint) -> list:
+    """The types a field's value may take: an Optional's members, a Literal's values being strings."""
+    if typing.get_origin(hint) is Literal:
+        return [str]
+    members = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return [str if typing.get_origin(a) is Literal else a for a in members]
+
+
 def config_from_dict(cls: type[C], values: dict, source: str = "config") -> C:
     """A command's config from a mapping (a YAML file, overrides; flat or nested), naming any unknown key or wrong
     type."""
     hints, out = option_types(cls), {}
     for key, value in flatten(cls, values, source).items():
-        kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
+        kinds = value_types(hints[key])
         if value is None and type(None) in typing.get_args(hints[key]):
             out[key] = None
         elif any(typing.get_origin(k) is list for k in kinds):
@@ -917,7 +927,7 @@ def options_markdown() -> str:
                 out += [f"### {key}: {part.__doc__.split(chr(10))[0].rstrip('.')}", "",
                         "| option | default | what it does |", "|---|---|---|"]
                 out += [f"| `{n}` | `{defaults[n]!r}` | {docs[n].replace('|', '/')}"
-                        + (" *resumable*" if opts[n][1] in kind.resumable else "") + " |" for n in names]
+                        + (" *resumable*" if is_resumable(kind, opts[n][1]) else "") + " |" for n in names]
                 out.append("")
     return "\n".join(out)
 

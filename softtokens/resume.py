@@ -6,8 +6,8 @@ is something to continue, else start" (verl's ``resume_mode: auto``): a folder
 killed before its first checkpoint has its partial files cleared and the run
 starts from step 0, so a scheduler that always restarts with ``--resume``
 never meets a dead end. A resumed run must be the same run:
-its config is compared with the saved ``config.yaml``, and only the fields in
-the options each config section calls resumable may differ
+its config is compared with the saved ``config.yaml``, and only the fields
+declared ``resumable(...)`` in their section may differ
 (``Command.resume_changes``, the rule eval and ood follow too). The last checkpoint must pass its SHA-256
 check; with ``resume_from_previous`` a damaged one is set aside and the one
 before it is used.

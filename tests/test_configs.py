@@ -236,3 +236,24 @@ def test_a_resume_checks_each_section_the_same_way_in_train_eval_and_ood():
         assert [c.split(":")[0] for c in cls(**may_not).resume_changes(saved)] == list(may_not), cls.__name__
     old = TrainConfig().flat() | {"temperature": None}  # a config.yaml that kept the unresolved default
     assert TrainConfig().resume_changes(old) == []
+
+
+def test_choices_are_literals_and_what_may_change_on_resume_is_field_metadata():
+    from softtokens import choices
+    from softtokens.config import (DTYPES, ENGINES, PROTOCOLS, REPORT_TO, SAVE_STRATEGIES, OODConfig, OptimConfig,
+                                   choice_values, option_types)
+
+    hints = option_types(TrainConfig)
+    for name, values in [("mode", choices.MODES), ("eval_mode", choices.MODES), ("noise_on", choices.NOISE_ON),
+                         ("estimator", choices.ESTIMATOR_NAMES), ("rollout_correction", choices.CORRECTIONS),
+                         ("engine", ENGINES), ("dtype", DTYPES), ("report_to", REPORT_TO),
+                         ("save_strategy", SAVE_STRATEGIES)]:
+        assert choice_values(hints[name]) == values, name
+    assert choice_values(option_types(OODConfig)["protocol"]) == PROTOCOLS
+    assert choice_values(hints["learning_rate"]) == () and choice_values(hints["metric_for_best_model"]) == ()
+    assert config_from_dict(TrainConfig, {"mode": "fuzzy"}).cot.mode == "fuzzy"
+    with pytest.raises(ValueError, match="unknown engine 'fast': choose one of auto, static, hf"):
+        config_from_dict(TrainConfig, {"engine": "fast"})
+    meta = OptimConfig.__dataclass_fields__
+    assert meta["max_steps"].metadata["resumable"] and "resumable" not in meta["learning_rate"].metadata
+    assert "max_steps" in TrainConfig.resumable_options() and "learning_rate" in TrainConfig.fixed()
