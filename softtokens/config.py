@@ -205,8 +205,6 @@ class GradingConfig:
     """Seconds Math-Verify may spend per parse or comparison; a stuck answer scores 0."""
 
     def __post_init__(self):
-        if isinstance(self.reward, (list, tuple)):  # the Python API's list of specs
-            self.reward = ",".join(self.reward)
         for name in ("reward_timeout", "grading_timeout"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -618,6 +616,14 @@ def flatten(cls, values: dict, source: str = "config") -> dict:
 C = typing.TypeVar("C", bound="Command")
 
 
+def joined(value, hint):
+    """A list of names given for a text option (rewards, datasets: from YAML or Python) as the comma-separated text
+    the option holds."""
+    if isinstance(value, (list, tuple)) and str in value_types(hint) and all(isinstance(x, str) for x in value):
+        return ",".join(value)
+    return value
+
+
 class Command:
     """Base of a command's config (a dataclass whose fields are its sections); built from flat or nested
     options, or from whole sections."""
@@ -636,7 +642,7 @@ class Command:
                 whole[key] = value
             else:
                 attr, name = opts[key]
-                given[attr][name] = value
+                given[attr][name] = joined(value, option_types(type(self))[key])
         for attr, kind in sections(type(self)).items():
             if attr in whole:  # copied, so that no two configs share a section
                 base = {f.name: getattr(whole[attr], f.name) for f in fields(kind)}
@@ -885,7 +891,7 @@ def config_from_dict(cls: type[C], values: dict, source: str = "config") -> C:
                 value = parse_floats(",".join(str(x) for x in value))
             out[key] = value
         elif str in kinds and isinstance(value, list) and all(isinstance(x, str) for x in value):
-            out[key] = ",".join(value)  # reward: [a.py:f, b.py:g]
+            out[key] = value  # reward: [a.py:f, b.py:g], joined by the command
         elif bool in kinds:
             if not isinstance(value, bool):
                 raise UsageError(f"{source}: {key} must be true or false, got {value!r}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from softtokens.config import Command, EvalConfig, TrainConfig, by_section
 from softtokens.outdir import check_usable
-from softtokens.reward import reward_name, split_rewards
+from softtokens.reward import parse_rewards
 from softtokens.seeds import per_seed
 
 HEADER = "{command} --dry-run: every check passed; no model was loaded and nothing was written"
@@ -44,7 +44,7 @@ def _train_lines(cfg: TrainConfig, pre, strict: bool) -> list[str]:
     done = int(pre.start.name.split("-")[1]) if pre.start is not None else 0
     left = opt.max_steps - done
     if pre.custom:
-        names = ", ".join(reward_name(r) for r in split_rewards(cfg.grading.reward)) or "your reward"
+        names = ", ".join(r.name for r in parse_rewards(cfg.grading.reward)) or "your reward"
         grading = names + (f" weighted {cfg.grading.reward_weights}" if cfg.grading.reward_weights else "") + \
             " (called on two made-up completions: fine)"
     else:

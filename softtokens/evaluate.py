@@ -28,7 +28,7 @@ from softtokens.models import CausalLM
 from softtokens.outdir import FolderLock, check_usable, prepare, refuse_to_overwrite
 from softtokens.passk import mean_pass_at_k, pass_at_k, standard_error
 from softtokens.provenance import provenance, versions
-from softtokens.reward import Grader, check_rewards, reward_record, reward_spec, split_rewards
+from softtokens.reward import Grader, check_rewards, parse_rewards, reward_record
 from softtokens.rollout import generate_rollouts
 from softtokens.seeds import per_seed
 from softtokens.step import default_sigma
@@ -75,8 +75,7 @@ def check_eval(cfg: EvalConfig, reward_fn=None, create: bool = True) -> dict:
     """Everything about an evaluation that can be wrong before a model loads, beyond the values its config
     checked: each dataset (read through, so a missing column names its file and line), the reward's import and
     the output folder (created unless ``create`` is false: a dry run). Returns the datasets."""
-    for r in split_rewards(reward_fn or cfg.grading.reward):
-        reward_spec(r)  # an import error first, before the datasets are read
+    parse_rewards(reward_fn or cfg.grading.reward)  # an import error first, before the datasets are read
     (prepare if create else check_usable)(cfg.output.output_dir, "--out")
     names = split_names(cfg.data.dataset)
     options = cfg.data.load_options(require_answer=not (reward_fn or cfg.grading.reward))

@@ -50,7 +50,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from softtokens.errors import UsageError
 
@@ -200,22 +200,43 @@ def load_reward(spec: str):
     return fn
 
 
-def reward_spec(reward) -> tuple[str | None, object]:
-    """(spec the workers import, or None; a function to call in this process, or None) for a reward given as
-    None (Math-Verify), a spec string, or a function. A function workers cannot import (one defined in
-    ``__main__`` or inside another function) is called in this process."""
-    if reward is None or reward == "":
-        return None, None
+@dataclass(frozen=True)
+class Reward:
+    """One user reward, parsed and loaded once (``parse_rewards``)."""
+
+    name: str
+    """Its function's name: the reward's metrics (rewards/<name>/mean) and its error messages."""
+    fn: Callable
+    spec: str | None
+    """What a grading worker imports ('module:function', a file's absolute path); None for a function only this
+    process can call (one defined in ``__main__`` or inside another function)."""
+    record: str
+    """What config.yaml records, so that ``--resume`` finds the function again (``reward_record``)."""
+
+
+def parse_rewards(reward) -> list[Reward]:
+    """Every reward of ``reward`` loaded, each import error named now: the one place a reward is parsed. ``reward``:
+    '' or None (Math-Verify's grading: no user reward), 'a.py:f,b.py:g', a list of such specs and functions, or
+    one function."""
+    return [_parse(r) for r in split_rewards(reward)]
+
+
+def _parse(reward) -> Reward:
     if isinstance(reward, str):
         where, _, name = reward.rpartition(":")
-        load_reward(reward)  # fail now, in this process, with the import error
-        return (f"{Path(where).resolve()}:{name}" if where.endswith(".py") else reward), None
+        fn = load_reward(reward)
+        return Reward(name, fn, f"{Path(where).resolve()}:{name}" if where.endswith(".py") else reward, reward)
     if not callable(reward):
         raise UsageError(f"reward must be a 'module:function' string or a function, got {type(reward).__name__}")
-    module, name = getattr(reward, "__module__", None), getattr(reward, "__qualname__", "")
-    if module in (None, "__main__") or "." in name:
-        return None, reward
-    return f"{module}:{name}", None
+    module, qualname = getattr(reward, "__module__", None), getattr(reward, "__qualname__", "")
+    spec = None if module in (None, "__main__") or "." in qualname else f"{module}:{qualname}"
+    record = spec
+    if record is None:  # the running script's function: its file, which a resume from the command line imports
+        script = getattr(sys.modules.get(module or ""), "__file__", None)
+        qualname = qualname or getattr(reward, "__name__", "reward")
+        record = (f"{Path(script).resolve()}:{qualname}" if script and "." not in qualname
+                  else f"{module or '?'}:{qualname}")
+    return Reward(getattr(reward, "__name__", "reward"), reward, spec, record)
 
 
 def _values(out, name: str, n: int) -> tuple[list, list | None]:
@@ -254,7 +275,7 @@ def call_reward(fn, name: str, rows: list[RewardRow], state: TrainerState | None
     return _values(out, name, len(rows))
 
 
-def combine(rewards: list[tuple[str, object]], weights: list[float] | None, rows: list[RewardRow],
+def combine(rewards: list[Reward], weights: list[float] | None, rows: list[RewardRow],
             state: TrainerState | None = None, timeout: float = 5.0, require_number: bool = False) -> list[Grade]:
     """Every reward on the batch, summed with its weight (None entries left out, as TRL's nansum). Whether a
     completion is right: the verdicts of the first reward that gives some; else Math-Verify's on the gold answer
@@ -262,8 +283,8 @@ def combine(rewards: list[tuple[str, object]], weights: list[float] | None, rows
     a verdict: a reward that is positive for wrong answers would otherwise report them right."""
     weights = weights or [1.0] * len(rewards)
     values, verdicts = [], None
-    for name, fn in rewards:
-        v, c = call_reward(fn, name, rows, state)
+    for r in rewards:
+        v, c = call_reward(r.fn, r.name, rows, state)
         values.append(v)
         verdicts = verdicts if verdicts is not None or c is None else [bool(x) for x in c]
     grades = []
@@ -286,23 +307,7 @@ def reward_record(reward) -> str:
     the script that runs (a resume from the command line imports that file: keep its training call under
     ``if __name__ == "__main__":``). A lambda or a nested function is recorded by its name, which only a resume
     that passes the function again can use."""
-    out = []
-    for r in split_rewards(reward):
-        if isinstance(r, str):
-            out.append(r)
-            continue
-        spec, _ = reward_spec(r)
-        name = getattr(r, "__qualname__", None) or getattr(r, "__name__", "reward")
-        script = getattr(sys.modules.get(getattr(r, "__module__", None) or ""), "__file__", None)
-        if spec is None and script and "." not in name:
-            spec = f"{Path(script).resolve()}:{name}"
-        out.append(spec or f"{getattr(r, '__module__', '?')}:{name}")
-    return ",".join(out)
-
-
-def reward_name(reward) -> str:
-    """The name a reward's metrics are logged under: its function's name."""
-    return reward.rpartition(":")[2] if isinstance(reward, str) else getattr(reward, "__name__", "reward")
+    return ",".join(r.record for r in parse_rewards(reward))
 
 
 def split_rewards(reward) -> list:
@@ -342,7 +347,7 @@ def time_limit(seconds: float | None, what: str):
         signal.signal(signal.SIGUSR1, old)
 
 
-_LOADED: dict[str, object] = {}
+_LOADED: dict[str, Reward] = {}
 
 
 def _grade_many(rows: list, timeout: float, require_number: bool = False, rewards: tuple = (),
@@ -352,8 +357,8 @@ def _grade_many(rows: list, timeout: float, require_number: bool = False, reward
         return [grade_one(g, c, timeout, require_number) for g, c, *_ in rows]
     for spec in rewards:
         if spec not in _LOADED:
-            _LOADED[spec] = load_reward(spec)
-    return combine([(spec, _LOADED[spec]) for spec in rewards], weights, rows, state, timeout, require_number)
+            _LOADED[spec] = _parse(spec)
+    return combine([_LOADED[spec] for spec in rewards], weights, rows, state, timeout, require_number)
 
 
 def _exit_with_parent() -> None:
@@ -417,15 +422,13 @@ class Grader:
         if workers < 0:
             raise UsageError(f"grading workers must be >= 0, got {workers}")
         self.workers, self.timeout, self.require_number, self.guard_slack = workers, timeout, require_number, guard_slack
-        rewards = split_rewards(reward)
+        rewards = parse_rewards(reward)
         check_reward_weights(rewards, reward_weights)
-        specs = [reward_spec(r) for r in rewards]
-        self.names = [reward_name(r) for r in rewards]
+        self.names = [r.name for r in rewards]
         self.weights, self.reward_timeout = reward_weights, reward_timeout
-        if any(spec is None for spec, _ in specs):  # a function workers cannot import: all are called here
-            self.reward, self._local = None, named_rewards(rewards)
-        else:
-            self.reward, self._local = tuple(spec for spec, _ in specs), None
+        local = any(r.spec is None for r in rewards)  # a function workers cannot import: all are called here
+        self.reward = None if local else tuple(r.spec for r in rewards)  # what the workers import
+        self._local = rewards if local else None
         self._pool: cf.ProcessPoolExecutor | None = None
 
     @classmethod
@@ -458,7 +461,7 @@ class Grader:
             raise UsageError("a custom reward needs the problem of every completion (Grader.submit(pairs, problems))")
         rows = reward_rows(pairs, problems, rollouts) if custom else list(pairs)
         if self._local is not None:
-            with time_limit(self.reward_timeout, f"reward {', '.join(n for n, _ in self._local)}"):
+            with time_limit(self.reward_timeout, f"reward {', '.join(self.names)}"):
                 return Handle(combine(self._local, self.weights, rows, state, self.timeout, self.require_number))
         if self.workers == 0:
             if not custom and threading.current_thread() is not threading.main_thread():
@@ -554,13 +557,6 @@ class RewardFunction:
         return self.fn(pairs)
 
 
-def named_rewards(rewards: list) -> list[tuple[str, object]]:
-    """(name for messages, function) of each reward, loaded in this process: a spec by its function's name, a
-    function by 'module:qualname'."""
-    return [(reward_name(r), load_reward(r)) if isinstance(r, str)
-            else (f"{getattr(r, '__module__', '?')}:{getattr(r, '__qualname__', 'reward')}", r) for r in rewards]
-
-
 def check_reward_weights(rewards: list, weights: list[float] | None) -> None:
     if weights is not None and len(weights) != len(rewards):
         raise UsageError(f"reward_weights has {len(weights)} weights for {len(rewards)} reward(s): give one per reward")
@@ -588,18 +584,17 @@ def check_rewards(reward, weights: list[float] | None, problems: list, timeout: 
     from softtokens.data import is_chat
     from softtokens.prompts import ANSWER_PREFIX
 
-    rewards = split_rewards(reward)
+    rewards = parse_rewards(reward)
     if not rewards or not problems:
         return []
     check_reward_weights(rewards, weights)
-    fns = named_rewards(rewards)
     p = problems[0]
     answers = [ANSWER_PREFIX + (p.answer or "0") + "}", ANSWER_PREFIX + "}"]
     rows = [RewardRow(p.answer, a, p.question, p.columns, "Let me think. The final answer is: " + a, (), "hard",
                       is_chat(p.question)) for a in answers]
     try:
-        with time_limit(timeout, f"reward {', '.join(n for n, _ in fns)}"):
-            return combine(fns, weights, rows, TrainerState(0, 1))
+        with time_limit(timeout, f"reward {', '.join(r.name for r in rewards)}"):
+            return combine(rewards, weights, rows, TrainerState(0, 1))
     except ValueError as e:
         raise type(e)(f"{e} (checked on made-up completions of the dataset's first row, before the model loads)") \
             from None

@@ -60,7 +60,7 @@ from softtokens.policy import Policy
 from softtokens.policy import build as build_policy
 from softtokens.policy import plan as policy_plan
 from softtokens.resume import set_aside_later, start_point
-from softtokens.reward import (Grader, TrainerState, check_rewards, importing_reward, reward_name, reward_record,
+from softtokens.reward import (Grader, TrainerState, check_rewards, importing_reward, parse_rewards, reward_record,
                                split_rewards)
 from softtokens.rollout import generate_rollouts, prefill_tokens
 from softtokens.scoring import computed_tokens, score_rollouts
@@ -435,8 +435,8 @@ def held_out_check(lm: CausalLM, grader: Grader, problems: list[Problem], cfg: T
 
 def grading_rule(strict: bool, reward) -> str:
     """The grading rule in words, for summary.json."""
-    if split_rewards(reward):
-        return "custom reward " + ", ".join(reward_name(r) for r in split_rewards(reward))
+    if rewards := parse_rewards(reward):
+        return "custom reward " + ", ".join(r.name for r in rewards)
     return ("strict: the boxed answer must be the gold number itself (Math-Verify on plain numbers; an equal "
             "expression such as 20 + 10 is wrong)" if strict else
             "Math-Verify: the boxed answer must equal the gold answer (an equal expression counts)")
@@ -596,7 +596,7 @@ def validation_size(cfg: TrainConfig, n: int) -> int:
 def check_best_metric(name: str, reward, grades: list, validating: bool) -> None:
     """metric_for_best_model names something validation measures: accuracy needs verdicts (Math-Verify's, or a
     user reward's own), a reward's name one of the rewards."""
-    names = [reward_name(r) for r in split_rewards(reward)]
+    names = [r.name for r in parse_rewards(reward)]
     if name in ("accuracy", "reward") or name.removeprefix("rewards/") in names:
         if name == "accuracy" and validating and grades and all(g.correct is None for g in grades):
             raise UsageError("metric_for_best_model accuracy needs verdicts, but the reward gives none and the data "

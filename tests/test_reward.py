@@ -211,8 +211,8 @@ def test_a_bad_reward_name_is_a_clear_error(reward, message):
 
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("fn, message", [
-    (_raises, "reward test_reward:_raises raised KeyError: 'target'"),
-    (_short, "reward test_reward:_short returned 1 rewards for 2 completions"),
+    (_raises, "reward _raises raised KeyError: 'target'"),
+    (_short, "reward _short returned 1 rewards for 2 completions"),
 ])
 def test_a_reward_that_fails_names_the_function(fn, message, workers):
     with Grader(workers=workers, reward=fn) as grader:
@@ -318,3 +318,23 @@ def test_a_bad_reward_fails_on_made_up_completions_first(tmp_path, body, message
     assert "before the model loads" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="reward_weights has 2 weights for 1 reward"):
         check_rewards(f"{tmp_path / 'r.py'}:bad", [1.0, 2.0], problems)
+
+
+def test_a_reward_is_parsed_in_one_place(tmp_path):
+    from softtokens.reward import Reward, parse_rewards, reward_record
+
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [1.0] * len(completions)\n")
+    spec = f"{tmp_path / 'r.py'}:f"
+    [from_file, example, from_module] = parse_rewards([spec, f"{EXAMPLE}:exact_match",
+                                                       "softtokens.reward:last_boxed"])
+    assert isinstance(from_file, Reward) and from_file.name == "f" and from_file.spec == spec == from_file.record
+    assert example.name == "exact_match"
+    assert example.fn(prompts=["q"], completions=["\\boxed{a}"], target=["a"])[0] == [1.0]
+    assert from_module.spec == from_module.record == "softtokens.reward:last_boxed" and from_module.name == "last_boxed"
+    nested = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
+    [local] = parse_rewards(nested)
+    assert local.spec is None and local.name == "<lambda>", "a function workers cannot import is called here"
+    assert parse_rewards("") == [] and parse_rewards(None) == []
+    assert reward_record(f"{spec},{spec}") == f"{spec},{spec}"
+    with pytest.raises(ValueError, match="has no function g"):
+        parse_rewards(f"{tmp_path / 'r.py'}:g")

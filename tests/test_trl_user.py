@@ -13,7 +13,7 @@ from softtokens import trainer as tr
 from softtokens.checkpoint import EMBEDDED_HUB_ID, base_model_id, model_card
 from softtokens.config import TrainConfig
 from softtokens.errors import UsageError
-from softtokens.reward import Grader, RewardRow, combine
+from softtokens.reward import Grader, RewardRow, combine, parse_rewards
 
 from conftest import QUESTIONS
 from test_cli import run_cli
@@ -116,11 +116,11 @@ def test_a_field_set_after_construction_is_checked_when_train_starts(model_dir, 
 
 def test_a_reward_value_is_never_a_verdict():
     rows = [RewardRow("7", "\\boxed{3}", "q"), RewardRow("", "\\boxed{3}", "q")]
-    grades = combine([("half", half)], None, rows)
+    grades = combine(parse_rewards(half), None, rows)
     assert [g.reward for g in grades] == [0.5, 0.5]
     assert grades[0].correct is False, "with a gold answer: Math-Verify's verdict"
     assert grades[1].correct is None, "no gold, no verdict from the reward: unknown"
-    assert [g.correct for g in combine([("right", right)], None, rows)] == [False, False]
+    assert [g.correct for g in combine(parse_rewards(right), None, rows)] == [False, False]
 
 
 def test_a_reward_that_never_says_right_reports_no_accuracy_of_one(model_dir, tmp_path):
