@@ -13,7 +13,7 @@ at a chosen moment:
 - random: a uniform delay after the job's progress bar appears;
 - checkpoint: as soon as a checkpoint's temporary folder appears: the first checkpoint's write (train);
 - append: as soon as metrics.jsonl or a records file grows (a write just landed);
-- worker: SIGKILL of a grading worker, not the job (the grader must rebuild its pool).
+- worker: SIGKILL of a grading worker, not the job (another worker must grade its chunk again).
 
 After each kill it checks that every process the job had started is gone, then
 reruns the same command with ``--resume`` (as a scheduler that always restarts

@@ -85,6 +85,45 @@ class EngineState:
     def tensors(self, names) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
+    @classmethod
+    def allocate(cls, setup: RolloutSetup, R: int, matcher: MarkerMatcher) -> EngineState:
+        """Zeroed state for R rows of this setup's CoT: only the buffers its mode and records need."""
+        lm, cfg = setup.lm, setup.cfg
+        dev, L, A, d, V = lm.device, cfg.max_cot_length, cfg.max_answer_length, *setup.E.shape[::-1]
+        fdt = cot.compute_dtype(lm.dtype)
+
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=dev)
+
+        c = setup.cot_cfg
+        soft, k = c.mode != "hard", min(cfg.record_top_k, V)
+        return cls(
+            **{name: zeros(R) for name in ("phase", "pos", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step")},
+            # Float32 logits, the head's float32 result (``CausalLM.logits``): the scorer computes the same.
+            t=zeros(1), chars=matcher.empty(R), z=zeros(R, V, dtype=fdt),
+            cot_ids=zeros(R, L + 1), logprob=zeros(R, L + 1, dtype=fdt), entropy=zeros(R, L + 1, dtype=fdt),
+            gap=zeros(R, L + 1, dtype=fdt), ans_ids=zeros(R, A), ans_lp=zeros(R, A, dtype=fdt),
+            inputs=zeros(R, L + 1, d, dtype=lm.dtype) if soft else None,
+            mu=zeros(R, L + 1, d, dtype=fdt) if soft and cfg.record_means else None,
+            top_p=zeros(R, L + 1, k, dtype=fdt) if k else None,
+            top_ids=zeros(R, L + 1, k) if k else None,
+            eps=zeros(R, L, d, dtype=torch.float32) if soft and c.sampled else None,
+            u_cot=zeros(R, L, dtype=torch.float32) if not soft and c.sampled else None,
+            u_answer=zeros(R, A, dtype=torch.float32) if cfg.answer_temperature > 0 else None,
+        )
+
+    def to_host(self, n: int) -> dict[str, torch.Tensor]:
+        """The recorded state of the first n rows on the host; on CUDA through pinned memory, in one wait
+        (a CoT's inputs are R x L x d: a copy to pageable memory is a measurable share of a rollout)."""
+        recorded = self.tensors(self.RECORDED)
+        if self.z.device.type != "cuda":
+            return {k: v[:n].cpu() for k, v in recorded.items()}
+        host = {k: torch.empty(v[:n].shape, dtype=v.dtype, pin_memory=True) for k, v in recorded.items()}
+        for k, v in recorded.items():
+            host[k].copy_(v[:n], non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return host
+
 
 class MarkerMatcher:
     """Whether each row's CoT text ends with the marker, on the device, with no host round trip.
@@ -129,6 +168,35 @@ class MarkerMatcher:
         return match & self.candidate[tok]
 
 
+class StepGraphs:
+    """The decode step as CUDA graphs, one per attention span, captured on first use and replayed after."""
+
+    def __init__(self):
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every span's graph
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def replay(self, step, s: EngineState, span: int) -> None:
+        """Run ``step()`` (the step on state ``s`` at this span) by its graph, capturing the graph first."""
+        if span not in self.graphs:
+            saved = {k: v.clone() for k, v in s.tensors(EngineState.MUTABLE).items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                step()
+            for k, v in saved.items():  # capture and warm-up advanced the state: put it back
+                getattr(s, k).copy_(v)
+            self.graphs[span] = graph
+        self.graphs[span].replay()
+
+
 class StaticEngine:
     """Decodes batches of up to ``rows`` rows on a static cache; ``static_engine`` keeps one per model."""
 
@@ -149,8 +217,7 @@ class StaticEngine:
         self._logic = torch.compile(StaticEngine._logic_eager, dynamic=False, fullgraph=True) if compile else None
         self._logic_checked = False
         self.matcher = MarkerMatcher(lm.token_texts, cfg.marker, setup.marker_end_ids, lm.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one pool for every span's graph
+        self.graphs = StepGraphs() if self.use_graphs else None
         self.eos = torch.tensor(sorted(setup.eos_ids), device=lm.device)
         table = torch.zeros(len(STOP_CODES), self.prefill_len, dtype=torch.long)
         lens = torch.zeros(len(STOP_CODES), dtype=torch.long)
@@ -159,34 +226,9 @@ class StaticEngine:
             table[code, : len(ids)] = torch.tensor(ids)
             lens[code] = len(ids)
         self.prefill_table, self.prefill_lens = table.to(lm.device), lens.to(lm.device)
-        self.s = self._alloc()
+        self.s = EngineState.allocate(setup, rows, self.matcher)
 
     # --- the captured step --------------------------------------------------------------------------
-
-    def _alloc(self) -> EngineState:
-        lm, cfg, R = self.setup.lm, self.setup.cfg, self.rows
-        dev, L, A, d, V = lm.device, cfg.max_cot_length, cfg.max_answer_length, *self.setup.E.shape[::-1]
-        fdt = cot.compute_dtype(lm.dtype)
-
-        def zeros(*shape, dtype=torch.long):
-            return torch.zeros(*shape, dtype=dtype, device=dev)
-
-        c = self.setup.cot_cfg
-        soft, k = c.mode != "hard", min(cfg.record_top_k, V)
-        return EngineState(
-            **{name: zeros(R) for name in ("phase", "pos", "stop", "cot_len", "pre_ptr", "ans_len", "bad_step")},
-            # Float32 logits, the head's float32 result (``CausalLM.logits``): the scorer computes the same.
-            t=zeros(1), chars=self.matcher.empty(R), z=zeros(R, V, dtype=fdt),
-            cot_ids=zeros(R, L + 1), logprob=zeros(R, L + 1, dtype=fdt), entropy=zeros(R, L + 1, dtype=fdt),
-            gap=zeros(R, L + 1, dtype=fdt), ans_ids=zeros(R, A), ans_lp=zeros(R, A, dtype=fdt),
-            inputs=zeros(R, L + 1, d, dtype=lm.dtype) if soft else None,
-            mu=zeros(R, L + 1, d, dtype=fdt) if soft and cfg.record_means else None,
-            top_p=zeros(R, L + 1, k, dtype=fdt) if k else None,
-            top_ids=zeros(R, L + 1, k) if k else None,
-            eps=zeros(R, L, d, dtype=torch.float32) if soft and c.sampled else None,
-            u_cot=zeros(R, L, dtype=torch.float32) if not soft and c.sampled else None,
-            u_answer=zeros(R, A, dtype=torch.float32) if cfg.answer_temperature > 0 else None,
-        )
 
     def _reset(self, prompt_ids: list[list[int]], draws: list[RowDraws]) -> None:
         """Load a new batch into the state; rows past the batch are bucket padding, DONE from the start."""
@@ -283,23 +325,9 @@ class StaticEngine:
         return min(_round_up(n, SPAN_BUCKET), self.max_len)
 
     def _run_step(self, s: EngineState, span: int) -> None:
-        if not self.use_graphs:
+        if self.graphs is None:
             return self._step(s, span)
-        if span not in self.graphs:
-            saved = {k: v.clone() for k, v in s.tensors(EngineState.MUTABLE).items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
-                for _ in range(2):
-                    self._step(s, span)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._step(s, span)
-            for k, v in saved.items():  # capture and warm-up advanced the state: put it back
-                getattr(s, k).copy_(v)
-            self.graphs[span] = graph
-        self.graphs[span].replay()
+        self.graphs.replay(lambda: self._step(s, span), s, span)
 
     # --- a batch ------------------------------------------------------------------------------------
 
@@ -340,21 +368,9 @@ class StaticEngine:
         assert bool((s.phase[:n] == DONE).all()), "rollout did not finish within its step bound"
         return self._records(s, prompt_ids, keys)
 
-    def _to_host(self, s: EngineState, n: int) -> dict[str, torch.Tensor]:
-        """The recorded state of the first n rows on the host; on CUDA through pinned memory, in one wait
-        (a CoT's inputs are R x L x d: a copy to pageable memory is a measurable share of a rollout)."""
-        recorded = s.tensors(EngineState.RECORDED)
-        if self.setup.lm.device.type != "cuda":
-            return {k: v[:n].cpu() for k, v in recorded.items()}
-        host = {k: torch.empty(v[:n].shape, dtype=v.dtype, pin_memory=True) for k, v in recorded.items()}
-        for k, v in recorded.items():
-            host[k].copy_(v[:n], non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        return host
-
     def _records(self, s: EngineState, prompt_ids, keys):
         n = len(prompt_ids)
-        host = self._to_host(s, n)
+        host = s.to_host(n)
         rows = []
         for r in range(n):
             T, A = int(host["cot_len"][r]), int(host["ans_len"][r])

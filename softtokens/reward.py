@@ -20,12 +20,13 @@ an error, it never scores the batch 0.
 Math-Verify's own timeouts use ``signal.alarm``, which only works in a main
 thread (one RL framework scored every MATH item 0 because of it). So grading
 runs in worker processes, each in its own main thread with Math-Verify's
-timeouts on, behind an outer wall-clock guard that kills a worker stuck in C
-code (a huge power in sympy, say). ``Grader(workers=0)`` grades inline, in
-the main thread only.
+timeouts on, behind an outer wall-clock guard per chunk that kills the one
+worker stuck in C code (a huge power in sympy, say) and starts another, the
+other chunks grading on (pebble's process pool). ``Grader(workers=0)``
+grades inline, in the main thread only.
 
-A worker that dies (killed, out of memory) breaks the whole pool: the Grader
-builds a new one and regrades only the chunks that were lost. Each worker
+A worker that dies (killed, out of memory) costs only its chunk, which
+another worker grades again. Each worker
 watches its parent through multiprocessing's parent sentinel (a pipe that
 closes when the parent dies, whatever killed it) and exits with it, so a
 kill -9 of a run leaves no grading processes behind. Workers start with this
@@ -51,6 +52,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+import pebble
 
 from softtokens.errors import UsageError
 
@@ -378,7 +381,7 @@ def _exit_with_parent() -> None:
 
 @contextlib.contextmanager
 def _workers_skip_user_main():
-    """While workers start: spawn makes each child import the parent's ``__main__`` (its file, or its module
+    """While a worker starts: spawn makes each child import the parent's ``__main__`` (its file, or its module
     under ``python -m``); pointing ``__main__.__spec__`` at this module makes them import this one instead."""
     main = sys.modules.get("__main__")
     if main is None:
@@ -392,14 +395,27 @@ def _workers_skip_user_main():
         main.__spec__ = old
 
 
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        with _workers_skip_user_main():
+            super().start()
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    """spawn (a forked child of a process running torch threads can deadlock), every worker started with this
+    module standing in for the user's ``__main__``: the first ones and those that replace a killed worker."""
+
+    Process = _WorkerProcess
+
+
 @dataclass
 class Chunk:
     """Rows out for grading in one worker: what a regrade needs, and the future of their grades."""
 
     rows: list
     state: TrainerState | None
-    pool: cf.ProcessPoolExecutor
     future: cf.Future
+    """pebble's ProcessFuture: its timeout counts from when a worker takes the chunk."""
 
 
 @dataclass
@@ -429,7 +445,7 @@ class Grader:
         local = any(r.spec is None for r in rewards)  # a function workers cannot import: all are called here
         self.reward = None if local else tuple(r.spec for r in rewards)  # what the workers import
         self._local = rewards if local else None
-        self._pool: cf.ProcessPoolExecutor | None = None
+        self._pool: pebble.ProcessPool | None = None
 
     @classmethod
     def from_config(cls, grading: GradingConfig, require_number: bool, reward=None) -> Grader:
@@ -442,12 +458,18 @@ class Grader:
         """Whether user rewards grade (rather than Math-Verify)."""
         return bool(self.reward) or self._local is not None
 
-    def _executor(self) -> cf.ProcessPoolExecutor:
+    def _executor(self) -> pebble.ProcessPool:
+        if self._pool is not None and not self._pool.active:  # pebble gives up on a pool whose idle workers died
+            self.close()
         if self._pool is None:
-            # spawn: a forked child of a process running torch threads can deadlock
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_exit_with_parent)
+            self._pool = pebble.ProcessPool(self.workers, initializer=_exit_with_parent, context=_WorkerContext())
         return self._pool
+
+    def worker_pids(self) -> list[int]:
+        """The grading workers' process ids (for checks: a worker killed from outside)."""
+        if self._pool is None:
+            return []
+        return [w.pid for w in list(self._pool._pool_manager.worker_manager.workers.values()) if w.pid is not None]
 
     def submit(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
                state: TrainerState | None = None) -> Handle:
@@ -474,63 +496,48 @@ class Grader:
         return Handle(chunks=[self._submit(rows[i : i + chunk], state) for i in range(0, len(rows), chunk)])
 
     def _submit(self, rows: list, state: TrainerState | None = None) -> Chunk:
-        for _ in range(2):
-            pool = self._executor()
-            try:
-                with _workers_skip_user_main():  # submit starts the workers
-                    return Chunk(rows, state, pool, pool.submit(_grade_many, rows, self.timeout, self.require_number,
-                                                                self.reward or (), self.weights, state))
-            except cf.process.BrokenProcessPool:  # a worker died while the pool was idle
-                self._kill()
-        raise RuntimeError("the grading pool breaks as soon as it starts: see the workers' errors above")
+        # a Math-Verify chunk's guard: 3 calls per pair, each under the timeout; a user reward's: reward_timeout
+        limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + self.guard_slack
+        future = self._executor().schedule(_grade_many, (rows, self.timeout, self.require_number, self.reward or (),
+                                                         self.weights, state), timeout=limit)
+        return Chunk(rows, state, future)
 
     def result(self, handle: Handle) -> list[Grade]:
-        """The grades of a submitted batch. A Math-Verify chunk that outlives its guard (3 calls per pair, each
-        under the timeout) scores 0 and its worker is killed; a user reward that outlives reward_timeout stops
-        the run (RewardTimeout). A chunk lost to a dead worker is regraded in a fresh pool, twice at most (then
-        it scores 0: its input kills workers)."""
+        """The grades of a submitted batch. A chunk that outlives its guard (counted from when a worker takes
+        it) has its worker killed and replaced, the other chunks grading on: a Math-Verify chunk scores 0, a
+        user reward stops the run (RewardTimeout). A chunk whose worker died (killed, out of memory) is regraded
+        by another, twice at most (then it scores 0: its input kills workers)."""
         if handle.grades is not None:
             return handle.grades
         return [g for chunk in handle.chunks for g in self._chunk_result(chunk)]
 
     def _chunk_result(self, chunk: Chunk) -> list[Grade]:
         rows = chunk.rows
-        limit = self.reward_timeout if self.custom else self.timeout * (3 * len(rows) + 1) + self.guard_slack
-        zeros = [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:])
-                       is not None) for r in rows]
         for attempt in range(3):
             try:
-                return chunk.future.result(timeout=limit)
-            except cf.TimeoutError:
-                self._kill()
+                return chunk.future.result()
+            except TimeoutError:
                 if self.custom:
                     raise RewardTimeout(f"reward {', '.join(self.names)} did not return within reward_timeout "
-                                        f"{limit:g} s (a batch of {len(rows)} completions): fix it, or raise "
-                                        "reward_timeout") from None
-                return zeros
-            except (cf.process.BrokenProcessPool, cf.CancelledError):
-                if attempt == 2:
-                    break
-                if self._pool is chunk.pool:  # the pool that lost it is broken for good: start a new one
-                    self._kill()
-                chunk = self._submit(rows, chunk.state)
-        return zeros
+                                        f"{self.reward_timeout:g} s (a batch of {len(rows)} completions): fix it, or "
+                                        "raise reward_timeout") from None
+                break
+            except (pebble.ProcessExpired, cf.process.BrokenProcessPool, cf.CancelledError):
+                if attempt < 2:
+                    chunk = self._submit(rows, chunk.state)
+        return [Grade(NONE, False, last_boxed((r.answer if isinstance(r, RewardRow) else r[1])[-MAX_CHARS:])
+                      is not None) for r in rows]
 
     def grade(self, pairs: list[tuple[str, str]], problems: list | None = None, rollouts: list | None = None,
               state: TrainerState | None = None) -> list[Grade]:
         return self.result(self.submit(pairs, problems, rollouts, state))
 
-    def _kill(self) -> None:
+    def close(self) -> None:
+        """Stop the workers and drop any chunk still out (its grades are no longer wanted)."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+            pool.stop()
+            pool.join()
 
     def __enter__(self):
         return self

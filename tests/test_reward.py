@@ -84,22 +84,41 @@ def test_grading_off_the_main_thread():
 
 
 def _kill_workers(grader: Grader) -> None:
-    for p in list(grader._pool._processes.values()):
-        os.kill(p.pid, signal.SIGKILL)
+    for pid in grader.worker_pids():
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
 def test_a_dead_worker_costs_only_its_chunk():
-    """An out-of-memory kill of one worker breaks the pool: the Grader regrades in a new one, not the run."""
+    """An out-of-memory kill of a worker: its chunk is graded again by another, not lost, and the run goes on."""
     pairs = [("7", "\\boxed{7}"), ("3", "\\boxed{4}"), ("5", "\\boxed{5}"), ("2", "no box")]
     with Grader(workers=2, timeout=2) as grader:
         assert [g.reward for g in grader.grade(pairs)] == [100, 10, 100, 0]
         handle = grader.submit(pairs + [("18", ADVERSARIAL[-1])])  # the last chunk keeps a worker busy
         _kill_workers(grader)
         assert [g.reward for g in grader.result(handle)][:4] == [100, 10, 100, 0]
-        _kill_workers(grader)  # a pool that broke while idle
+        _kill_workers(grader)  # workers killed while idle
         time.sleep(1)
         assert [g.reward for g in grader.grade(pairs)] == [100, 10, 100, 0]
+
+
+@pytest.mark.slow
+def test_a_timeout_kills_only_the_stuck_worker():
+    """The chunk past its guard scores 0 and its worker is replaced; a chunk beside it is graded, its worker kept.
+    The guard (2 s here) is set shorter than Math-Verify's own timeout (30 s), so that it is what stops the power."""
+    with Grader(workers=2, timeout=30, guard_slack=2 - 30 * 4) as grader:
+        grader.grade([("1", "\\boxed{1}")] * 4)  # both workers up, sympy imported
+        before = set(grader.worker_pids())
+        stuck = grader.submit([("18", ADVERSARIAL[-1])])
+        fine = grader.submit([("7", "\\boxed{7}")] * 3)
+        assert [g.reward for g in grader.result(fine)] == [100] * 3
+        assert [g.reward for g in grader.result(stuck)] == [0]
+        deadline = time.time() + 10
+        while time.time() < deadline and len(set(grader.worker_pids()) - before) < 1:
+            time.sleep(0.1)
+        after = set(grader.worker_pids())
+        assert len(before & after) == 1 and len(after) == 2, "one worker replaced, the other kept"
+        assert [g.reward for g in grader.grade([("7", "\\boxed{7}")])] == [100]
 
 
 WATCHED = """
@@ -107,7 +126,7 @@ import multiprocessing.resource_tracker as rt, os, sys, time
 from softtokens.reward import Grader
 g = Grader(workers=2, timeout=2)
 g.grade([("1", "\\\\boxed{1}")] * 8)
-print(" ".join(str(p.pid) for p in g._pool._processes.values()), rt._resource_tracker._pid, flush=True)
+print(" ".join(str(p) for p in g.worker_pids()), rt._resource_tracker._pid, flush=True)
 time.sleep(600)
 """
 
