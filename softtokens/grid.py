@@ -263,7 +263,7 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
     from softtokens.evaluate import check_eval, evaluate
     from softtokens.models import load_model, resolve_device
     from softtokens.ood import ood_eval
-    from softtokens.trainer import continue_training
+    from softtokens.trainer import run_training
 
     if Dist.from_env().world > 1:
         raise UsageError("softtokens grid runs in one process: train a run on several GPUs with torchrun "
@@ -292,7 +292,7 @@ def run_grid(plan: GridPlan, device: str = "auto", dtype: str = "auto", progress
         evaluate_and_check(model, _base_dir(plan, "eval", model),
                            lambda protocol: _base_dir(plan, ood_stage(protocol), model), 0)
     for job in jobs(plan):
-        continue_training(dataclasses.replace(job.train, resume=True), progress)  # skips a finished run
+        run_training(dataclasses.replace(job.train, resume=True), progress, skip_finished=True)
         evaluate_and_check(str(trained_model(job.train)), job.eval_out, job.ood_out, job.seed, trained_cot(plan, job))
     return write_tables(plan)
 

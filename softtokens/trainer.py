@@ -514,11 +514,23 @@ def train(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM 
         lm = CausalLM(model, tokenizer, name=getattr(model.config, "_name_or_path", "") or cfg.load.model)
     if dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=IN_MEMORY)
-    if cfg.output.seeds:
-        if lm is not None and len(cfg.output.seeds) > 1:
-            raise UsageError("train(lm=...) trains that one model object: give one seed, or load by cfg.load.model")
-        return {c.rollout.seed: continue_training(c, progress, reward_fn, lm, callbacks, dataset)
-                for c in per_seed(cfg)}
+    if not cfg.output.seeds:
+        return run_training(cfg, progress, reward_fn, lm, callbacks, dataset)
+    if lm is not None and len(cfg.output.seeds) > 1:
+        raise UsageError("train(lm=...) trains that one model object: give one seed, or load by cfg.load.model")
+    return {c.rollout.seed: run_training(c, progress, reward_fn, lm, callbacks, dataset, skip_finished=True)
+            for c in per_seed(cfg)}
+
+
+def run_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm: CausalLM | None = None,
+                 callbacks: list | None = None, dataset=None, skip_finished: bool = False) -> dict:
+    """One run, from a checked config (``train``'s, one per seed; a grid's): the folder, the checks made before
+    the model loads (``preflight``), the processes, then the loop (``_train``). With ``skip_finished`` and
+    cfg.output.resume (a seed of a several-seed run, a grid's run), a run that reached max_steps is skipped; an
+    interrupted one resumes from its last checkpoint, one killed before its first checkpoint starts from step 0."""
+    if skip_finished and cfg.output.resume and (done := finished(cfg)):
+        print(f"{cfg.output.output_dir}: finished at step {done['step']}, skipped")
+        return done
     out = Path(cfg.output.output_dir)
     main = Dist.from_env().main
     if main:
@@ -612,17 +624,6 @@ def finished(cfg: TrainConfig) -> dict | None:
     path = Path(cfg.output.output_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else None
     return summary if summary and summary.get("step") == cfg.optim.max_steps else None
-
-
-def continue_training(cfg: TrainConfig, progress: bool = True, reward_fn=None, lm=None, callbacks=None,
-                      dataset=None) -> dict:
-    """A run of a several-seed run or of a grid. With cfg.output.resume: a finished run is skipped, an interrupted one
-    resumed from its last checkpoint-<step>, one killed before its first checkpoint (or missing) started from step
-    0; without, a plain ``train``."""
-    if cfg.output.resume and (done := finished(cfg)):
-        print(f"{cfg.output.output_dir}: finished at step {done['step']}, skipped")
-        return done
-    return train(cfg, progress, reward_fn, lm, callbacks, dataset)
 
 
 @dataclasses.dataclass

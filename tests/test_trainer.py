@@ -315,8 +315,8 @@ def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(model_dir, tmp_p
     monkeypatch.setattr(tr, "train_step", real_step)
     monkeypatch.setattr(tr, "save_checkpoint", real_save)
     capsys.readouterr()
-    # continue_training: the path of several-seed runs and grids, which resume every run they meet
-    assert tr.continue_training(cfg(part, resume=True), progress=False)["step"] == 2
+    # run_training(skip_finished=True): the path of several-seed runs and grids, which resume every run they meet
+    assert tr.run_training(cfg(part, resume=True), progress=False, skip_finished=True)["step"] == 2
     assert f"--resume: no checkpoint in {part} yet; starting from step 0" in capsys.readouterr().out
     a, b = _weights(tmp_path / "full" / "checkpoint-2"), _weights(part / "checkpoint-2")
     assert all(torch.equal(a[n], b[n]) for n in a)
