@@ -16,13 +16,14 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
-def halves(rows: list[int], group_size: int) -> list[list[int]]:
-    """Split row indices into two halves by group (rows i // group_size); with one group, by row."""
-    groups = sorted({i // group_size for i in rows})
-    if len(groups) >= 2:
-        first = set(groups[: len(groups) // 2])
-        return [[i for i in rows if i // group_size in first], [i for i in rows if i // group_size not in first]]
-    return [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+def halves(rows: list[int], group_size: int, groups: int) -> list[list[int]]:
+    """Split row indices of a batch of ``groups`` groups into two halves: the first groups and the last (rows
+    i // group_size); with one group, its first rows and its last. The split depends on the indices only, so
+    every process of a run, each holding some rows, splits as one process would."""
+    def second(i: int) -> bool:
+        return i // group_size >= groups // 2 if groups >= 2 else i % group_size >= group_size // 2
+
+    return [[i for i in rows if not second(i)], [i for i in rows if second(i)]]
 
 
 def _scalar(x: torch.Tensor) -> float:

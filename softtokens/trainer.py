@@ -265,13 +265,18 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     keep = [i for i, a in enumerate(advantages.tolist()) if a != 0 or needed]
     sets = [keep]
     if split is not None:  # two halves of the batch's groups (first_row: this rank's first row in the batch)
-        sets = [[i - first_row for i in h] for h in halves([first_row + i for i in keep], cfg.rollout.num_generations)]
-    parts = [(h, rows[s : s + cfg.optim.micro_batch_size]) for h, rows in enumerate(sets)
-             for s in range(0, len(rows), cfg.optim.micro_batch_size)]
-    # Under FSDP every rank runs the same number of forward / backward passes (each is a collective): a rank
-    # with fewer parts scores its first row again with weight 0.
-    padding = max(gather_objects(len(parts), d)) - len(parts) if d.world > 1 else 0
-    for (half, rows), weight in [(part, 1.0) for part in parts] + [((0, [0]), 0.0)] * padding:
+        rows_in_batch = halves([first_row + i for i in keep], cfg.rollout.num_generations, cfg.optim.prompts_per_step)
+        sets = [[i - first_row for i in h] for h in rows_in_batch]
+    mb = cfg.optim.micro_batch_size
+    parts = [[rows[s : s + mb] for s in range(0, len(rows), mb)] for rows in sets]
+    # Under FSDP every rank runs the same forward / backward passes, half by half (each backward is a collective,
+    # and a half's gradient must meet the same half's on the other ranks): a rank with fewer parts in a half
+    # scores its first row again with weight 0.
+    most = ([max(n) for n in zip(*gather_objects([len(p) for p in parts], d))] if d.world > 1
+            else [len(p) for p in parts])
+    schedule = [item for h, ps in enumerate(parts)
+                for item in [(h, rows, 1.0) for rows in ps] + [(h, [0], 0.0)] * (most[h] - len(ps))]
+    for half, rows, weight in schedule:
         part = [rollouts[i] for i in rows]
         scores = policy.scorer(part, share_prompt=cfg.rollout.share_prompt,
                                mixture_embedding_grad=cfg.optim.mixture_embedding_grad)

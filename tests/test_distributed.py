@@ -102,3 +102,22 @@ def test_uneven_split_is_refused(model_dir, tmp_path):
     run = _torchrun(_cfg(model_dir, tmp_path / "odd", prompts_per_step=1, num_generations=3), tmp_path, script=False)
     assert run.returncode != 0  # torchrun reports its workers' exit code 2 as 1
     assert "softtokens: error: prompts_per_step x num_generations = 3 rows do not split evenly over 2 processes" in run.stderr
+
+
+def test_gradient_signal_of_two_processes_is_one_process(model_dir, tmp_path, monkeypatch):
+    """Each process holds one group; the halves are the batch's, and each half's backward meets the same half's
+    on the other process: the figures and the step equal one process's."""
+    use_reward(monkeypatch)
+    kw = dict(gradient_signal=True, max_steps=1, eval_steps=0, val_size=0, prompts_per_step=2, micro_batch_size=1)
+    tr.train(TrainConfig(**_cfg(model_dir, tmp_path / "one", **kw)), progress=False)
+    run = _torchrun(_cfg(model_dir, tmp_path / "two", **kw), tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [a], [b] = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    keys = [k for k in a if k.startswith("signal/")]
+    assert len(keys) == 6 and a["signal/cot_grad_norm"] > 0
+    for key in keys:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    w1 = load_file(str(tmp_path / "one" / "checkpoint-1" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "checkpoint-1" / "model.safetensors"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)

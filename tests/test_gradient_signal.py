@@ -13,9 +13,11 @@ from conftest import QUESTIONS
 
 
 def test_halves_split_by_group_or_by_row():
-    assert halves([0, 1, 2, 3, 4, 5, 6, 7], 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert halves([0, 3, 4, 5, 7], 2) == [[0, 3], [4, 5, 7]], "groups 0 and 1, then 2 and 3"
-    assert halves([4, 5, 6, 7], 4) == [[4, 5], [6, 7]], "one group: by row"
+    assert halves([0, 1, 2, 3, 4, 5, 6, 7], 2, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert halves([0, 3, 4, 5, 7], 2, 4) == [[0, 3], [4, 5, 7]], "groups 0 and 1, then 2 and 3"
+    assert halves([0, 1, 2, 3], 4, 1) == [[0, 1], [2, 3]], "one group: by row"
+    # a process holding rows 4..7 of the batch (groups 2 and 3) splits them as one process would: all second
+    assert halves([4, 5, 6, 7], 2, 4) == [[], [4, 5, 6, 7]] and halves([2, 3], 4, 1) == [[], [2, 3]]
 
 
 def test_the_split_sums_to_the_whole_gradient_and_its_figures_are_the_vectors():
