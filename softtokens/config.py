@@ -922,7 +922,8 @@ def options_markdown() -> str:
            "In YAML an option is a key, flat (`learning_rate: 1e-5`) or nested under its section "
            "(`optim: {learning_rate: 1e-5}`); on the command line a flag (`--learning-rate 1e-5`, "
            "`--learning_rate` or `--optim.learning-rate`). A section is one dataclass of `softtokens/config.py`, declared once and shared by "
-           "the commands that use it; the options a resumed run may change are marked *resumable*.", ""]
+           "the commands that use it; the options a resumed run may change are marked *resumable*. In Python an option "
+           "is read on its section: `cfg.optim.learning_rate`.", ""]
     for command, cls in COMMANDS.items():
         docs, defaults, opts = option_docs(cls), option_defaults(cls), layout(cls)
         out += [f"## {command} (`{cls.__name__}`)", ""]
@@ -930,7 +931,8 @@ def options_markdown() -> str:
             kind = sections(cls)[attr]
             names = [n for n, (a, f) in opts.items() if a == attr and _declaring(kind, f) is part]
             if names:
-                out += [f"### {key}: {part.__doc__.split(chr(10))[0].rstrip('.')}", "",
+                where = "" if key == attr else f" (in Python: `cfg.{attr}.<option>`)"
+                out += [f"### {key}: {part.__doc__.split(chr(10))[0].rstrip('.')}{where}", "",
                         "| option | default | what it does |", "|---|---|---|"]
                 out += [f"| `{n}` | `{defaults[n]!r}` | {docs[n].replace('|', '/')}"
                         + (" *resumable*" if is_resumable(kind, opts[n][1]) else "") + " |" for n in names]

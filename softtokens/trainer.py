@@ -247,6 +247,18 @@ class Backward:
     signal: dict  # gradient_signal's figures (gradient_signal.py); empty when it is off
 
 
+def micro_batches(sets: list[list[int]], size: int, d: Dist) -> list[tuple[int, list[int], float]]:
+    """(set, rows, weight) of each forward / backward pass, set by set (the halves of a gradient_signal step).
+    Under FSDP every rank runs the same passes, set by set (each backward is a collective, and a half's gradient
+    must meet the same half's on the other ranks): a rank with fewer micro-batches in a set scores its first row
+    again with weight 0."""
+    parts = [[rows[s : s + size] for s in range(0, len(rows), size)] for rows in sets]
+    most = ([max(n) for n in zip(*gather_objects([len(p) for p in parts], d))] if d.world > 1
+            else [len(p) for p in parts])
+    return [item for h, ps in enumerate(parts)
+            for item in [(h, rows, 1.0) for rows in ps] + [(h, [0], 0.0)] * (most[h] - len(ps))]
+
+
 def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, advantages: torch.Tensor,
              cfg: TrainConfig, d: Dist = Dist(), first_row: int = 0) -> Backward:
     """Score this rank's rollouts in micro-batches and accumulate the gradient of the loss.
@@ -267,16 +279,7 @@ def backward(policy: Policy, ref: CausalLM | None, optimizer, rollouts: list, ad
     if split is not None:  # two halves of the batch's groups (first_row: this rank's first row in the batch)
         rows_in_batch = halves([first_row + i for i in keep], cfg.rollout.num_generations, cfg.optim.prompts_per_step)
         sets = [[i - first_row for i in h] for h in rows_in_batch]
-    mb = cfg.optim.micro_batch_size
-    parts = [[rows[s : s + mb] for s in range(0, len(rows), mb)] for rows in sets]
-    # Under FSDP every rank runs the same forward / backward passes, half by half (each backward is a collective,
-    # and a half's gradient must meet the same half's on the other ranks): a rank with fewer parts in a half
-    # scores its first row again with weight 0.
-    most = ([max(n) for n in zip(*gather_objects([len(p) for p in parts], d))] if d.world > 1
-            else [len(p) for p in parts])
-    schedule = [item for h, ps in enumerate(parts)
-                for item in [(h, rows, 1.0) for rows in ps] + [(h, [0], 0.0)] * (most[h] - len(ps))]
-    for half, rows, weight in schedule:
+    for half, rows, weight in micro_batches(sets, cfg.optim.micro_batch_size, d):
         part = [rollouts[i] for i in rows]
         scores = policy.scorer(part, share_prompt=cfg.rollout.share_prompt,
                                mixture_embedding_grad=cfg.optim.mixture_embedding_grad)
