@@ -683,7 +683,7 @@ class Command:
 
     @classmethod
     def fixed(cls) -> list[str]:
-        """The options a resume may not change: all but those each section calls resumable."""
+        """The options a resume may not change: all but the fields declared ``resumable(...)``."""
         return [name for name, (attr, field) in layout(cls).items() if not is_resumable(sections(cls)[attr], field)]
 
     def resume_changes(self, saved: dict, now: dict | None = None) -> list[str]:

@@ -75,12 +75,12 @@ def check_eval(cfg: EvalConfig, reward_fn=None, create: bool = True) -> dict:
     """Everything about an evaluation that can be wrong before a model loads, beyond the values its config
     checked: each dataset (read through, so a missing column names its file and line), the reward's import and
     the output folder (created unless ``create`` is false: a dry run). Returns the datasets."""
-    parse_rewards(reward_fn or cfg.grading.reward)  # an import error first, before the datasets are read
+    rewards = parse_rewards(reward_fn or cfg.grading.reward)  # an import error first, before the datasets are read
     (prepare if create else check_usable)(cfg.output.output_dir, "--out")
     names = split_names(cfg.data.dataset)
-    options = cfg.data.load_options(require_answer=not (reward_fn or cfg.grading.reward))
+    options = cfg.data.load_options(require_answer=not rewards)
     datasets = {name: load_dataset(name, limit=cfg.data.limit, **options) for name in names}
-    check_rewards(reward_fn or cfg.grading.reward, cfg.grading.reward_weights, next(iter(datasets.values())).problems,
+    check_rewards(rewards, cfg.grading.reward_weights, next(iter(datasets.values())).problems,
                   cfg.grading.reward_timeout)
     return datasets
 

@@ -220,11 +220,13 @@ class Reward:
 def parse_rewards(reward) -> list[Reward]:
     """Every reward of ``reward`` loaded, each import error named now: the one place a reward is parsed. ``reward``:
     '' or None (Math-Verify's grading: no user reward), 'a.py:f,b.py:g', a list of such specs and functions, or
-    one function."""
+    one function; rewards parsed already are taken as they are."""
     return [_parse(r) for r in split_rewards(reward)]
 
 
 def _parse(reward) -> Reward:
+    if isinstance(reward, Reward):
+        return reward
     if isinstance(reward, str):
         where, _, name = reward.rpartition(":")
         fn = load_reward(reward)

@@ -578,13 +578,14 @@ def preflight(cfg: TrainConfig, out: Path, main: bool = True, dataset=None, rewa
                         **cfg.data.load_options(require_answer=not (reward_fn or cfg.grading.reward)))
     cfg = dataclasses.replace(cfg, val_size=validation_size(cfg, len(data)))
     start = start_point(cfg, out, main)
-    grading, val, reward = cfg.grading, cfg.validation, reward_fn or cfg.grading.reward
-    custom = bool(split_rewards(reward))
+    grading, val = cfg.grading, cfg.validation
+    rewards = parse_rewards(reward_fn or cfg.grading.reward)
+    custom = bool(rewards)
     if grading.reward_weights is not None and not custom:
         raise UsageError(f"reward_weights {grading.reward_weights} weigh the rewards, but none is given: set reward "
                          "(or pass train(reward_fn=[...])), or drop reward_weights")
-    grades = check_rewards(reward, grading.reward_weights, data.problems, grading.reward_timeout)
-    check_best_metric(val.metric_for_best_model, reward, grades, val.eval_steps and val.val_size)
+    grades = check_rewards(rewards, grading.reward_weights, data.problems, grading.reward_timeout)
+    check_best_metric(val.metric_for_best_model, [r.name for r in rewards], grades, val.eval_steps and val.val_size)
     if lm is None:  # a model passed in is checked by the rollout
         check_context(cfg.load.model, cfg.rollout.max_cot_length + cfg.rollout.max_answer_length)
     check_report_to(cfg.logging.report_to)
@@ -613,10 +614,9 @@ def validation_size(cfg: TrainConfig, n: int) -> int:
     return cfg.validation.val_size
 
 
-def check_best_metric(name: str, reward, grades: list, validating: bool) -> None:
+def check_best_metric(name: str, names: list[str], grades: list, validating: bool) -> None:
     """metric_for_best_model names something validation measures: accuracy needs verdicts (Math-Verify's, or a
-    user reward's own), a reward's name one of the rewards."""
-    names = [r.name for r in parse_rewards(reward)]
+    user reward's own), a reward's name one of the rewards (``names``)."""
     if name in ("accuracy", "reward") or name.removeprefix("rewards/") in names:
         if name == "accuracy" and validating and grades and all(g.correct is None for g in grades):
             raise UsageError("metric_for_best_model accuracy needs verdicts, but the reward gives none and the data "
